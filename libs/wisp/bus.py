@@ -1,0 +1,372 @@
+"""Typed publish/consume over Redis streams (redis.asyncio).
+
+What it guarantees to the services:
+- consumer groups are created on demand (also after the stream was deleted: NOGROUP recovery);
+- a consumer first re-reads its own pending entries (what it took before a restart), then new ones;
+- an entry that does not parse is moved to the dead-letter stream with the reason and acked, so
+  it never blocks the group and no consumer ever sees it;
+- entries are acked only by the caller, after it has written its output (``ack``);
+- every XADD trims the stream with ``MAXLEN ~`` so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel
+from redis.exceptions import ResponseError
+
+from wisp.protocol import DeadLetter, ProtocolError, WireModel, decode
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+FIELD = b"d"
+"""The single field of every stream entry; its value is the JSON message."""
+
+
+class Keys:
+    """Every Redis key WISP uses, under one namespace (so tests and deployments can share a
+    server without touching each other's data)."""
+
+    def __init__(self, namespace: str = "wisp") -> None:
+        self.ns = namespace
+
+    # streams
+    @property
+    def requests(self) -> str:
+        return f"{self.ns}:req"
+
+    def device_requests(self, device: str) -> str:
+        return f"{self.ns}:req:{device}"
+
+    @property
+    def draft(self) -> str:
+        return f"{self.ns}:draft"
+
+    @property
+    def annotated(self) -> str:
+        return f"{self.ns}:annotated"
+
+    def batch(self, verifier: str) -> str:
+        return f"{self.ns}:batch:{verifier}"
+
+    def verdict(self, device: str) -> str:
+        return f"{self.ns}:verdict:{device}"
+
+    @property
+    def stats(self) -> str:
+        return f"{self.ns}:stats"
+
+    def output(self, request_id: str) -> str:
+        return f"{self.ns}:out:{request_id}"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.ns}:dead"
+
+    @property
+    def trace(self) -> str:
+        return f"{self.ns}:trace"
+
+    # plain keys
+    def session(self, request_id: str) -> str:
+        return f"{self.ns}:sess:{request_id}"
+
+    def heartbeat(self, role: str, name: str) -> str:
+        return f"{self.ns}:hb:{role}:{name}"
+
+    def heartbeat_pattern(self, role: str = "*") -> str:
+        return f"{self.ns}:hb:{role}:*"
+
+    def lease(self, what: str) -> str:
+        return f"{self.ns}:lease:{what}"
+
+    @property
+    def load(self) -> str:
+        """The scheduler's latest per-verifier load snapshot (for admission control)."""
+        return f"{self.ns}:load"
+
+    @property
+    def estimator_model(self) -> str:
+        return f"{self.ns}:estimator:model"
+
+    def all_pattern(self) -> str:
+        return f"{self.ns}:*"
+
+
+@dataclass(frozen=True)
+class Entry(Generic[M]):
+    """One parsed stream entry."""
+
+    stream: str
+    entry_id: str
+    msg: M
+
+
+def _s(x: bytes | str) -> str:
+    return x.decode() if isinstance(x, bytes) else x
+
+
+class Bus:
+    """Typed access to WISP's streams for one process."""
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys, maxlen: int = 10_000) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.maxlen = maxlen
+        self._groups: set[tuple[str, str]] = set()
+        self._pending_drained: set[tuple[str, str, str]] = set()
+        self._cursors: dict[tuple[str, str], str] = {}
+
+    # ------------------------------------------------------------------ publish
+    async def publish(self, stream: str, msg: WireModel, maxlen: int | None = None) -> str:
+        """XADD ``msg`` as JSON, trimming the stream approximately to ``maxlen``."""
+        entry_id = await self.redis.xadd(
+            stream, {FIELD: msg.encode()}, maxlen=maxlen or self.maxlen, approximate=True
+        )
+        return _s(entry_id)
+
+    # ------------------------------------------------------------------ groups
+    async def ensure_group(self, stream: str, group: str, start: str = "0") -> None:
+        """Create ``group`` on ``stream`` (and the stream) unless it exists."""
+        if (stream, group) in self._groups:
+            return
+        try:
+            await self.redis.xgroup_create(stream, group, id=start, mkstream=True)
+        except ResponseError as err:
+            if "BUSYGROUP" not in str(err):
+                raise
+        self._groups.add((stream, group))
+
+    async def read(
+        self,
+        stream: str,
+        group: str,
+        consumer: str,
+        model: type[M],
+        count: int = 16,
+        block_ms: int | None = 200,
+    ) -> list[Entry[M]]:
+        """Read entries for ``consumer``: its own pending ones first (after a restart), then new.
+
+        Unparseable entries are dead-lettered (with the reason) and acked here; the caller only
+        ever sees valid messages, and must ``ack`` each after writing what it produced.
+        """
+        await self.ensure_group(stream, group)
+        tag = (stream, group, consumer)
+        if tag not in self._pending_drained:
+            out, got = await self._read_once(stream, group, consumer, model, "0", count, None)
+            if got < count:
+                self._pending_drained.add(tag)
+            if got:
+                return out
+        out, _ = await self._read_once(stream, group, consumer, model, ">", count, block_ms)
+        return out
+
+    async def _read_once(
+        self, stream: str, group: str, consumer: str, model: type[M], start: str, count: int,
+        block_ms: int | None,
+    ) -> tuple[list[Entry[M]], int]:
+        try:
+            resp = await self.redis.xreadgroup(
+                group, consumer, {stream: start}, count=count, block=block_ms
+            )
+        except ResponseError as err:
+            if "NOGROUP" in str(err):  # stream or group deleted under us: recreate, retry later
+                self._groups.discard((stream, group))
+                await self.ensure_group(stream, group)
+                return [], 0
+            raise
+        out: list[Entry[M]] = []
+        got = 0
+        for _stream, entries in resp or []:
+            for entry_id, fields in entries:
+                got += 1
+                eid = _s(entry_id)
+                if not fields:  # pending entry trimmed away from the stream
+                    await self.redis.xack(stream, group, eid)
+                    continue
+                raw = fields.get(FIELD) if isinstance(fields, Mapping) else None
+                try:
+                    msg = decode(model, raw)
+                except ProtocolError as err:
+                    await self.dead_letter(stream, eid, group, consumer, err.reason, fields)
+                    await self.redis.xack(stream, group, eid)
+                    continue
+                out.append(Entry(stream, eid, msg))
+        return out, got
+
+    async def reclaim(
+        self,
+        stream: str,
+        group: str,
+        consumer: str,
+        model: type[M],
+        min_idle_ms: int,
+        count: int = 64,
+        max_deliveries: int = 5,
+    ) -> list[Entry[M]]:
+        """Claim entries of ``group`` idle for ``min_idle_ms`` (their consumer died or hung)
+        for ``consumer``, continuing from the cursor of the previous call. An entry delivered
+        more than ``max_deliveries`` times is dead-lettered (a poison message must not cycle
+        forever); entries trimmed from the stream are acked."""
+        await self.ensure_group(stream, group)
+        cursor = self._cursors.get((stream, group), "0-0")
+        try:
+            res = await self.redis.xautoclaim(stream, group, consumer, min_idle_ms,
+                                              start_id=cursor, count=count)
+        except ResponseError as err:
+            if "NOGROUP" in str(err):
+                self._groups.discard((stream, group))
+                return []
+            raise
+        self._cursors[(stream, group)] = _s(res[0])
+        claimed, deleted = res[1], (res[2] if len(res) > 2 else [])
+        if deleted:
+            await self.redis.xack(stream, group, *[_s(d) for d in deleted])
+        out: list[Entry[M]] = []
+        for entry_id, fields in claimed:
+            eid = _s(entry_id)
+            if not fields:
+                await self.redis.xack(stream, group, eid)
+                continue
+            info = await self.redis.xpending_range(stream, group, min=eid, max=eid, count=1)
+            times = int(info[0]["times_delivered"]) if info else 1
+            if times > max_deliveries:
+                await self.dead_letter(stream, eid, group, consumer,
+                                       f"delivered {times} times without being acked", fields)
+                await self.redis.xack(stream, group, eid)
+                continue
+            try:
+                out.append(Entry(stream, eid, decode(model, fields.get(FIELD))))
+            except ProtocolError as err:
+                await self.dead_letter(stream, eid, group, consumer, err.reason, fields)
+                await self.redis.xack(stream, group, eid)
+        return out
+
+    def after_outage(self) -> None:
+        """After a broker error, re-read our own pending entries first: a message whose output
+        write failed was never acked and must be processed again."""
+        self._pending_drained.clear()
+        self._groups.clear()
+
+    async def ack(self, stream: str, group: str, *entry_ids: str) -> None:
+        if entry_ids:
+            await self.redis.xack(stream, group, *entry_ids)
+
+    async def dead_letter(
+        self,
+        stream: str,
+        entry_id: str,
+        group: str,
+        consumer: str,
+        reason: str,
+        fields: Any,
+    ) -> None:
+        """Record an entry that could not be processed, with why; the payload is kept as text."""
+        from wisp.telemetry import DEAD_LETTERS, reason_label
+
+        DEAD_LETTERS.labels(reason_label(reason)).inc()
+        payload = _render_fields(fields)
+        log.warning("dead-lettered %s %s: %s", stream, entry_id, reason)
+        await self.publish(
+            self.keys.dead,
+            DeadLetter(
+                stream=stream, entry_id=entry_id, group=group, consumer=consumer,
+                reason=reason, payload=payload[:65_536], ts=time.time(),
+            ),
+        )
+
+    # ------------------------------------------------------------------ heartbeats
+    async def heartbeat(self, role: str, name: str, info: dict[str, Any], ttl_s: float) -> None:
+        info = {**info, "role": role, "name": name, "ts": time.time()}
+        await self.redis.set(self.keys.heartbeat(role, name), json.dumps(info), px=int(ttl_s * 1000))
+
+    async def live(self, role: str) -> dict[str, dict[str, Any]]:
+        """Services of ``role`` whose heartbeat has not expired, by name."""
+        out: dict[str, dict[str, Any]] = {}
+        keys = [k async for k in self.redis.scan_iter(match=self.keys.heartbeat_pattern(role))]
+        if not keys:
+            return out
+        for raw in await self.redis.mget(keys):
+            if raw is None:
+                continue
+            try:
+                info = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(info, dict) and "name" in info:
+                out[str(info["name"])] = info
+        return out
+
+    async def clear_heartbeat(self, role: str, name: str) -> None:
+        await self.redis.delete(self.keys.heartbeat(role, name))
+
+    # ------------------------------------------------------------------ leases
+    async def acquire_lease(self, what: str, holder: str, ttl_s: float) -> bool:
+        """Take or renew a lease; True while ``holder`` holds it (one active scheduler)."""
+        key = self.keys.lease(what)
+        ms = int(ttl_s * 1000)
+        if await self.redis.set(key, holder, nx=True, px=ms):
+            return True
+        cur = await self.redis.get(key)
+        if cur is not None and _s(cur) == holder:
+            await self.redis.pexpire(key, ms)
+            return True
+        return False
+
+    async def release_lease(self, what: str, holder: str) -> None:
+        key = self.keys.lease(what)
+        cur = await self.redis.get(key)
+        if cur is not None and _s(cur) == holder:
+            await self.redis.delete(key)
+
+
+def _render_fields(fields: Any) -> str:
+    if not isinstance(fields, Mapping):
+        return repr(fields)
+    parts = {}
+    for k, v in fields.items():
+        key = _s(k) if isinstance(k, bytes | str) else repr(k)
+        try:
+            parts[key] = _s(v) if isinstance(v, bytes | str) else repr(v)
+        except UnicodeDecodeError:
+            parts[key] = repr(v)
+    return json.dumps(parts)
+
+
+async def wait_for_redis(url: str, timeout_s: float = 10.0) -> aioredis.Redis:
+    """Connect and PING, retrying with backoff; raise ``ConnectionError`` with a clear message."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.05
+    last: Exception | None = None
+    while True:
+        client = aioredis.from_url(url, socket_connect_timeout=2, health_check_interval=10)
+        try:
+            await client.ping()
+            return client
+        except Exception as err:  # noqa: BLE001 - any failure means "not reachable yet"
+            last = err
+            await client.aclose()
+        if time.monotonic() >= deadline:
+            raise ConnectionError(f"cannot reach Redis at {redact(url)}: {last}") from last
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 1.0)
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced, for logs and errors."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        cred, host = rest.rsplit("@", 1)
+        user = cred.split(":", 1)[0] if ":" in cred else ""
+        return f"{scheme}://{user}:***@{host}"
+    return url

@@ -1,0 +1,142 @@
+"""Verification-time estimators: predict how long a candidate batch takes to verify.
+
+Pure objects: ``predict`` is a function of the batch's composition; ``observe`` feeds a measured
+sample (from the verifier's timing stream) and refits online over a sliding window, so a verifier
+that slows down is tracked. The model is serialised as versioned JSON (never pickle) so the
+estimator service can publish it and the scheduler reload it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """What a batch costs depends on: per round, tokens fed and cached context before them."""
+
+    new_tokens: tuple[int, ...]
+    context_lens: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.new_tokens) != len(self.context_lens):
+            raise ValueError("new_tokens and context_lens must have one entry per round")
+
+    @classmethod
+    def of(cls, new_tokens: Sequence[int], context_lens: Sequence[int]) -> BatchShape:
+        return cls(tuple(int(x) for x in new_tokens), tuple(int(x) for x in context_lens))
+
+    def plus(self, new_tokens: int, context_len: int) -> BatchShape:
+        return BatchShape(self.new_tokens + (new_tokens,), self.context_lens + (context_len,))
+
+    @property
+    def rounds(self) -> int:
+        return len(self.new_tokens)
+
+
+FEATURE_NAMES = (
+    "bias", "rounds", "sum_new", "max_new", "padded_new", "sum_ctx", "max_ctx",
+    "padded_attn", "sum_new_ctx",
+)
+
+
+def batch_features(shape: BatchShape) -> np.ndarray:
+    """Features of a batch. A padded batched forward costs roughly rounds x max_new token
+    positions, each attending over max_ctx + max_new keys, hence the padded terms."""
+    n = shape.rounds
+    if n == 0:
+        return np.zeros(len(FEATURE_NAMES))
+    new = np.asarray(shape.new_tokens, dtype=float)
+    ctx = np.asarray(shape.context_lens, dtype=float)
+    max_new, max_ctx = new.max(), ctx.max()
+    return np.array([
+        1.0, n, new.sum(), max_new, n * max_new, ctx.sum(), max_ctx,
+        n * max_new * (max_ctx + max_new) / 1000.0, float((new * ctx).sum()) / 1000.0,
+    ])
+
+
+class VerifyTimeEstimator(Protocol):
+    version: int
+
+    def predict(self, shape: BatchShape) -> float: ...
+
+    def observe(self, shape: BatchShape, measured_ms: float) -> None: ...
+
+    def to_json(self) -> str: ...
+
+
+class LinearEstimator:
+    """Least-squares (ridge) model over ``batch_features``, refitted every ``refit_every``
+    samples on the last ``window`` samples. Before any sample it uses a rough prior."""
+
+    KIND = "linear"
+
+    def __init__(
+        self,
+        coef: Sequence[float] | None = None,
+        window: int = 256,
+        refit_every: int = 8,
+        ridge: float = 1e-3,
+    ) -> None:
+        self.coef = np.asarray(coef if coef is not None else self.prior(), dtype=float)
+        self.window = window
+        self.refit_every = refit_every
+        self.ridge = ridge
+        self.samples: deque[tuple[np.ndarray, float]] = deque(maxlen=window)
+        self._since_fit = 0
+        self.version = 0
+
+    @staticmethod
+    def prior() -> list[float]:
+        """A deliberately rough start (ms): a fixed cost plus per-token and per-context terms."""
+        return [20.0, 5.0, 2.0, 0.0, 0.0, 0.01, 0.0, 0.0, 0.0]
+
+    def predict(self, shape: BatchShape) -> float:
+        if shape.rounds == 0:
+            return 0.0
+        return float(max(0.1, batch_features(shape) @ self.coef))
+
+    def observe(self, shape: BatchShape, measured_ms: float) -> None:
+        if shape.rounds == 0 or not np.isfinite(measured_ms) or measured_ms < 0:
+            return
+        self.samples.append((batch_features(shape), float(measured_ms)))
+        self._since_fit += 1
+        if self._since_fit >= self.refit_every:
+            self.refit()
+
+    def refit(self) -> None:
+        """Ridge regression on the window; features with no variation keep a zero weight."""
+        self._since_fit = 0
+        if len(self.samples) < 4:
+            return
+        x = np.stack([s[0] for s in self.samples])
+        y = np.array([s[1] for s in self.samples])
+        scale = np.maximum(np.abs(x).max(axis=0), 1e-9)
+        xs = x / scale
+        a = xs.T @ xs + self.ridge * np.eye(xs.shape[1])
+        coef = np.linalg.solve(a, xs.T @ y) / scale
+        self.coef = coef
+        self.version += 1
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "kind": self.KIND, "schema": 1, "version": self.version,
+            "features": list(FEATURE_NAMES), "coef": [float(c) for c in self.coef],
+        })
+
+    @classmethod
+    def from_json(cls, text: str) -> LinearEstimator:
+        obj = json.loads(text)
+        if obj.get("kind") != cls.KIND or obj.get("schema") != 1:
+            raise ValueError(f"not a linear estimator model: kind={obj.get('kind')!r}")
+        if list(obj.get("features", [])) != list(FEATURE_NAMES):
+            raise ValueError("estimator model was fitted on different features")
+        est = cls(coef=obj["coef"])
+        est.version = int(obj.get("version", 0))
+        return est

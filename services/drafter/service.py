@@ -1,0 +1,622 @@
+"""The drafter: the edge device's side of WISP.
+
+It owns its users' sessions: tokenises the prompt (with the target's chat template, so draft and
+target see the same ids), drafts each round with its own KV cache, publishes the block, applies
+the verdict (fenced by round and base length, so a duplicate or stale verdict is harmless),
+streams committed tokens to the client and decides when a request is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from wisp.bus import Bus, Entry
+from wisp.policy.controller import DraftLengthPolicy, FixedLength, SessionSpecStats, default_policy
+from wisp.protocol import (
+    DoneEvent,
+    DraftBlock,
+    ErrorEvent,
+    GenerateRequest,
+    ProtocolError,
+    SessionState,
+    TokenEvent,
+    Verdict,
+    WireDist,
+    WireFeatures,
+    WireModel,
+    decode,
+    digest_ids,
+)
+from wisp.service import Service, Sweep, now
+from wisp.settings import Mode, Settings
+from wisp.specdec import round_generator
+
+log = logging.getLogger(__name__)
+
+REQUEST_GROUP = "drafters"
+VERDICT_GROUP = "drafter"
+
+
+class RequestRefused(ValueError):
+    """A request the drafter will not serve; the message says what to fix."""
+
+
+class SessionLost(RuntimeError):
+    """Another drafter adopted this session (we were presumed dead); stop serving it."""
+
+
+_SAVE_IF_OWNER = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local ok, rec = pcall(cjson.decode, cur)
+  if ok and rec['device'] ~= ARGV[2] then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[3]))
+return 1
+"""
+
+
+@dataclass
+class _Session:
+    req: GenerateRequest
+    state: SessionState
+    max_new: int
+    ttft_slo_ms: float
+    tpot_slo_ms: float
+    stats: SessionSpecStats = field(default_factory=SessionSpecStats)
+    text: str = ""
+    draft_ms: float = 0.0
+    wasted_ms: float = 0.0
+    last_draft_ms: float = 0.0
+    last_features: list[WireFeatures] = field(default_factory=list)  # for trace rows
+    finished: bool = False
+    emitted: int = 0
+    """Generated tokens sent to the client's stream."""
+    published_round: int = -1
+    """The round whose block was published (a round is published once)."""
+    applied_base: int = -1
+    """base_committed_len of the last verdict applied (to recognise its re-delivery)."""
+    finish_reason: str | None = None
+
+
+class DrafterService(Service):
+    role = "drafter"
+
+    def __init__(
+        self,
+        settings: Settings,
+        bus: Bus,
+        name: str | None = None,
+        *,
+        policy: DraftLengthPolicy | None = None,
+    ) -> None:
+        super().__init__(settings, bus, name)
+        # wisp mode: the shipped learned controller of the draft model (FixedLength fallback, logged)
+        self.policy: DraftLengthPolicy = policy or default_policy(settings)
+        self.sessions: dict[str, _Session] = {}
+        self.tokenizer: Any = None
+        self.engine: Any = None
+        self.eos: set[int] = set()
+
+    # ------------------------------------------------------------------ setup
+    @property
+    def speculative(self) -> bool:
+        return self.settings.mode != Mode.centralized
+
+    async def setup(self) -> None:
+        from wisp import models, tokens
+
+        s = self.settings
+        self.tokenizer = await self.in_worker(models.load_tokenizer, s.target_model, s)
+        self.eos = set(await self.in_worker(tokens.eos_token_ids, s.target_model, s))
+        if self.speculative:
+            from wisp.services.drafter.engine import DraftEngine
+
+            model = await self.in_worker(models.load_model, s.draft_model, s)
+            self.engine = DraftEngine(model, max_sessions=s.draft_sessions)
+            await self.in_worker(self._warm_up)
+        await self.bus.ensure_group(self.keys.requests, REQUEST_GROUP)
+        await self.bus.ensure_group(self.keys.device_requests(self.name), REQUEST_GROUP)
+        await self.bus.ensure_group(self.keys.verdict(self.name), VERDICT_GROUP)
+
+    def _warm_up(self) -> None:
+        """One small draft so the first request does not pay for paging the weights in."""
+        self.engine.draft("__warmup__", [1, 2, 3, 4], 1, 0.0, 1, None)
+        self.engine.drop("__warmup__")
+
+    def heartbeat_info(self) -> dict[str, Any]:
+        return {**super().heartbeat_info(), "sessions": len(self.sessions)}
+
+    def loops(self) -> list:
+        return [self.shared_requests_loop, self.device_requests_loop, self.verdicts_loop,
+                self.adopt_loop]
+
+    # ------------------------------------------------------------------ resume
+    async def adopt_loop(self) -> None:
+        """Resume sessions whose drafter is gone: our own after a restart (same name), and
+        those of a drafter whose heartbeat expired (one adopter per session, by a lock)."""
+        while not self.stopping.is_set():
+            live = set(await self.bus.live("drafter")) | {self.name}
+            async for key in self.bus.redis.scan_iter(match=self.keys.session("*"), count=500):
+                raw = await self.bus.redis.get(key)
+                if raw is None:
+                    continue
+                try:
+                    st = decode(SessionState, raw)
+                except ProtocolError:
+                    continue
+                rid = st.request.request_id
+                if rid in self.sessions or (st.device in live and st.device != self.name):
+                    continue
+                lock = self.keys.session(rid) + ":adopt"
+                if not await self.bus.redis.set(lock, self.name, nx=True, px=30_000):
+                    continue
+                try:
+                    await self.resume(st)
+                except Exception:  # a broken session must not stop the others' adoption
+                    log.exception("could not resume session %s", rid)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), self.settings.reclaim_interval_s)
+
+    async def resume(self, st: SessionState) -> None:
+        """Take over a session from its record: re-emit committed tokens the client never got,
+        then re-draft the round that was in flight (its verdict went to the old drafter)."""
+        rid = st.request.request_id
+        emitted, done = await self._emitted(rid)
+        if done:
+            await self.bus.redis.delete(self.keys.session(rid))
+            return
+        stats = SessionSpecStats(rounds=st.rounds_done, drafted=st.drafted, accepted=st.accepted,
+                                 recent_acceptance=st.recent_acceptance)
+        sess = _Session(req=st.request, state=st, max_new=st.request.max_new_tokens,
+                        ttft_slo_ms=st.ttft_slo_ms or self.settings.ttft_slo_ms,
+                        tpot_slo_ms=st.tpot_slo_ms or self.settings.tpot_slo_ms, stats=stats,
+                        draft_ms=st.draft_ms, wasted_ms=st.wasted_draft_ms)
+        sess.text = self.tokenizer.decode(st.generated[:emitted], skip_special_tokens=True)
+        sess.emitted = emitted
+        sess.finish_reason = self._finish_reason(st)
+        self.sessions[rid] = sess
+        await self._save(sess, adopt=True)  # now ours: verdicts of the next round come to us
+        log.info("resumed session %s at round %d (%d tokens committed, %d emitted)",
+                 rid, st.round, len(st.generated), emitted)
+        self.count("resumed")
+        await self._continue(sess)  # re-emit what the client lacks, re-draft the open round
+
+    async def _emitted(self, request_id: str) -> tuple[int, bool]:
+        """How many generated tokens the client's stream already has, and whether it is done."""
+        from wisp.protocol import OUTPUT_ADAPTER
+
+        entries = await self.bus.redis.xrevrange(self.keys.output(request_id), count=50)
+        for _eid, fields in entries:
+            try:
+                ev = OUTPUT_ADAPTER.validate_json(fields.get(b"d") or fields.get("d"))
+            except ValueError:
+                continue
+            if isinstance(ev, DoneEvent | ErrorEvent):
+                return len(getattr(ev, "token_ids", [])), True
+            if isinstance(ev, TokenEvent):
+                return ev.index + len(ev.token_ids), False
+        return 0, False
+
+    def _finish_reason(self, st: SessionState) -> str | None:
+        if st.generated and st.generated[-1] in self.eos:
+            return "stop"
+        if len(st.generated) >= st.request.max_new_tokens:
+            return "length"
+        return None
+
+    def sweeps(self) -> list[Sweep]:
+        """Requests another drafter took from the shared stream but never answered."""
+        return [Sweep(self.keys.requests, REQUEST_GROUP, GenerateRequest, self.on_request)]
+
+    # ------------------------------------------------------------------ loops
+    async def shared_requests_loop(self) -> None:
+        await self._requests_loop(self.keys.requests)
+
+    async def device_requests_loop(self) -> None:
+        await self._requests_loop(self.keys.device_requests(self.name))
+
+    async def _requests_loop(self, stream: str) -> None:
+        while not self.stopping.is_set():
+            entries = await self.bus.read(
+                stream, REQUEST_GROUP, self.name, GenerateRequest, count=1,
+                block_ms=self.settings.block_ms,
+            )
+            for e in entries:
+                await self.on_request(e)
+
+    async def verdicts_loop(self) -> None:
+        stream = self.keys.verdict(self.name)
+        while not self.stopping.is_set():
+            entries = await self.bus.read(
+                stream, VERDICT_GROUP, self.name, Verdict, count=16,
+                block_ms=self.settings.block_ms,
+            )
+            for e in entries:
+                try:
+                    await self.on_verdict(e)
+                except SessionLost as err:
+                    log.warning("%s", err)
+                    self.count("sessions_lost")
+                await self.bus.ack(stream, VERDICT_GROUP, e.entry_id)
+
+    # ------------------------------------------------------------------ requests
+    async def on_request(self, entry: Entry[GenerateRequest]) -> None:
+        """Open a session and publish its first round. A broker error propagates without the
+        ack (the request is read again after the outage); everything else is answered."""
+        req = entry.msg
+        rid = req.request_id
+        try:
+            if rid in self.sessions:  # re-delivered after a failure: finish what it started
+                await self._continue(self.sessions[rid])
+            elif not await self.bus.redis.exists(self.keys.session(rid)):
+                sess = await self._open(req)
+                self.sessions[rid] = sess
+                await self._save(sess)
+                await self._continue(sess)
+            # else: another drafter serves it already (the request was redelivered)
+        except SessionLost:
+            self.sessions.pop(rid, None)  # another drafter took it first
+        except RequestRefused as err:
+            from wisp.telemetry import REQUESTS_REFUSED
+
+            REQUESTS_REFUSED.labels("bad_request").inc()
+            self.count("refused")
+            await self._emit(rid, ErrorEvent(request_id=rid, error=str(err)))
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            raise
+        except Exception as err:  # a bug must not lose the request silently
+            log.exception("request %s failed", rid)
+            self.sessions.pop(rid, None)
+            await self._emit(rid, ErrorEvent(request_id=rid, error=f"internal error: {err}",
+                                             code="internal"))
+        await self.bus.ack(entry.stream, REQUEST_GROUP, entry.entry_id)
+
+    def _tokenize(self, req: GenerateRequest) -> list[int]:
+        from wisp.tokens import encode_prompt
+
+        return encode_prompt(self.tokenizer, req.prompt, chat_template=req.chat_template)
+
+    async def _open(self, req: GenerateRequest) -> _Session:
+        s = self.settings
+        if not req.prompt.strip():
+            raise RequestRefused("the prompt is empty or only whitespace: give some text")
+        if len(req.prompt) > s.max_prompt_chars:
+            raise RequestRefused(
+                f"the prompt has {len(req.prompt)} characters; the limit is {s.max_prompt_chars}:"
+                " shorten it"
+            )
+        if req.max_new_tokens > s.max_new_tokens_limit:
+            raise RequestRefused(
+                f"max_new_tokens={req.max_new_tokens} is over this server's limit of "
+                f"{s.max_new_tokens_limit}: lower --max-new-tokens"
+            )
+        ids = await self.in_worker(self._tokenize, req)
+        if not ids:
+            raise RequestRefused("the prompt tokenises to nothing: give some text")
+        if len(ids) + req.max_new_tokens > s.context_limit:
+            raise RequestRefused(
+                f"the prompt is {len(ids)} tokens and max_new_tokens is {req.max_new_tokens}: "
+                f"together over the context limit of {s.context_limit} tokens; shorten the "
+                "prompt or lower --max-new-tokens"
+            )
+        ttft_slo = req.ttft_slo_ms or s.ttft_slo_ms
+        tpot_slo = req.tpot_slo_ms or s.tpot_slo_ms
+        if s.mode == Mode.wisp:
+            why = await self._refusal(len(ids), ttft_slo, tpot_slo)
+            if why is not None:
+                raise RequestRefused(why)
+        state = SessionState(
+            request=req, device=self.name, prompt_token_ids=ids, started_ts=now(),
+            ttft_slo_ms=ttft_slo, tpot_slo_ms=tpot_slo, mode=self._mode_of(req),
+        )
+        return _Session(req=req, state=state, max_new=req.max_new_tokens, ttft_slo_ms=ttft_slo,
+                        tpot_slo_ms=tpot_slo)
+
+    async def _refusal(self, prompt_len: int, ttft_slo_ms: float, tpot_slo_ms: float) -> str | None:
+        """Admission control (wisp mode): refuse, with the reason, a request whose SLO the
+        system cannot meet at its current load (the scheduler's snapshot in `wisp:load`).
+        Without a snapshot (no scheduler yet) the request is admitted."""
+        import json
+
+        from wisp.policy.slo import AdmissionController, VerifierLoad
+
+        raw, model = await self.bus.redis.mget(self.keys.load, self.keys.estimator_model)
+        if raw is None:
+            return None
+        try:
+            loads = [VerifierLoad(**v) for v in json.loads(raw)["verifiers"]]
+        except (ValueError, KeyError, TypeError):
+            return None
+        if not loads and any(i.get("ready") for i in (await self.bus.live("verifier")).values()):
+            # the snapshot lags a verifier that just became ready (the scheduler registers it
+            # on its next pass): admit rather than refuse the first requests after a start
+            return None
+        est = _estimator_from(model)
+        decision = AdmissionController(
+            est, max_batch_size=self.settings.max_batch_size, draft_len=max(self.settings.draft_k, 1),
+        ).decide(loads, ttft_slo_ms, tpot_slo_ms, prompt_len=prompt_len)
+        return None if decision.admit else decision.reason
+
+    # ------------------------------------------------------------------ rounds
+    def _draft_len_policy(self, sess: _Session) -> DraftLengthPolicy:
+        spec = sess.req.speculation
+        if not self.speculative or spec == "off":
+            return FixedLength(0)
+        if isinstance(spec, int):
+            return FixedLength(spec)
+        return self.policy
+
+    def _mode_of(self, req: GenerateRequest) -> str:
+        return "centralized" if req.speculation == "off" else str(self.settings.mode)
+
+    async def _save(self, sess: _Session, adopt: bool = False, state: SessionState | None = None,
+                    stats: SessionSpecStats | None = None, wasted_ms: float | None = None) -> None:
+        """Write the session record (the whole truth of the session) to Redis. Unless adopting,
+        only while the record still names this drafter (atomic check-and-set): a drafter whose
+        session was adopted elsewhere raises ``SessionLost`` instead of emitting duplicates."""
+        stats = stats or sess.stats
+        wasted = sess.wasted_ms if wasted_ms is None else wasted_ms
+        st = (state or sess.state).model_copy(update={
+            "device": self.name, "rounds_done": stats.rounds, "drafted": stats.drafted,
+            "accepted": stats.accepted, "recent_acceptance": stats.recent_acceptance,
+            "draft_ms": sess.draft_ms, "wasted_draft_ms": wasted,
+        })
+        key = self.keys.session(st.request.request_id)
+        if adopt:
+            await self.bus.redis.set(key, st.encode(), ex=self.settings.output_ttl_s)
+        elif not await self.bus.redis.eval(_SAVE_IF_OWNER, 1, key, st.encode(), self.name,
+                                           self.settings.output_ttl_s):
+            self.sessions.pop(st.request.request_id, None)
+            raise SessionLost(f"session {st.request.request_id} was adopted by another drafter")
+        sess.state, sess.stats, sess.wasted_ms = st, stats, wasted
+
+    async def _next_round(self, sess: _Session) -> None:
+        """Draft this round and publish its block (the session record is already saved)."""
+        st = sess.state
+        committed = st.committed
+        budget = sess.max_new - len(st.generated) - 1  # the verifier adds one token itself
+        policy = self._draft_len_policy(sess)
+        plan = policy.plan(sess.stats, budget)
+        tokens: list[int] = []
+        dists: list[WireDist] | None = None
+        feats: list[WireFeatures] = []
+        draft_ms = 0.0
+        if plan.max_k > 0 and self.engine is not None:
+            req = sess.req
+            gen = (round_generator(req.seed, req.request_id, st.round, "draft")
+                   if req.temperature > 0 else None)
+            out = await self.in_worker(
+                self.engine.draft, req.request_id, committed, plan.max_k, req.temperature,
+                self.settings.draft_top_k, gen, plan.stop,
+            )
+            tokens = list(out.tokens)
+            draft_ms = out.draft_ms
+            if out.dists is not None:
+                dists = [WireDist(token_ids=list(d.token_ids), probs=list(d.probs)) for d in out.dists]
+            feats = [
+                WireFeatures(
+                    top1_prob=f.top1_prob, entropy=f.entropy, margin=f.margin,
+                    logit_spread=f.logit_spread,
+                )
+                for f in out.features[: len(tokens)]
+            ]
+        sess.last_draft_ms = draft_ms
+        sess.last_features = feats
+        sess.draft_ms += draft_ms
+        block = DraftBlock(
+            request_id=sess.req.request_id,
+            device=self.name,
+            round=st.round,
+            base_committed_len=len(committed),
+            prompt_len=len(st.prompt_token_ids),
+            committed_digest=digest_ids(committed),
+            draft_tokens=tokens,
+            draft_dists=dists,
+            features=feats,
+            temperature=sess.req.temperature,
+            seed=sess.req.seed,
+            mode=str(self.settings.mode),
+            draft_ms=draft_ms,
+            request_ts=sess.req.submitted_ts,
+            sent_ts=now(),
+            ttft_slo_ms=sess.ttft_slo_ms,
+            tpot_slo_ms=sess.tpot_slo_ms,
+            generated_len=len(st.generated),
+            max_new_tokens=sess.max_new,
+            expected_commit=expected_commit(feats),
+        )
+        await self.bus.publish(self.keys.draft, block)
+        sess.published_round = st.round
+        self.count("blocks")
+        if (st.round == 0 and plan.max_k == 0 and budget > 0 and self.engine is not None
+                and getattr(policy, "prefill_round", False)):
+            # a prefill round: the server's prefill makes the first token while we prefill the
+            # draft model here (queued on the one torch worker, so the next draft waits for it)
+            task = asyncio.ensure_future(self.in_worker(self.engine.prefill, sess.req.request_id, committed))
+            task.add_done_callback(_log_failure)
+
+    async def on_verdict(self, entry: Entry[Verdict]) -> None:
+        v = entry.msg
+        sess = self.sessions.get(v.request_id)
+        st = sess.state if sess else None
+        if sess is None or st is None or sess.finished:
+            self.count("verdicts_unknown")
+            return
+        if v.round == st.round - 1 and sess.applied_base == v.base_committed_len:
+            await self._continue(sess)  # re-delivered after a failure: finish what it started
+            return
+        if v.round != st.round or v.base_committed_len != len(st.committed):
+            self.count("verdicts_stale")
+            return
+        ts = now()
+        tokens: list[int] = []
+        finish: str | None = None
+        for t in v.tokens:
+            tokens.append(t)
+            if t in self.eos:
+                finish = "stop"
+                break
+            if len(st.generated) + len(tokens) >= sess.max_new:
+                finish = "length"
+                break
+        if len(st.generated) + len(tokens) >= sess.max_new and finish is None:
+            finish = "length"
+        drafted = v.drafted
+        if self.settings.trace and drafted:
+            await self._publish_trace(sess, v)  # before record(): rows carry the pre-round EMA
+        # 1. the new state becomes durable before anything is shown or sent
+        stats = copy.deepcopy(sess.stats)
+        stats.record(drafted, v.accepted)
+        wasted = sess.wasted_ms + (wasted_draft_ms(drafted, v.accepted, sess.last_draft_ms)
+                                   if drafted else 0.0)
+        new = st.model_copy(update={
+            "generated": st.generated + tokens, "round": st.round + 1,
+            "first_token_ts": st.first_token_ts or ts, "last_token_ts": ts,
+            "verify_ms": st.verify_ms + v.verify_ms,
+        })
+        await self._save(sess, state=new, stats=stats, wasted_ms=wasted)
+        sess.applied_base = v.base_committed_len
+        sess.finish_reason = finish
+        # 2. idempotent follow-up, re-run if this verdict is delivered again after a failure
+        await self._continue(sess)
+
+    async def _continue(self, sess: _Session) -> None:
+        """Bring the outside world up to the saved state: emit the committed tokens the client
+        has not been sent, then publish this round's block once (or finish once)."""
+        st = sess.state
+        rid = sess.req.request_id
+        if sess.emitted < len(st.generated):
+            text = self.tokenizer.decode(st.generated, skip_special_tokens=True)
+            delta = ""
+            if not text.endswith("\ufffd") or sess.finish_reason:
+                delta, sess.text = text[len(sess.text):], text
+            await self._emit(rid, TokenEvent(request_id=rid, index=sess.emitted,
+                                             token_ids=st.generated[sess.emitted:], text=delta,
+                                             ts=st.last_token_ts or now()))
+            sess.emitted = len(st.generated)
+        if sess.finish_reason is not None:
+            await self._finish(sess, sess.finish_reason,
+                               self.tokenizer.decode(st.generated, skip_special_tokens=True))
+        elif sess.published_round != st.round:
+            await self._next_round(sess)
+
+    async def _publish_trace(self, sess: _Session, v: Verdict) -> None:
+        from wisp.trace import trace_rows
+
+        if len(sess.last_features) < v.drafted:  # e.g. a round drafted before this session was resumed
+            self.count("trace_skipped")
+            return
+        rows = trace_rows(
+            request_id=v.request_id, round=v.round, features=sess.last_features,
+            recent_acceptance=sess.stats.recent_acceptance, drafted=v.drafted,
+            accepted=v.accepted, context_len=v.base_committed_len, device=self.name,
+            mode=str(self.settings.mode),
+        )
+        for row in rows:
+            await self.bus.publish(self.keys.trace, row, maxlen=1_000_000)
+        self.count("trace_rows", len(rows))
+
+    async def _finish(self, sess: _Session, reason: str, text: str) -> None:
+        st = sess.state
+        rid = sess.req.request_id
+        t0 = sess.req.submitted_ts
+        first = st.first_token_ts or now()
+        last = st.last_token_ts or first
+        n = len(st.generated)
+        done = DoneEvent(
+            request_id=rid,
+            text=text,
+            token_ids=st.generated,
+            prompt_token_ids=st.prompt_token_ids,
+            finish_reason=reason,  # type: ignore[arg-type]
+            mode=st.mode,
+            ttft_ms=(first - t0) * 1000.0,
+            tpot_ms=((last - first) / (n - 1) * 1000.0) if n > 1 else 0.0,
+            e2e_ms=(last - t0) * 1000.0,
+            rounds=sess.stats.rounds,
+            drafted_tokens=sess.stats.drafted,
+            accepted_tokens=sess.stats.accepted,
+            draft_ms_total=sess.draft_ms,
+            wasted_draft_ms=sess.wasted_ms,
+            verify_ms_total=st.verify_ms,
+            overhead_ms=max(0.0, (last - t0) * 1000.0 - sess.draft_ms - st.verify_ms),
+            ttft_slo_ms=sess.ttft_slo_ms,
+            tpot_slo_ms=sess.tpot_slo_ms,
+            device=self.name,
+        )
+        await self._emit(rid, done)
+        _observe_done(done)
+        await self.bus.redis.delete(self.keys.session(rid))
+        self.sessions.pop(rid, None)
+        sess.finished = True
+        if self.engine is not None:
+            await self.in_worker(self.engine.drop, rid)
+        self.count("finished")
+
+    async def _emit(self, request_id: str, event: WireModel) -> None:
+        stream = self.keys.output(request_id)
+        await self.bus.publish(stream, event, maxlen=100_000)
+        await self.bus.redis.expire(stream, self.settings.output_ttl_s)
+        self.count("events")
+
+
+def _log_failure(task: asyncio.Future) -> None:
+    """A background prefill that failed only costs the next draft a prefill; say so."""
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("background draft prefill failed: %r", task.exception())
+
+
+def _observe_done(done: DoneEvent) -> None:
+    from wisp.telemetry import REQUESTS_FINISHED, SLO_ATTAINED, TPOT_SECONDS, TTFT_SECONDS
+
+    TTFT_SECONDS.observe(done.ttft_ms / 1000.0)
+    if len(done.token_ids) > 1:
+        TPOT_SECONDS.observe(done.tpot_ms / 1000.0)
+    REQUESTS_FINISHED.inc()
+    if done.ttft_ms <= done.ttft_slo_ms and done.tpot_ms <= done.tpot_slo_ms:
+        SLO_ATTAINED.inc()
+
+
+def wasted_draft_ms(drafted: int, accepted: int, round_draft_ms: float) -> float:
+    """Drafting time thrown away in a round: every drafted token the target did not accept
+    (the same count as REFERENCE's fixed-k frontier: drafted - accepted)."""
+    from wisp.metrics import wasted_tokens
+
+    return wasted_tokens(drafted, accepted) * round_draft_ms / drafted if drafted else 0.0
+
+
+def expected_commit(features: list[WireFeatures]) -> float:
+    """Tokens a round is expected to commit: the target's own token plus each drafted token
+    weighted by the chance that it and all before it are accepted, taking the draft's own
+    top-1 probability as that chance (a cheap, monotone proxy the scheduler ranks rounds by)."""
+    total, alive = 1.0, 1.0
+    for f in features:
+        alive *= min(max(f.top1_prob, 0.0), 1.0)
+        total += alive
+    return total
+
+
+def _estimator_from(model_json: bytes | str | None) -> Any:
+    """The estimator the estimator service published, else the default linear one."""
+    from wisp.policy.estimator import LinearEstimator
+
+    if model_json:
+        try:
+            from wisp.policy.estimator import load_estimator  # type: ignore[attr-defined]
+
+            return load_estimator(model_json)
+        except (ImportError, ValueError, KeyError, TypeError):
+            try:
+                return LinearEstimator.from_json(model_json if isinstance(model_json, str)
+                                                 else model_json.decode())
+            except (ValueError, KeyError, TypeError):
+                pass
+    return LinearEstimator()

@@ -1,0 +1,106 @@
+"""The estimator: annotates each draft block with its predicted verification cost and keeps
+the verify-time model fitted to the verifiers' measured timings (online refit), publishing the
+model as versioned JSON under ``wisp:estimator:model`` for the scheduler to reload."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from wisp.bus import Bus, Entry
+from wisp.policy.estimator import BatchShape, VerifyTimeEstimator
+from wisp.policy.learned_estimator import default_estimator
+from wisp.protocol import AnnotatedBlock, DraftBlock, TimingSample
+from wisp.service import Service, Sweep, now
+from wisp.settings import Settings
+from wisp.telemetry import ESTIMATOR_ERROR
+
+log = logging.getLogger(__name__)
+
+GROUP = "estimator"
+
+
+def block_shape(b: DraftBlock) -> BatchShape:
+    """A round alone: its draft plus the last committed token, over its cached context."""
+    return BatchShape.of([len(b.draft_tokens) + 1], [b.base_committed_len - 1])
+
+
+class EstimatorService(Service):
+    role = "estimator"
+
+    def __init__(
+        self,
+        settings: Settings,
+        bus: Bus,
+        name: str | None = None,
+        *,
+        estimator: VerifyTimeEstimator | None = None,
+    ) -> None:
+        super().__init__(settings, bus, name)
+        # the learned model fitted on the shipped profile of this target (else LinearEstimator)
+        self.estimator = estimator or default_estimator(settings)
+        self.published_version = -1
+        self.abs_pct_errors: list[float] = []
+
+    def heartbeat_info(self) -> dict[str, Any]:
+        return {**super().heartbeat_info(), "model_version": self.estimator.version}
+
+    async def setup(self) -> None:
+        await self.bus.ensure_group(self.keys.draft, GROUP)
+        await self.bus.ensure_group(self.keys.stats, GROUP, start="$")
+
+    def loops(self) -> list:
+        return [self.drafts_loop, self.stats_loop]
+
+    async def drafts_loop(self) -> None:
+        while not self.stopping.is_set():
+            entries = await self.bus.read(
+                self.keys.draft, GROUP, self.name, DraftBlock, count=64,
+                block_ms=self.settings.block_ms,
+            )
+            for e in entries:
+                await self.annotate(e)
+
+    async def annotate(self, e: Entry[DraftBlock]) -> None:
+        ab = AnnotatedBlock(
+            block=e.msg,
+            predicted_verify_ms=self.estimator.predict(block_shape(e.msg)),
+            estimator_version=self.estimator.version,
+            annotated_ts=now(),
+        )
+        await self.bus.publish(self.keys.annotated, ab)
+        await self.bus.ack(e.stream, GROUP, e.entry_id)
+
+    async def stats_loop(self) -> None:
+        while not self.stopping.is_set():
+            entries = await self.bus.read(
+                self.keys.stats, GROUP, self.name, TimingSample, count=64,
+                block_ms=self.settings.block_ms,
+            )
+            for e in entries:
+                await self.learn(e)
+            if self.estimator.version != self.published_version:
+                await self.bus.redis.set(self.keys.estimator_model, self.estimator.to_json())
+                self.published_version = self.estimator.version
+
+    async def learn(self, e: Entry[TimingSample]) -> None:
+        s = e.msg
+        if s.new_tokens:
+            shape = BatchShape.of(s.new_tokens, s.context_lens)
+            predicted = self.estimator.predict(shape)
+            if s.measured_ms > 0:
+                err = abs(predicted - s.measured_ms) / s.measured_ms
+                self.abs_pct_errors.append(err)
+                ESTIMATOR_ERROR.observe(err)
+                del self.abs_pct_errors[:-1000]
+            self.estimator.observe(shape, s.measured_ms)
+        await self.bus.ack(e.stream, GROUP, e.entry_id)
+
+    def sweeps(self) -> list[Sweep]:
+        return [Sweep(self.keys.draft, GROUP, DraftBlock, self.annotate),
+                Sweep(self.keys.stats, GROUP, TimingSample, self.learn)]
+
+    @property
+    def mape(self) -> float:
+        errs = self.abs_pct_errors
+        return sum(errs) / len(errs) if errs else float("nan")

@@ -1,0 +1,297 @@
+"""The scheduler: turns annotated rounds into verification batches.
+
+A thin shell around ``SchedulerCore``: it feeds the core the rounds it reads, verifier liveness
+(heartbeats) and batch completions (timing samples), executes the plans the core returns by
+publishing each batch to its verifier's stream, and acks a round's entry only after its batch
+was written. Only the holder of the scheduler lease forms batches, so replicas run as
+active/standby.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any
+
+from wisp.bus import Bus, Entry
+from wisp.policy.estimator import BatchShape, VerifyTimeEstimator
+from wisp.policy.health import VerifierHealth
+from wisp.policy.learned_estimator import default_estimator, load_estimator
+from wisp.policy.scheduler import BatchPolicy, FcfsPolicy, RoundInfo, SchedulerCore
+from wisp.protocol import AnnotatedBlock, TimingSample, VerifyBatch
+from wisp.service import Service, Sweep, now
+from wisp.settings import Mode, Settings
+
+log = logging.getLogger(__name__)
+
+GROUP = "scheduler"
+LEASE = "scheduler"
+
+
+def round_deadline(b: Any) -> float:
+    """When a round's tokens are due (unix s): the TTFT SLO for the first token, then one TPOT
+    per token already generated plus the one this round commits at least."""
+    if b.generated_len == 0:
+        return b.request_ts + b.ttft_slo_ms / 1000.0
+    return b.request_ts + (b.ttft_slo_ms + b.tpot_slo_ms * b.generated_len) / 1000.0
+
+
+def default_policy(s: Settings) -> BatchPolicy:
+    """wisp: SLO-aware batching; sled and centralized: first come first served."""
+    if s.mode == Mode.wisp:
+        from wisp.policy.slo import SloAwarePolicy
+
+        return SloAwarePolicy(max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms)
+    return FcfsPolicy(s.max_batch_size, s.max_wait_ms)
+
+
+def round_info(ab: AnnotatedBlock, arrival: float) -> RoundInfo:
+    b = ab.block
+    return RoundInfo(
+        key=b.key,
+        request_id=b.request_id,
+        round=b.round,
+        draft_len=len(b.draft_tokens),
+        context_len=b.base_committed_len - 1,
+        arrival=arrival,
+        deadline=round_deadline(b),
+        predicted_ms=ab.predicted_verify_ms,
+        expected_commit=b.expected_commit if b.expected_commit is not None else 1.0,
+    )
+
+
+class SchedulerService(Service):
+    role = "scheduler"
+
+    def __init__(
+        self,
+        settings: Settings,
+        bus: Bus,
+        name: str | None = None,
+        *,
+        policy: BatchPolicy | None = None,
+        estimator: VerifyTimeEstimator | None = None,
+    ) -> None:
+        super().__init__(settings, bus, name)
+        s = settings
+        self.estimator = estimator or default_estimator(settings)
+        self.reload_estimator = estimator is None
+        """Follow the model the estimator service publishes (not when one was handed in)."""
+        self._model_raw: bytes | None = None
+        self.core = SchedulerCore(
+            policy or default_policy(s),
+            self.estimator,
+            max_inflight=s.max_inflight_batches,
+            id_prefix=f"{self.name}-",
+        )
+        self.blocks: dict[str, AnnotatedBlock] = {}
+        self.entry_ids: dict[str, str] = {}
+        self.wake = asyncio.Event()
+        self.leader = False
+        self.batches_sent = 0
+        self._slo_seen: dict[str, float] = {}
+        self.health = VerifierHealth(degraded_ratio=s.slow_verifier_ratio,
+                                     cooldown_s=s.slow_verifier_cooldown_s)
+
+    def heartbeat_info(self) -> dict[str, Any]:
+        return {
+            **super().heartbeat_info(), "leader": self.leader, "queued": len(self.core.queue),
+            "batches": self.batches_sent,
+        }
+
+    async def setup(self) -> None:
+        await self.bus.ensure_group(self.keys.annotated, GROUP)
+        await self.bus.ensure_group(self.keys.stats, GROUP, start="$")
+
+    def loops(self) -> list:
+        loops = [self.lease_loop, self.rounds_loop, self.stats_loop, self.verifiers_loop,
+                 self.tick_loop, self.housekeeping_loop]
+        return [*loops, self.model_loop] if self.reload_estimator else loops
+
+    async def teardown(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.bus.release_lease(LEASE, self.name)
+
+    # ------------------------------------------------------------------ loops
+    async def lease_loop(self) -> None:
+        ttl = self.settings.heartbeat_ttl_s
+        while not self.stopping.is_set():
+            was = self.leader
+            self.leader = await self.bus.acquire_lease(LEASE, self.name, ttl)
+            if self.leader != was:
+                log.info("%s is %s", self.name, "the active scheduler" if self.leader else "standby")
+            await self._sleep(ttl / 3)
+
+    async def rounds_loop(self) -> None:
+        while not self.stopping.is_set():
+            if not self.leader:
+                await self._sleep(0.1)
+                continue
+            entries = await self.bus.read(
+                self.keys.annotated, GROUP, self.name, AnnotatedBlock, count=64,
+                block_ms=self.settings.block_ms,
+            )
+            for e in entries:
+                await self.take(e)
+
+    async def take(self, e: Entry[AnnotatedBlock]) -> None:
+        """Queue one annotated round (from the group or reclaimed from a dead scheduler)."""
+        info = round_info(e.msg, now())
+        if info.key in self.blocks:  # duplicate delivery of a round we hold
+            await self.bus.ack(e.stream, GROUP, e.entry_id)
+            return
+        self.blocks[info.key] = e.msg
+        self.entry_ids[info.key] = e.entry_id
+        self._slo_seen[info.request_id] = e.msg.block.tpot_slo_ms
+        for old in self.core.add(info):
+            await self._forget(old)
+        self.wake.set()
+
+    def sweeps(self) -> list[Sweep]:
+        """Only the active scheduler adopts rounds (and completions) a dead scheduler had
+        read; asked on every sweep pass, so a standby starts sweeping when it takes over."""
+        if not self.leader:
+            return []
+        return [Sweep(self.keys.annotated, GROUP, AnnotatedBlock, self.take),
+                Sweep(self.keys.stats, GROUP, TimingSample, self.on_stats)]
+
+    async def stats_loop(self) -> None:
+        """Batch completions, read by the active scheduler only: the group is shared, so a
+        standby reading it would steal completions of batches only the leader knows about
+        (the leader would then re-queue them as overdue and verify them twice)."""
+        while not self.stopping.is_set():
+            if not self.leader:
+                await self._sleep(0.1)
+                continue
+            entries = await self.bus.read(
+                self.keys.stats, GROUP, self.name, TimingSample, count=64,
+                block_ms=self.settings.block_ms,
+            )
+            for e in entries:
+                await self.on_stats(e)
+            if entries:
+                self.wake.set()
+
+    async def on_stats(self, e: Entry[TimingSample]) -> None:
+        s = e.msg
+        plan = self.core.complete(s.batch_id)
+        if plan is not None:
+            for key in plan.keys:
+                self.blocks.pop(key, None)
+            # the shared (unscaled) model, so speeds don't feed back; a batch with KV-cache
+            # misses (a session that just moved here) re-ran a prefix prefill the estimator does
+            # not model, so it says nothing about the verifier's speed (counting it benched the
+            # healthy verifier that took over a benched one's sessions)
+            if s.new_tokens and not s.cache_misses:
+                shape = BatchShape.of(s.new_tokens, s.context_lens)
+                self.health.observe(s.verifier, self.estimator.predict(shape), s.measured_ms)
+        await self.bus.ack(e.stream, GROUP, e.entry_id)
+
+    async def verifiers_loop(self) -> None:
+        while not self.stopping.is_set():
+            live = await self.bus.live("verifier")
+            ready = sorted(n for n, info in live.items() if info.get("ready"))
+            usable = self.health.usable(ready, now())
+            for name, speed in self.health.speeds(ready).items():
+                self.core.set_verifier_speed(name, max(speed, 1e-3))
+            if set(usable) != set(ready):
+                log.warning("verifiers benched as too slow: %s", sorted(set(ready) - set(usable)))
+            requeued = self.core.set_verifiers(usable)
+            if requeued:
+                log.warning("re-queued %d rounds from vanished verifiers", len(requeued))
+                self.wake.set()
+            await self._sleep(min(0.5, self.settings.heartbeat_s))
+
+    async def tick_loop(self) -> None:
+        while not self.stopping.is_set():
+            self.wake.clear()
+            timeout = 0.05
+            if self.leader:
+                lost = self.core.requeue_overdue(now(), grace_s=self.settings.batch_timeout_s)
+                if lost:
+                    log.warning("re-queued %d rounds of overdue batches", len(lost))
+                out = self.core.tick(now())
+                for plan in out.batches:
+                    await self._dispatch(plan)
+                if out.wake_at is not None:
+                    timeout = max(0.0, min(timeout, out.wake_at - now()))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), timeout)
+
+    async def model_loop(self) -> None:
+        """Reload the verify-time model whenever the estimator service publishes a new one
+        (``wisp:estimator:model``, polled every second; a bad one is logged and skipped)."""
+        while not self.stopping.is_set():
+            raw = await self.bus.redis.get(self.keys.estimator_model)
+            if raw is not None and raw != self._model_raw:
+                self._model_raw = raw
+                try:
+                    est = load_estimator(raw)
+                except ValueError as err:
+                    log.warning("ignoring the published estimator model: %s", err)
+                else:
+                    self.estimator = self.core.estimator = est
+                    self.wake.set()
+            await self._sleep(1.0)
+
+    async def housekeeping_loop(self) -> None:
+        """Forget finished sessions (the drafter deletes a session's record when it ends) and
+        publish the load snapshot that admission control reads (`wisp:load`)."""
+        from wisp.policy.slo import snapshot
+
+        while not self.stopping.is_set():
+            if self.leader:
+                active = {r.request_id for r in self.core.queue.values()}
+                active |= {r.request_id for r in self.core.inflight_rounds.values()}
+                idle = [rid for rid in self.core.affinity if rid not in active]
+                if idle:
+                    pipe = self.bus.redis.pipeline(transaction=False)
+                    for rid in idle:
+                        pipe.exists(self.keys.session(rid))
+                    for rid, alive in zip(idle, await pipe.execute(), strict=True):
+                        if not alive:
+                            self.core.finish_request(rid)
+                            self._slo_seen.pop(rid, None)
+                loads = [vars(x) for x in snapshot(self.core, now(), self._tpot_slo_of)]
+                await self.bus.redis.set(
+                    self.keys.load,
+                    json.dumps({"ts": now(), "scheduler": self.name, "verifiers": loads}),
+                    px=int(self.settings.heartbeat_ttl_s * 1000),
+                )
+            await self._sleep(0.5)
+
+    def _tpot_slo_of(self, request_id: str) -> float | None:
+        for ab in self.blocks.values():
+            if ab.block.request_id == request_id:
+                return ab.block.tpot_slo_ms
+        return self._slo_seen.get(request_id)
+
+    # ------------------------------------------------------------------ helpers
+    async def _dispatch(self, plan: Any) -> None:
+        batch = VerifyBatch(
+            batch_id=plan.batch_id,
+            verifier=plan.verifier,
+            items=[self.blocks[k] for k in plan.keys],
+            created_ts=now(),
+            predicted_ms=plan.predicted_ms,
+            policy=plan.policy,
+            reasons=list(plan.reasons),
+        )
+        await self.bus.publish(self.keys.batch(plan.verifier), batch)
+        ids = [self.entry_ids.pop(k) for k in plan.keys if k in self.entry_ids]
+        await self.bus.ack(self.keys.annotated, GROUP, *ids)
+        self.batches_sent += 1
+        self.count("rounds_dispatched", len(plan.keys))
+
+    async def _forget(self, key: str) -> None:
+        """Drop a superseded round: ack it without verifying."""
+        self.blocks.pop(key, None)
+        eid = self.entry_ids.pop(key, None)
+        if eid is not None:
+            await self.bus.ack(self.keys.annotated, GROUP, eid)
+
+    async def _sleep(self, s: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), s)

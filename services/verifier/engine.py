@@ -1,0 +1,291 @@
+"""The verifier's model runner: one target model, per-session KV caches, batched verification.
+
+Each round to verify names the committed ids it builds on and the tokens drafted after them.  The
+engine reuses the longest common prefix of a session's cached ids and its committed ids (so a stale
+or evicted cache only costs a recompute, never a wrong answer), then verifies *all* rounds of a
+batch in ONE target forward and applies the lossless acceptance rule of :mod:`wisp.specdec`.
+
+Padding scheme of the batched forward (row ``r``: ``P_r`` cached positions, ``L_r`` new tokens =
+uncached committed ids + drafted ids; ``P = max P_r``, ``L = max L_r``)::
+
+    past KV   [ 0 ... 0 | k_0 ... k_{P_r-1} ]     left-padded to P  (zeros, masked out)
+    input ids                 [ x_0 ... x_{L_r-1} | pad ... pad ]   right-padded to L
+    attention_mask [ 0 x (P-P_r) | 1 x P_r | 1 x L_r | 0 x (L-L_r) ]   shape (B, P + L)
+    position_ids             [ P_r ... P_r+L_r-1 | P_r+L_r ... ]   true positions, per row
+
+Left-padding the past puts every row's new tokens at the same cache index ``P``, which is what the
+cache/mask code assumes (one ``q_offset`` for the whole batch); right-padding the new tokens keeps
+the padding *after* every real query, so causality alone hides it from real tokens, and the 2-D
+mask hides it from the left.  RoPE only sees ``position_ids``, so a row's padding does not shift its
+positions.  No real query is ever fully masked (it sees itself), and pad queries always see at least
+one real key, so no NaN can appear and leak into the KV.  Only real positions are copied back into
+the sessions' caches.
+
+Attention implementation: this was checked against transformers 5.23's ``masking_utils``.  For
+``sdpa`` and ``eager`` the 2-D padding mask is AND-ed with the causal mask evaluated at
+``q_idx + past_len`` vs ``kv_idx``; masked keys get ``-inf`` (sdpa, boolean mask) or the dtype
+minimum (eager), i.e. exactly zero weight, so padded batching is exact up to float rounding from
+different matmul shapes (tests: logits within 1e-4 of the unbatched path).  Other backends are
+refused (flash/flex handle padding through different code paths that were not validated here).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+from wisp.services.drafter.engine import _crop_to, common_prefix_len
+from wisp.specdec import SparseDist, accept
+
+__all__ = ["SUPPORTED_ATTN_IMPLEMENTATIONS", "VerifierEngine", "VerifyItem", "VerifyResult"]
+
+SUPPORTED_ATTN_IMPLEMENTATIONS: tuple[str, ...] = ("sdpa", "eager")
+
+
+@dataclass
+class VerifyItem:
+    """One round to verify: ``draft`` proposed after ``committed`` (prompt + generated ids)."""
+
+    session_id: str
+    committed: Sequence[int]
+    draft: list[int]
+    dists: list[SparseDist] | None
+    temperature: float
+    generator: torch.Generator | None
+
+
+@dataclass
+class VerifyResult:
+    """Outcome of one round.
+
+    ``tokens`` = the accepted draft tokens followed by the target's next token (correction or
+    bonus), i.e. what to append to ``committed``.  ``cache_hit`` is True when the session's cache
+    already held every committed id but the last one (nothing had to be recomputed);
+    ``new_tokens`` counts the tokens this row fed to the forward (recomputed committed ids + draft),
+    ``context_len`` the row's total attended length (cached + new).  ``logits`` holds the ``n+1``
+    target rows used for acceptance (float32, CPU) when ``verify(..., return_logits=True)``.
+    """
+
+    session_id: str
+    accepted: int
+    tokens: list[int]
+    cache_hit: bool
+    new_tokens: int
+    context_len: int
+    logits: torch.Tensor | None = None
+
+
+@dataclass
+class _Session:
+    cache: DynamicCache
+    ids: list[int]
+
+
+@dataclass
+class _Row:
+    item: VerifyItem
+    session: _Session
+    past: int  # cached positions reused
+    new_ids: list[int]  # uncached committed ids + draft
+    cache_hit: bool
+
+    @property
+    def uncached(self) -> int:
+        return len(self.new_ids) - len(self.item.draft)
+
+
+class VerifierEngine:
+    """Verifies batches of speculative rounds with one target forward per batch.
+
+    Sessions live in an LRU bounded by ``max_sessions``; eviction only costs a recompute of the
+    evicted session's committed ids on its next round.  ``last_forward_ms`` is the wall time of the
+    latest batched forward (for the verification-time estimator).
+    """
+
+    def __init__(
+        self, model: PreTrainedModel, max_sessions: int = 64, pad_token_id: int = 0
+    ) -> None:
+        if max_sessions < 1:
+            raise ValueError("max_sessions must be >= 1")
+        attn = getattr(model.config, "_attn_implementation", None)
+        if attn not in SUPPORTED_ATTN_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attn_implementation {attn!r} is not validated for padded batching; load the "
+                f"model with attn_implementation in {SUPPORTED_ATTN_IMPLEMENTATIONS}"
+            )
+        if not DynamicCache(config=model.config).is_croppable:
+            raise NotImplementedError("the target model's cache layers cannot be rolled back")
+        model.eval()
+        model.requires_grad_(False)
+        self.model = model
+        self.max_sessions = max_sessions
+        self.pad_token_id = pad_token_id
+        self.last_forward_ms = 0.0
+        self._sessions: OrderedDict[str, _Session] = OrderedDict()
+        self._device = next(model.parameters()).device
+
+    # -- session bookkeeping ------------------------------------------------------------------
+
+    def sessions(self) -> dict[str, int]:
+        """Session id -> number of cached positions, least recently used first."""
+        return {sid: len(s.ids) for sid, s in self._sessions.items()}
+
+    def drop(self, session_id: str) -> None:
+        """Forget a session's cache (no-op when unknown)."""
+        self._sessions.pop(session_id, None)
+
+    def _session(self, session_id: str) -> _Session:
+        session = self._sessions.get(session_id)
+        if session is None:
+            while len(self._sessions) >= self.max_sessions:
+                self._sessions.popitem(last=False)
+            session = _Session(cache=DynamicCache(config=self.model.config), ids=[])
+            self._sessions[session_id] = session
+        self._sessions.move_to_end(session_id)
+        return session
+
+    # -- verification -------------------------------------------------------------------------
+
+    @staticmethod
+    def _validate(items: Sequence[VerifyItem]) -> None:
+        seen: set[str] = set()
+        for item in items:
+            if item.session_id in seen:
+                raise ValueError(f"session {item.session_id!r} appears twice in one batch")
+            seen.add(item.session_id)
+            if not item.committed:
+                raise ValueError(f"session {item.session_id!r}: committed is empty")
+            if item.temperature < 0:
+                raise ValueError(f"session {item.session_id!r}: negative temperature")
+            if item.temperature > 0 and item.draft:
+                if item.dists is None or len(item.dists) != len(item.draft):
+                    raise ValueError(
+                        f"session {item.session_id!r}: sampling needs one dist per drafted token"
+                    )
+                # Checked here, not only in ``accept``, so a bad item fails before the forward.
+                if any(d.prob_of(int(t)) <= 0 for t, d in zip(item.draft, item.dists, strict=True)):
+                    raise ValueError(
+                        f"session {item.session_id!r}: a drafted token has q = 0 in its dist"
+                    )
+
+    def _prepare(self, item: VerifyItem) -> _Row:
+        """Crop the session's cache to what ``item.committed`` can reuse."""
+        had_session = item.session_id in self._sessions
+        session = self._session(item.session_id)
+        committed = [int(t) for t in item.committed]
+        # The last committed token is always fed: its logits row predicts draft[0].
+        keep = min(common_prefix_len(session.ids, committed), len(committed) - 1)
+        if keep == 0:
+            session.cache = DynamicCache(config=self.model.config)
+        else:
+            _crop_to(session.cache, keep)
+        del session.ids[keep:]
+        return _Row(
+            item=item,
+            session=session,
+            past=keep,
+            new_ids=committed[keep:] + [int(t) for t in item.draft],
+            cache_hit=had_session and keep == len(committed) - 1,
+        )
+
+    def _batched_inputs(
+        self, rows: Sequence[_Row]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache, int]:
+        """Build ``(input_ids, attention_mask, position_ids, past, max_past)``; see module doc."""
+        batch = len(rows)
+        max_past = max(r.past for r in rows)
+        max_new = max(len(r.new_ids) for r in rows)
+        dev = self._device
+        input_ids = torch.full((batch, max_new), self.pad_token_id, dtype=torch.long, device=dev)
+        mask = torch.zeros((batch, max_past + max_new), dtype=torch.long, device=dev)
+        positions = torch.empty((batch, max_new), dtype=torch.long, device=dev)
+        for b, row in enumerate(rows):
+            n = len(row.new_ids)
+            input_ids[b, :n] = torch.tensor(row.new_ids, dtype=torch.long, device=dev)
+            mask[b, max_past - row.past : max_past + n] = 1
+            positions[b] = torch.arange(row.past, row.past + max_new, device=dev)
+        past = DynamicCache()
+        if max_past > 0:
+            layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+            ref = next(r for r in rows if r.past > 0).session.cache
+            for idx, ref_layer in enumerate(ref.layers):
+                _, heads, _, dim = ref_layer.keys.shape
+                shape = (batch, heads, max_past, dim)
+                keys = ref_layer.keys.new_zeros(shape)
+                values = ref_layer.values.new_zeros(shape[:3] + (ref_layer.values.shape[-1],))
+                for b, row in enumerate(rows):
+                    if row.past > 0:
+                        layer = row.session.cache.layers[idx]
+                        keys[b, :, max_past - row.past :] = layer.keys[0]
+                        values[b, :, max_past - row.past :] = layer.values[0]
+                layers.append((keys, values))
+            past = DynamicCache(ddp_cache_data=layers)
+        return input_ids, mask, positions, past, max_past
+
+    @torch.inference_mode()
+    def verify(
+        self, items: list[VerifyItem], *, return_logits: bool = False
+    ) -> list[VerifyResult]:
+        """Verify every item in one batched target forward; results are in ``items`` order.
+
+        After the forward each session's cache holds exactly ``committed + accepted`` (the next
+        token's KV is not computed yet: it is the first uncached id of the following round).
+        Two items of the same session in one batch are refused (the second builds on the first).
+        """
+        if not items:
+            return []
+        self._validate(items)
+        rows = [self._prepare(item) for item in items]
+        input_ids, mask, positions, past, max_past = self._batched_inputs(rows)
+        # Only the n+1 logit rows per item that acceptance reads go through the LM head: a
+        # prefill row would otherwise materialise [prompt_len, vocab] logits.  Row b keeps input
+        # positions first_b .. first_b + max_n (clamped; the surplus is ignored), where first_b
+        # is its last uncached committed token, whose logits predict draft[0].
+        max_n = max(len(r.item.draft) for r in rows)
+        offsets = torch.arange(max_n + 1, device=self._device)
+        firsts = torch.tensor([r.uncached - 1 for r in rows], device=self._device)
+        keep = torch.clamp(firsts[:, None] + offsets[None, :], max=input_ids.shape[1] - 1)
+        start = time.perf_counter()
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=past,
+            use_cache=True,
+            logits_to_keep=keep,
+        )
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)  # kernels are async: time the work, not launch
+        self.last_forward_ms = (time.perf_counter() - start) * 1000.0
+        logits = out.logits
+        results: list[VerifyResult] = []
+        for b, row in enumerate(rows):
+            item, n = row.item, len(row.item.draft)
+            row_logits = logits[b, : n + 1].float()
+            accepted, nxt = accept(
+                row_logits, item.draft, item.dists, item.temperature, item.generator
+            )
+            keep_new = row.uncached + accepted  # committed ids + accepted draft tokens
+            for idx, layer in enumerate(past.layers):
+                row.session.cache.update(
+                    layer.keys[b : b + 1, :, max_past : max_past + keep_new],
+                    layer.values[b : b + 1, :, max_past : max_past + keep_new],
+                    idx,
+                )
+            row.session.ids.extend(row.new_ids[:keep_new])
+            results.append(
+                VerifyResult(
+                    session_id=item.session_id,
+                    accepted=accepted,
+                    tokens=[int(t) for t in item.draft[:accepted]] + [nxt],
+                    cache_hit=row.cache_hit,
+                    new_tokens=len(row.new_ids),
+                    context_len=row.past + len(row.new_ids),
+                    logits=row_logits.detach().cpu().clone() if return_logits else None,
+                )
+            )
+        return results

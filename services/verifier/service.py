@@ -1,0 +1,222 @@
+"""The verifier: the target model behind one batch stream (``wisp:batch:<name>``).
+
+For each batch it finds every round's committed prefix (its own mirror of what it verified, or
+the session record in Redis when it has never seen the session or lost it), checks the prefix
+digest, runs ONE batched target forward through the engine, publishes a verdict per round to
+its device, a timing sample for the estimator and scheduler, and only then acks the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from typing import Any
+
+from wisp.bus import Bus, Entry
+from wisp.protocol import (
+    DraftBlock,
+    ProtocolError,
+    SessionState,
+    TimingSample,
+    Verdict,
+    VerifyBatch,
+    decode,
+    digest_ids,
+)
+from wisp.service import Service, now
+from wisp.settings import Settings
+from wisp.specdec import SparseDist, round_generator
+
+log = logging.getLogger(__name__)
+
+GROUP = "verifier"
+
+
+class VerifierService(Service):
+    role = "verifier"
+
+    def __init__(self, settings: Settings, bus: Bus, name: str | None = None) -> None:
+        super().__init__(settings, bus, name)
+        self.engine: Any = None
+        self.vocab_size = 0
+        self.mirror: OrderedDict[str, list[int]] = OrderedDict()
+        self.batches = 0
+        self.slowdown_s = settings.fault_delay_ms / 1000.0
+        """Extra seconds slept per batch: fault injection for tests of slow verifiers."""
+
+    async def setup(self) -> None:
+        from wisp import models
+        from wisp.services.verifier.engine import VerifierEngine
+
+        s = self.settings
+        model = await self.in_worker(models.load_model, s.target_model, s)
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.engine = VerifierEngine(model, max_sessions=s.kv_sessions)
+        await self.in_worker(self._warm_up)
+        await self.bus.ensure_group(self.keys.batch(self.name), GROUP)
+
+    def _warm_up(self) -> None:
+        """One small forward so the first real batch does not pay one-off costs."""
+        from wisp.services.verifier.engine import VerifyItem
+
+        self.engine.verify([VerifyItem("__warmup__", [1, 2, 3, 4], [5], None, 0.0, None)])
+        self.engine.drop("__warmup__")
+
+    def heartbeat_info(self) -> dict[str, Any]:
+        return {**super().heartbeat_info(), "batches": self.batches}
+
+    def loops(self) -> list:
+        return [self.batches_loop]
+
+    async def batches_loop(self) -> None:
+        stream = self.keys.batch(self.name)
+        while not self.stopping.is_set():
+            entries = await self.bus.read(
+                stream, GROUP, self.name, VerifyBatch, count=1, block_ms=self.settings.block_ms
+            )
+            for e in entries:
+                await self.on_batch(e)
+                await self.bus.ack(stream, GROUP, e.entry_id)
+
+    # ------------------------------------------------------------------ one batch
+    async def _committed(self, b: DraftBlock) -> list[int] | None:
+        """The committed ids ``b`` builds on, or None when ``b`` is stale or unknown."""
+        m = self.mirror.get(b.request_id)
+        if m is not None and len(m) == b.base_committed_len and digest_ids(m) == b.committed_digest:
+            self.mirror.move_to_end(b.request_id)
+            return m
+        raw = await self.bus.redis.get(self.keys.session(b.request_id))
+        if raw is None:
+            return None
+        try:
+            state = decode(SessionState, raw)
+        except ProtocolError as err:
+            log.warning("session %s unreadable: %s", b.request_id, err.reason)
+            return None
+        c = state.committed
+        if len(c) != b.base_committed_len or digest_ids(c) != b.committed_digest:
+            return None
+        self._remember(b.request_id, c)
+        return c
+
+    def _remember(self, request_id: str, committed: list[int]) -> None:
+        self.mirror[request_id] = committed
+        self.mirror.move_to_end(request_id)
+        while len(self.mirror) > self.settings.kv_sessions:
+            self.mirror.popitem(last=False)
+
+    def _valid(self, b: DraftBlock) -> str | None:
+        """Why ``b`` cannot be verified (ids out of the target's vocabulary...), or None."""
+        v = self.vocab_size
+        if any(not 0 <= t < v for t in b.draft_tokens):
+            return "draft token id outside the target vocabulary"
+        for d in b.draft_dists or []:
+            if any(not 0 <= t < v for t in d.token_ids):
+                return "draft distribution names a token outside the vocabulary"
+            if any(p < 0 for p in d.probs) or abs(sum(d.probs) - 1.0) > 1e-3:
+                return "draft distribution is not a probability distribution"
+        for d, t in zip(b.draft_dists or [], b.draft_tokens, strict=False):
+            if t not in d.token_ids:
+                return "a draft token has zero probability under its own distribution"
+        return None
+
+    async def on_batch(self, entry: Entry[VerifyBatch]) -> None:
+        from wisp.services.verifier.engine import VerifyItem
+
+        batch = entry.msg
+        started = now()
+        items: list[VerifyItem] = []
+        blocks: list[DraftBlock] = []
+        for ab in batch.items:
+            b = ab.block
+            why = self._valid(b)
+            if why is not None:
+                await self.bus.dead_letter(
+                    entry.stream, entry.entry_id, GROUP, self.name,
+                    f"round {b.key}: {why}", {"d": ab.model_dump_json()},
+                )
+                continue
+            committed = await self._committed(b)
+            if committed is None:
+                self.count("stale_rounds")
+                continue
+            gen = (
+                round_generator(b.seed, b.request_id, b.round, "verify")
+                if b.temperature > 0 else None
+            )
+            dists = (
+                [SparseDist(tuple(d.token_ids), tuple(d.probs)) for d in b.draft_dists]
+                if b.draft_dists else None
+            )
+            items.append(VerifyItem(b.request_id, committed, list(b.draft_tokens), dists,
+                                    b.temperature, gen))
+            blocks.append(b)
+        measured_ms = 0.0
+        results: list[Any] = []
+        if items:
+            t0 = time.perf_counter()
+            results = await self.in_worker(self.engine.verify, items)
+            if self.slowdown_s:
+                await asyncio.sleep(self.slowdown_s)
+            measured_ms = (time.perf_counter() - t0) * 1000.0
+        pipe = self.bus.redis.pipeline(transaction=False)
+        for b, item, res in zip(blocks, items, results, strict=True):
+            verdict = Verdict(
+                request_id=b.request_id,
+                round=b.round,
+                base_committed_len=b.base_committed_len,
+                drafted=len(b.draft_tokens),
+                accepted=res.accepted,
+                tokens=list(res.tokens),
+                batch_id=batch.batch_id,
+                verifier=self.name,
+                batch_size=len(items),
+                verify_ms=measured_ms,
+                queue_ms=max(0.0, (started - b.sent_ts) * 1000.0),
+                cache_hit=res.cache_hit,
+            )
+            pipe.xadd(self.keys.verdict(b.device), {"d": verdict.encode()},
+                      maxlen=self.settings.stream_maxlen, approximate=True)
+            self._remember(b.request_id, list(item.committed) + list(res.tokens))
+        sample = TimingSample(
+            verifier=self.name,
+            batch_id=batch.batch_id,
+            new_tokens=[r.new_tokens for r in results],
+            context_lens=[r.context_len - r.new_tokens for r in results],
+            draft_lens=[len(b.draft_tokens) for b in blocks],
+            measured_ms=measured_ms,
+            predicted_ms=batch.predicted_ms,
+            cache_misses=sum(0 if r.cache_hit else 1 for r in results),
+            ts=now(),
+        )
+        pipe.xadd(self.keys.stats, {"d": sample.encode()},
+                  maxlen=self.settings.stream_maxlen, approximate=True)
+        await pipe.execute()
+        self.batches += 1
+        self.count("rounds", len(items))
+        _observe(blocks, results, measured_ms)
+
+
+def _observe(blocks: list[DraftBlock], results: list[Any], measured_ms: float) -> None:
+    """Export batch and speculation metrics (names follow vLLM's spec_decode family)."""
+    from wisp.telemetry import (
+        ACCEPTED_PER_POS,
+        BATCH_SIZE,
+        NUM_ACCEPTED,
+        NUM_DRAFT_TOKENS,
+        NUM_DRAFTS,
+        VERIFY_SECONDS,
+    )
+
+    if not results:
+        return
+    BATCH_SIZE.observe(len(results))
+    VERIFY_SECONDS.observe(measured_ms / 1000.0)
+    NUM_DRAFTS.inc(len(results))
+    NUM_DRAFT_TOKENS.inc(sum(len(b.draft_tokens) for b in blocks))
+    NUM_ACCEPTED.inc(sum(r.accepted for r in results))
+    for r in results:
+        for pos in range(r.accepted):
+            ACCEPTED_PER_POS.labels(str(pos)).inc()

@@ -1,0 +1,121 @@
+"""Online refit through real Redis: an in-process estimator service reads TimingSamples from
+``wisp:stats``; when the verifier's measured times double mid-stream, it publishes a new model
+under ``wisp:estimator:model`` whose predictions are ~2x within N_BOUND samples; and the scheduler
+reloads a published model."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+from wisp.bus import Bus
+from wisp.policy import learned_estimator as le
+from wisp.policy.estimator import BatchShape, LinearEstimator
+from wisp.protocol import TimingSample
+from wisp.settings import Settings
+
+from tests.unit.test_estimator_learned import FAST, cpu_like_ms, synthetic_samples
+
+N_BOUND = 12
+"""Samples after the slowdown by which the published model predicts 2x within 15%: the level is
+the median over the last 16 samples, refitted every 4, so at most 16 // 2 + 4."""
+
+PROBES = [BatchShape.of([5] * 4, [128] * 4), BatchShape.of([1], [64]), BatchShape.of([3] * 8, [300] * 8),
+          BatchShape.of([2, 7], [40, 350])]
+
+
+def _settings(redis_url: str, bus: Bus) -> Settings:
+    return Settings(redis_url=redis_url, namespace=bus.keys.ns, block_ms=20, heartbeat_s=0.2,
+                    target_model="/nonexistent/tiny-target")
+
+
+async def _until(cond, limit_s: float = 10.0) -> None:
+    end = time.monotonic() + limit_s
+    while not cond():
+        assert time.monotonic() < end, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def _published(bus: Bus) -> le.LearnedEstimator | None:
+    raw = await bus.redis.get(bus.keys.estimator_model)
+    return None if raw is None else le.LearnedEstimator.from_json(raw)
+
+
+def _ratio_ok(est: le.LearnedEstimator, factor: float, tol: float = 0.15) -> bool:
+    return all(abs(est.predict(p) / (factor * cpu_like_ms(p)) - 1) <= tol for p in PROBES)
+
+
+async def test_service_publishes_a_model_that_tracks_a_half_speed_verifier(redis_url: str, bus: Bus) -> None:
+    from wisp.services.estimator.service import EstimatorService
+
+    model = le.fit(synthetic_samples(), FAST, full_refit_every=0, refit_every=4, level_window=16)
+    svc = EstimatorService(_settings(redis_url, bus), bus, name="est-under-test", estimator=model)
+    task = asyncio.create_task(svc.run())
+    try:
+        await _until(lambda: svc.ready)
+        await asyncio.sleep(0.1)  # the stats group is created at "$": publish after setup
+        first = None
+        while first is None:
+            first = await _published(bus)
+            await asyncio.sleep(0.02)
+        assert first.model_id == model.model_id and _ratio_ok(first, 1.0)
+
+        rng = np.random.default_rng(11)
+        stream = [BatchShape.of([int(rng.integers(1, 10))] * b, [int(rng.integers(32, 385))] * b)
+                  for b in rng.choice([1, 2, 4, 8], 60)]
+        fed = 0
+
+        async def feed(shape: BatchShape, factor: float) -> None:
+            nonlocal fed
+            ms = factor * cpu_like_ms(shape) * float(np.exp(rng.normal(0, 0.03)))
+            await bus.publish(bus.keys.stats, TimingSample(
+                verifier="v0", batch_id=f"b{fed}", new_tokens=list(shape.new_tokens),
+                context_lens=list(shape.context_lens), draft_lens=[n - 1 for n in shape.new_tokens],
+                measured_ms=ms, ts=time.time()))
+            fed += 1
+            await _until(lambda: len(svc.estimator.window) >= fed)
+            await asyncio.sleep(0.05)  # the loop publishes after handling its read
+
+        for s in stream[:16]:  # full speed
+            await feed(s, 1.0)
+        before = await _published(bus)
+        assert before is not None and _ratio_ok(before, 1.0)
+        v_before = before.version
+
+        tracked_after = None
+        for i, s in enumerate(stream[16:], 1):  # the verifier now takes twice as long
+            await feed(s, 2.0)
+            now = await _published(bus)
+            if now is not None and _ratio_ok(now, 2.0):
+                tracked_after = i
+                break
+        print(f"tracked 2x after {tracked_after} samples")
+        assert tracked_after is not None and tracked_after <= N_BOUND, tracked_after
+        assert now.version > v_before
+        assert 1.7 < now.level < 2.3
+    finally:
+        svc.stop()
+        await asyncio.wait_for(task, 10)
+
+
+async def test_scheduler_reloads_the_published_model(redis_url: str, bus: Bus) -> None:
+    from wisp.services.scheduler.service import SchedulerService
+
+    sched = SchedulerService(_settings(redis_url, bus), bus, name="sched-under-test")
+    assert isinstance(sched.estimator, LinearEstimator)  # no shipped model for this target
+    task = asyncio.create_task(sched.run())
+    try:
+        await _until(lambda: sched.ready)
+        model = le.fit(synthetic_samples(), FAST)
+        model.version = 7
+        await bus.redis.set(bus.keys.estimator_model, model.to_json())
+        await _until(lambda: getattr(sched.estimator, "model_id", None) == model.model_id, 5.0)
+        assert sched.core.estimator is sched.estimator and sched.estimator.version == 7
+        # a broken publication is ignored; the last good model stays
+        await bus.redis.set(bus.keys.estimator_model, '{"kind": "learned", "schema": 99}')
+        await asyncio.sleep(1.5)
+        assert getattr(sched.estimator, "model_id", None) == model.model_id
+    finally:
+        sched.stop()
+        await asyncio.wait_for(task, 10)
