@@ -71,6 +71,11 @@ class Settings(BaseSettings):
 
     # --- drafter ----------------------------------------------------------------------------
     draft_k: int = Field(default=4, ge=0, le=64, description="Fixed draft length (sled mode).")
+    controller: Path | None = Field(
+        default=None,
+        description="wisp mode: a speculation controller JSON (`wisp-cli controller train`) to use "
+        "instead of the one shipped for the draft model (e.g. for your own model pair).",
+    )
     prefill_round: bool = Field(
         default=True,
         description="wisp mode: round 0 sends the prompt undrafted, so the first token comes from "

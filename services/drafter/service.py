@@ -431,6 +431,7 @@ class DrafterService(Service):
             tpot_slo_ms=sess.tpot_slo_ms,
             generated_len=len(st.generated),
             max_new_tokens=sess.max_new,
+            first_token_ts=st.first_token_ts,
             expected_commit=expected_commit(feats),
         )
         await self.bus.publish(self.keys.draft, block)

@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 from wisp.bus import Bus, Entry
-from wisp.policy.estimator import BatchShape, VerifyTimeEstimator
+from wisp.policy.estimator import BatchShape, SpeedNormalizer, VerifyTimeEstimator
 from wisp.policy.learned_estimator import default_estimator
 from wisp.protocol import AnnotatedBlock, DraftBlock, TimingSample
 from wisp.service import Service, Sweep, now
@@ -41,6 +41,7 @@ class EstimatorService(Service):
         self.estimator = estimator or default_estimator(settings)
         self.published_version = -1
         self.abs_pct_errors: list[float] = []
+        self.speeds = SpeedNormalizer()
 
     def heartbeat_info(self) -> dict[str, Any]:
         return {**super().heartbeat_info(), "model_version": self.estimator.version}
@@ -88,12 +89,15 @@ class EstimatorService(Service):
         if s.new_tokens:
             shape = BatchShape.of(s.new_tokens, s.context_lens)
             predicted = self.estimator.predict(shape)
-            if s.measured_ms > 0:
-                err = abs(predicted - s.measured_ms) / s.measured_ms
+            # on the fastest verifier's scale: a slower verifier's times must not teach the shared
+            # model that big batches are slow (SpeedNormalizer)
+            measured = self.speeds.normalize(s.verifier, predicted, s.measured_ms)
+            if measured > 0:
+                err = abs(predicted - measured) / measured
                 self.abs_pct_errors.append(err)
                 ESTIMATOR_ERROR.observe(err)
                 del self.abs_pct_errors[:-1000]
-            self.estimator.observe(shape, s.measured_ms)
+            self.estimator.observe(shape, measured)
         await self.bus.ack(e.stream, GROUP, e.entry_id)
 
     def sweeps(self) -> list[Sweep]:

@@ -32,9 +32,16 @@ LEASE = "scheduler"
 
 def round_deadline(b: Any) -> float:
     """When a round's tokens are due (unix s): the TTFT SLO for the first token, then one TPOT
-    per token already generated plus the one this round commits at least."""
+    per token already generated plus the one this round commits at least, counted from the
+    first token (the TPOT SLO is the mean gap after it: counting from the TTFT *deadline* instead
+    lent a request that started early its unused TTFT budget, and such requests met every round
+    deadline yet missed their TPOT SLO). Before the drafter reports the first token's time,
+    from the TTFT deadline."""
     if b.generated_len == 0:
         return b.request_ts + b.ttft_slo_ms / 1000.0
+    first = getattr(b, "first_token_ts", None)
+    if first is not None:
+        return first + b.tpot_slo_ms * b.generated_len / 1000.0
     return b.request_ts + (b.ttft_slo_ms + b.tpot_slo_ms * b.generated_len) / 1000.0
 
 
@@ -59,6 +66,9 @@ def round_info(ab: AnnotatedBlock, arrival: float) -> RoundInfo:
         deadline=round_deadline(b),
         predicted_ms=ab.predicted_verify_ms,
         expected_commit=b.expected_commit if b.expected_commit is not None else 1.0,
+        generated_len=b.generated_len,
+        max_new_tokens=b.max_new_tokens,
+        tpot_slo_ms=b.tpot_slo_ms,
     )
 
 
@@ -94,6 +104,7 @@ class SchedulerService(Service):
         self._slo_seen: dict[str, float] = {}
         self.health = VerifierHealth(degraded_ratio=s.slow_verifier_ratio,
                                      cooldown_s=s.slow_verifier_cooldown_s)
+        self._benched: list[str] = []
 
     def heartbeat_info(self) -> dict[str, Any]:
         return {
@@ -196,8 +207,15 @@ class SchedulerService(Service):
             usable = self.health.usable(ready, now())
             for name, speed in self.health.speeds(ready).items():
                 self.core.set_verifier_speed(name, max(speed, 1e-3))
-            if set(usable) != set(ready):
-                log.warning("verifiers benched as too slow: %s", sorted(set(ready) - set(usable)))
+            benched = sorted(set(ready) - set(usable))
+            if benched != self._benched:  # log changes, not every pass
+                speeds = self.health.speeds(ready)
+                if benched:
+                    log.warning("verifiers benched as too slow: %s (relative speeds %s)", benched,
+                                {n: round(v, 3) for n, v in sorted(speeds.items())})
+                else:
+                    log.info("no verifier is benched")
+                self._benched = benched
             requeued = self.core.set_verifiers(usable)
             if requeued:
                 log.warning("re-queued %d rounds from vanished verifiers", len(requeued))

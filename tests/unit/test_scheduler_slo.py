@@ -134,6 +134,47 @@ def test_late_rounds_go_first_by_default_most_overdue_first() -> None:
     assert [b.keys for b in c.tick(NOW + 0.001).batches] == [("tight",)]
 
 
+def progress(r: RoundInfo, generated: int, max_new: int = 64, tpot_ms: float = 100.0) -> RoundInfo:
+    """``r`` with its request's progress known (what the scheduler service reads off the block)."""
+    from dataclasses import replace
+
+    return replace(r, generated_len=generated, max_new_tokens=max_new, tpot_slo_ms=tpot_ms)
+
+
+def test_a_request_that_can_no_longer_attain_is_served_after_those_that_can() -> None:
+    """Late but recoverable rounds go first (catch-up); rounds of requests that have lost their
+    SLO (a first round past its TTFT deadline, or further behind than the tokens left can make
+    up) go after every round that can still attain, best effort, so they stop dragging others
+    down under overload."""
+    e = est()  # alone: 20 ms
+    pol = SloAwarePolicy(max_batch_size=3, catchup=0.5)
+    behind = progress(rnd("behind", -100), generated=10)     # 120 ms late, 53 tokens left
+    lost = progress(rnd("lost", -3000), generated=54)        # 3020 ms late, 9 tokens left
+    ttft_missed = progress(rnd("ttft_missed", 5), generated=0)  # first round: 15 ms late
+    ontime1 = progress(rnd("ontime1", 500), generated=5)
+    ontime2 = progress(rnd("ontime2", 600), generated=5)
+    assert pol.is_lost(behind, 120.0) is False              # 120 <= 0.5 x 100 x 53
+    assert pol.is_lost(lost, 3020.0) is True                # 3020 > 0.5 x 100 x 9
+    assert pol.is_lost(ttft_missed, 15.0) is True
+    assert pol.is_lost(rnd("unknown", -3000), 3020.0) is False  # progress unknown: never lost
+    assert SloAwarePolicy(catchup=None).is_lost(lost, 3020.0) is False
+    sel, _ = pol.select([lost, ontime2, ttft_missed, behind, ontime1], "v1", NOW, e)
+    assert keys(sel) == ["behind", "ontime1", "ontime2"]
+    assert sel.reasons == ["late-best-effort", "density", "density"]
+    # with room to spare, the lost rounds ride along (work conserving), most overdue first
+    sel, _ = SloAwarePolicy(max_batch_size=8).select([lost, ontime1, ttft_missed, behind], "v1", NOW, e)
+    assert keys(sel) == ["behind", "ontime1", "lost", "ttft_missed"]
+    assert sel.reasons[2:] == ["lost-best-effort", "lost-best-effort"]
+    assert sel.late == ["behind", "lost", "ttft_missed"]
+    # a lost round is still served: alone in the queue, or by the starvation guard
+    sel, _ = pol.select([lost], "v1", NOW, e)
+    assert keys(sel) == ["lost"] and sel.reasons == ["lost-best-effort"]
+    aged = progress(rnd("aged_lost", -3000, arrival=NOW - 6.0), generated=54)
+    fresh = [progress(rnd(f"on{i}", 900), generated=5) for i in range(3)]
+    sel, _ = pol.select([*fresh, aged], "v1", NOW, e)
+    assert keys(sel)[0] == "aged_lost" and sel.reasons[0] == "aged"
+
+
 def test_late_rounds_ride_along_best_effort_and_are_reported() -> None:
     e = est()
     overdue = rnd("overdue", -50)           # due 50 ms ago
@@ -401,3 +442,21 @@ def test_hold_waits_for_company_unless_full_late_or_due() -> None:
     due_soon = [rnd("soon", 21.5)]  # slack 1.5 ms < the 2 ms hold
     assert keys(pol.select(due_soon, "v1", NOW + 0.0001, e)[0]) == ["soon"]
     assert SloAwarePolicy(max_batch_size=3).select(early, "v1", NOW + 0.001, e)[1] is None
+
+
+def test_round_deadlines_count_tpot_from_the_first_token() -> None:
+    """The TPOT SLO is the mean gap after the first token, so once the first token's time is
+    known later rounds are due one TPOT per token after it: a request whose first token came
+    early must not spend its unused TTFT budget on later tokens."""
+    from wisp.protocol import DraftBlock
+    from wisp.services.scheduler.service import round_deadline
+
+    def block(generated: int, first: float | None) -> DraftBlock:
+        return DraftBlock(request_id="r", device="d", round=1, base_committed_len=10 + generated,
+                          prompt_len=10, committed_digest="0" * 16, request_ts=1000.0, sent_ts=1000.0,
+                          ttft_slo_ms=2000.0, tpot_slo_ms=100.0, generated_len=generated,
+                          first_token_ts=first)
+
+    assert round_deadline(block(0, None)) == pytest.approx(1002.0)           # the TTFT SLO
+    assert round_deadline(block(5, None)) == pytest.approx(1002.5)           # not known yet
+    assert round_deadline(block(5, 1000.4)) == pytest.approx(1000.9)         # 0.4 s + 5 x 0.1 s

@@ -71,7 +71,9 @@ def test_simulation_holds_the_services_objects(tiny, mode: str) -> None:
 def test_mirrors_equal_the_services_functions() -> None:
     rng = random.Random(0)
     for _ in range(200):
-        v = BlockView(rng.randint(0, 500), rng.uniform(0, 1e6), rng.uniform(1, 1e4), rng.uniform(1, 1e3))
+        first = rng.choice([None, rng.uniform(0, 1e6)])
+        v = BlockView(rng.randint(0, 500), rng.uniform(0, 1e6), rng.uniform(1, 1e4), rng.uniform(1, 1e3),
+                      first)
         assert sim_hooks.mirror_round_deadline(v) == scheduler_service.round_deadline(v)
         feats = [TokenFeatures(rng.uniform(-0.1, 1.1), 1.0, 0.1, 3.0) for _ in range(rng.randint(0, 8))]
         assert sim_hooks.mirror_expected_commit(feats) == drafter_service.expected_commit(feats)  # type: ignore[arg-type]

@@ -577,12 +577,20 @@ def shipped_controller_path(draft_model: str, target_model: str | None = None) -
 
 
 def default_policy(settings: Settings) -> DraftLengthPolicy:
-    """The drafter's policy for its mode: wisp -> the shipped learned controller of the draft
-    model (a logged FixedLength(draft_k) fallback when none is shipped or it does not load);
+    """The drafter's policy for its mode: wisp -> ``settings.controller`` when set, else the
+    shipped learned controller of the draft model (a logged FixedLength(draft_k) fallback when
+    none is shipped; a named controller that does not load is an error, not a silent fallback);
     sled -> FixedLength(draft_k); centralized never drafts (the drafter uses k = 0 itself)."""
     fallback = FixedLength(settings.draft_k)
     if str(settings.mode) != "wisp":
         return fallback
+    if settings.controller is not None:
+        try:
+            ctl = load_controller(settings.controller)
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"controller {settings.controller} (WISP_CONTROLLER) does not load: {err}") from err
+        return _with_prefill(ctl, settings, settings.controller)
     path = shipped_controller_path(settings.draft_model, settings.target_model)
     if path is None:
         log.warning(
@@ -597,6 +605,10 @@ def default_policy(settings: Settings) -> DraftLengthPolicy:
         log.error("wisp mode: controller %s does not load (%s); falling back to fixed k=%d",
                   path, err, settings.draft_k)
         return fallback
+    return _with_prefill(ctl, settings, path)
+
+
+def _with_prefill(ctl: LearnedController, settings: Settings, path: Path) -> LearnedController:
     if settings.prefill_round != ctl.prefill_round:
         ctl = ctl.replace(prefill_round=settings.prefill_round)
     log.info("wisp mode: learned speculation controller %s (max_k=%d, threshold=%.2f, prefill round %s)",

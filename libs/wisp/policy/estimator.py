@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -59,6 +59,46 @@ def batch_features(shape: BatchShape) -> np.ndarray:
         1.0, n, new.sum(), max_new, n * max_new, ctx.sum(), max_ctx,
         n * max_new * (max_ctx + max_new) / 1000.0, float((new * ctx).sum()) / 1000.0,
     ])
+
+
+@dataclass
+class SpeedNormalizer:
+    """Puts every verifier's measured times on the fastest one's scale before the shared model
+    learns them. Pure: no I/O, no clock.
+
+    Why: one model is fitted on the timing samples of every verifier. A verifier that is slower
+    also collects bigger batches (rounds pile up while it works), so a model fitted on the raw
+    mixture blames batch *size* for that verifier's slowness: it then over-predicts big batches and
+    under-predicts small ones (measured on a loaded 2-core machine: a 3-round batch predicted at
+    450 ms because the slow verifier took that long, so the fast verifier looked slow and was
+    benched). Each verifier's factor is an EMA of measured / predicted; a sample is divided by its
+    verifier's factor relative to the smallest live factor, so the model keeps predicting the
+    fastest verifier, and the scheduler's health check sees the slow one as slow. With one
+    verifier, or verifiers of one speed, samples pass through unchanged (a verifier that slows
+    down on its own is still tracked by the model)."""
+
+    alpha: float = 0.2
+    stale_after: int = 500
+    """A verifier with no sample among the last this many is forgotten (it left, or was replaced):
+    the others must not stay scaled to a dead verifier's speed."""
+    factors: dict[str, float] = field(default_factory=dict)
+    last_seen: dict[str, int] = field(default_factory=dict)
+    seen: int = 0
+
+    def normalize(self, verifier: str, predicted_ms: float, measured_ms: float) -> float:
+        """``measured_ms`` on the fastest verifier's scale (and update ``verifier``'s factor)."""
+        if predicted_ms <= 0 or measured_ms <= 0 or not np.isfinite(measured_ms):
+            return measured_ms
+        self.seen += 1
+        self.last_seen[verifier] = self.seen
+        for v in [v for v, n in self.last_seen.items() if self.seen - n > self.stale_after]:
+            del self.last_seen[v]
+            self.factors.pop(v, None)
+        ratio = measured_ms / predicted_ms
+        prev = self.factors.get(verifier)
+        self.factors[verifier] = ratio if prev is None else (1 - self.alpha) * prev + self.alpha * ratio
+        rel = self.factors[verifier] / min(self.factors.values())
+        return measured_ms / rel
 
 
 class VerifyTimeEstimator(Protocol):

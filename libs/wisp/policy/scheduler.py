@@ -39,6 +39,13 @@ class RoundInfo:
     expected_commit: float = 1.0
     """Tokens this round is expected to commit (accepted drafts + the target's own). 1.0 is the
     "nobody estimated it" default; the SLO policy then assumes ``1 + acceptance x draft_len``."""
+    generated_len: int | None = None
+    """Tokens its request had generated before this round (None: unknown)."""
+    max_new_tokens: int | None = None
+    """Its request's generation budget (None: unknown)."""
+    tpot_slo_ms: float | None = None
+    """Its request's TPOT SLO. With the two above, lets the SLO policy tell a late round that can
+    still catch up from one whose request has already lost its SLO."""
 
     @property
     def new_tokens(self) -> int:

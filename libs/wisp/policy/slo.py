@@ -23,9 +23,16 @@ default ``late_first``, phase 3 runs first: see below). With
    after every admission (the marginal cost depends on what is already in: padding, context);
 3. ``late-best-effort``: late rounds, most overdue first, into the room left, as long as the
    batch stays feasible for its on-time members. They are reported in ``Selection.late``.
+4. ``lost-best-effort``: late rounds whose request can no longer meet its SLOs (``catchup``: a
+   first round past the TTFT deadline, or a request further behind than its remaining tokens can
+   make up), most overdue first, into the room left after everything that can still attain.
+   Under overload, serving them ahead of others only makes more requests miss; they still ride
+   along when there is room, fill an otherwise idle verifier, and the starvation guard bounds
+   their wait. Also reported in ``Selection.late``.
 
-With ``late_first`` (the default) the late rounds are admitted first, most overdue first, and
-the on-time phases then add only what keeps the batch within each on-time member's deadline. The
+With ``late_first`` (the default) the late rounds that are not lost are admitted first, most
+overdue first, and the on-time phases then add only what keeps the batch within each on-time
+member's deadline. The
 TPOT SLO is a per-request *mean*, so a late round is not a lost cause: it is its request falling
 behind, and serving it at once lets the request catch up (under overload, deferring late rounds
 behind on-time ones kept them waiting batch after batch). ``late_first=False`` restores
@@ -60,6 +67,7 @@ REASON_AGED = "aged"
 REASON_URGENT = "urgent"
 REASON_DENSITY = "density"
 REASON_LATE = "late-best-effort"
+REASON_LOST = "lost-best-effort"
 
 _MIN_MARGINAL_MS = 1e-3
 """Floor on a marginal cost so a free (or, with a non-monotone model, negative) one ranks first
@@ -111,6 +119,12 @@ class SloAwarePolicy:
     against FCFS, which waits 2 ms for company."""
     late_first: bool = True
     """Serve late rounds first, most overdue first (module doc)."""
+    catchup: float | None = 0.5
+    """A late round is *lost* when its request can no longer meet its SLOs: its first round (the
+    TTFT SLO is already missed), or later, when it is so far behind that the tokens it may still
+    generate would have to come more than ``1 / (1 - catchup)`` times faster than the TPOT SLO
+    to make the mean (lateness > ``catchup x tpot_slo x tokens left``). Lost rounds are served
+    after everything that can still attain, best effort (None: no round is ever lost)."""
     name: str = "slo"
 
     def __post_init__(self) -> None:
@@ -141,7 +155,8 @@ class SloAwarePolicy:
         )
 
         b = _Batch(self, estimator, budget, late)
-        late_rounds = [r for r in edf if r.key in late]  # most overdue first
+        lost = {r.key for r in edf if r.key in late and self.is_lost(r, alone[r.key] - budget[r.key])}
+        late_rounds = [r for r in edf if r.key in late and r.key not in lost]  # most overdue first
         if self.late_first:
             for r in late_rounds:
                 b.try_add(r, REASON_LATE)
@@ -156,9 +171,14 @@ class SloAwarePolicy:
         if not self.late_first:
             for r in late_rounds:
                 b.try_add(r, REASON_LATE)
+        for r in edf:
+            if r.key in lost:
+                b.try_add(r, REASON_LOST)
 
         if not b.rounds:  # unreachable by construction (module doc); never hand back nothing
-            b.force(edf[0], REASON_LATE if edf[0].key in late else REASON_URGENT)
+            first = edf[0]
+            b.force(first, REASON_LOST if first.key in lost else REASON_LATE if first.key in late
+                    else REASON_URGENT)
         sel = Selection(
             rounds=list(b.rounds),
             predicted_ms=b.ms,
@@ -166,6 +186,18 @@ class SloAwarePolicy:
             late=[r.key for r in b.rounds if r.key in late],
         )
         return sel, None
+
+    def is_lost(self, r: RoundInfo, lateness_ms: float) -> bool:
+        """Whether late round ``r`` (predicted ``lateness_ms`` past its deadline even alone) belongs
+        to a request that can no longer meet its SLOs (``catchup``)."""
+        if self.catchup is None or r.generated_len is None or lateness_ms <= 0:
+            return False
+        if r.generated_len == 0:
+            return True  # its first token will miss the TTFT SLO whatever comes next
+        if r.max_new_tokens is None or r.tpot_slo_ms is None:
+            return False
+        left = max(0, r.max_new_tokens - r.generated_len - 1)
+        return lateness_ms > self.catchup * r.tpot_slo_ms * left
 
     # ------------------------------------------------------------------ helpers
     def _take(self, ordered: Sequence[RoundInfo]) -> list[RoundInfo]:

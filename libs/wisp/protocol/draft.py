@@ -69,6 +69,9 @@ class DraftBlock(WireModel):
     expected_commit: float | None = Field(
         default=None, ge=0.0, description="Drafter's estimate of tokens this round commits.")
     max_new_tokens: int = Field(default=128, ge=1)
+    first_token_ts: float | None = Field(
+        default=None, description="When the request's first token was committed (unix s); None "
+        "before it. The TPOT SLO is a mean from this moment, so later deadlines count from it.")
 
     @model_validator(mode="after")
     def _consistent(self) -> DraftBlock:

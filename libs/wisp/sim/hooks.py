@@ -24,6 +24,9 @@ def mirror_round_deadline(b: Any) -> float:
     """Mirror of ``services.scheduler.service.round_deadline``."""
     if b.generated_len == 0:
         return b.request_ts + b.ttft_slo_ms / 1000.0
+    first = getattr(b, "first_token_ts", None)
+    if first is not None:
+        return first + b.tpot_slo_ms * b.generated_len / 1000.0
     return b.request_ts + (b.ttft_slo_ms + b.tpot_slo_ms * b.generated_len) / 1000.0
 
 
@@ -79,10 +82,12 @@ class BlockView:
     """The fields of a ``DraftBlock`` that ``round_deadline`` reads (a plain object, so the
     simulator does not build a pydantic message per round)."""
 
-    __slots__ = ("generated_len", "request_ts", "ttft_slo_ms", "tpot_slo_ms")
+    __slots__ = ("first_token_ts", "generated_len", "request_ts", "ttft_slo_ms", "tpot_slo_ms")
 
-    def __init__(self, generated_len: int, request_ts: float, ttft_slo_ms: float, tpot_slo_ms: float) -> None:
+    def __init__(self, generated_len: int, request_ts: float, ttft_slo_ms: float, tpot_slo_ms: float,
+                 first_token_ts: float | None = None) -> None:
         self.generated_len = generated_len
         self.request_ts = request_ts
         self.ttft_slo_ms = ttft_slo_ms
         self.tpot_slo_ms = tpot_slo_ms
+        self.first_token_ts = first_token_ts

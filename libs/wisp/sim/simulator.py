@@ -586,9 +586,13 @@ class Simulation:
             draft_len=s.r_drafted,
             context_len=s.prompt_len + s.pos - 1,
             arrival=now,
-            deadline=self.hooks.round_deadline(BlockView(s.pos, s.t_submit, self.ttft_slo, self.tpot_slo)),
+            deadline=self.hooks.round_deadline(
+                BlockView(s.pos, s.t_submit, self.ttft_slo, self.tpot_slo, s.t_first)),
             predicted_ms=0.0,
             expected_commit=self.hooks.expected_commit(s.r_feats),
+            generated_len=s.pos,
+            max_new_tokens=self.max_new,
+            tpot_slo_ms=self.tpot_slo,
         )
         self.by_key[key] = s
         for old in self.core.add(info):
