@@ -32,6 +32,9 @@ class BenchConfig:
     seed: int = 0
     prompts: tuple[str, ...] = ()
     request_timeout_s: float = 600.0
+    retry_s: float = 1.0
+    """A device whose request was refused or failed waits this long before its next one (a
+    client backs off; retrying at once would fill the table with refusals of one overload)."""
 
 
 @dataclass
@@ -138,6 +141,8 @@ async def run_bench(
                     ttft_ms=float("inf"), tpot_ms=float("inf"), e2e_ms=float("inf"), tokens=0,
                     ttft_slo_ms=cfg.ttft_slo_ms or 0.0, tpot_slo_ms=cfg.tpot_slo_ms or 0.0, ok=False,
                 ))
+                if cfg.retry_s:
+                    await asyncio.sleep(cfg.retry_s)
                 continue
             result.done.append(done)
             result.records.append(record_of(done))
