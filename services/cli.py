@@ -448,6 +448,10 @@ def bench(
     redis_url: Annotated[str | None, typer.Option(
         "--redis-url", help="Drive an already running system instead of starting one per mode.")] = None,
     out: Annotated[Path, typer.Option(help="Where to write the JSON results.")] = Path("out/bench.json"),
+    repeat: Annotated[int, typer.Option(
+        min=1, max=50, help="Run the modes this many times, alternating (sled, wisp, sled, wisp ...), "
+        "and add a row per mode pooling every run's requests: a machine whose speed drifts "
+        "then favours no mode.")] = 1,
 ) -> None:
     """Drive WISP with N closed-loop devices and print SLO attainment, goodput, TTFT/TPOT
     percentiles, acceptance and wasted drafting time (table + JSON)."""
@@ -466,16 +470,25 @@ def bench(
     cfg = BenchConfig(devices=devices, duration_s=duration, max_new_tokens=max_new_tokens,
                       ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms, think_s=think_s, prompts=texts)
     rows = []
-    for m in modes:
-        settings = make_settings(mode=m, draft_model=draft_model, target_model=target_model,
-                                 draft_k=draft_k, redis_url=redis_url)
-        print(f"[{m}] {devices} devices x {duration:.0f} s ...", file=sys.stderr, flush=True)
-        res = asyncio.run(_bench_mode(settings, cfg, m, redis_url))
-        rows.append(res.as_dict())
+    pooled: dict[str, Any] = {}
+    for rep in range(repeat):
+        for m in modes:
+            settings = make_settings(mode=m, draft_model=draft_model, target_model=target_model,
+                                     draft_k=draft_k, redis_url=redis_url)
+            tag = f" (run {rep + 1}/{repeat})" if repeat > 1 else ""
+            print(f"[{m}] {devices} devices x {duration:.0f} s{tag} ...", file=sys.stderr, flush=True)
+            res = asyncio.run(_bench_mode(settings, cfg, m, redis_url))
+            row = res.as_dict()
+            if repeat > 1:
+                row["run"] = rep + 1
+                pooled[m] = res if m not in pooled else pooled[m].merged(res)
+            rows.append(row)
+    for m, res in pooled.items():
+        rows.append({**res.as_dict(), "run": "all"})
     from rich.console import Console
     from rich.table import Table
 
-    header, body = table_rows(rows)
+    header, body = table_rows(rows, with_run=repeat > 1)
     t = Table(title=f"wisp-cli bench: {devices} devices, {duration:.0f} s, {max_new_tokens} new tokens")
     for h in header:
         t.add_column(h, justify="right")

@@ -49,6 +49,16 @@ class BenchResult:
     stream_mismatches: int = 0
     """Requests whose streamed tokens differ from their final ids (lost or duplicated)."""
 
+    def merged(self, other: BenchResult) -> BenchResult:
+        """This run and ``other`` (same mode) as one: requests pooled, durations added, so
+        rates are over the total time."""
+        return BenchResult(
+            mode=self.mode, config=self.config, records=self.records + other.records,
+            done=self.done + other.done, errors=self.errors + other.errors,
+            duration_s=self.duration_s + other.duration_s,
+            stream_mismatches=self.stream_mismatches + other.stream_mismatches,
+        )
+
     @property
     def summary(self) -> Summary:
         return summarize(self.records, self.duration_s)
@@ -183,12 +193,13 @@ COLUMNS = (
 )
 
 
-def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    header = [c[0] for c in COLUMNS]
+def table_rows(rows: list[dict[str, Any]], with_run: bool = False) -> tuple[list[str], list[list[str]]]:
+    cols = COLUMNS[:1] + (("run", "run", "{}"),) + COLUMNS[1:] if with_run else COLUMNS
+    header = [c[0] for c in cols]
     body = []
     for r in rows:
         line = []
-        for _, key, fmt in COLUMNS:
+        for _, key, fmt in cols:
             v = r.get(key)
             try:
                 line.append(fmt.format(v))

@@ -30,3 +30,24 @@ def test_refused_with_one_line(args: list[str], code: int, needle: str) -> None:
     assert res.returncode == code, res.stderr
     assert len(lines) == 1 and needle in lines[0], res.stderr
     assert lines[0].startswith("wisp-cli: error:")
+
+
+def test_bench_runs_pool_into_one_row_per_mode() -> None:
+    """`wisp-cli bench --repeat`: alternating runs of a mode pool their requests and durations."""
+    from wisp.bench import BenchConfig, BenchResult, table_rows
+    from wisp.metrics import RequestRecord
+
+    cfg = BenchConfig(devices=1, duration_s=1.0, prompts=("p",))
+
+    def rec(tpot: float) -> RequestRecord:
+        return RequestRecord(ttft_ms=100.0, tpot_ms=tpot, e2e_ms=1000.0, tokens=10,
+                             ttft_slo_ms=1000.0, tpot_slo_ms=200.0)
+
+    a = BenchResult("wisp", cfg, records=[rec(100.0), rec(300.0)], duration_s=10.0)
+    b = BenchResult("wisp", cfg, records=[rec(150.0), rec(120.0)], duration_s=30.0, stream_mismatches=1)
+    m = a.merged(b)
+    assert len(m.records) == 4 and m.duration_s == 40.0 and m.stream_mismatches == 1
+    assert m.summary.slo_attainment == 0.75
+    header, body = table_rows([{**m.as_dict(), "run": "all"}], with_run=True)
+    assert header[:2] == ["mode", "run"] and body[0][:2] == ["wisp", "all"]
+    assert table_rows([m.as_dict()])[0][1] == "devices"
