@@ -483,7 +483,7 @@ def bench(
                 row["run"] = rep + 1
                 pooled[m] = res if m not in pooled else pooled[m].merged(res)
             rows.append(row)
-    for m, res in pooled.items():
+    for res in pooled.values():
         rows.append({**res.as_dict(), "run": "all"})
     from rich.console import Console
     from rich.table import Table
