@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import copy
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from wisp.bus import Bus, Entry
 from wisp.policy.controller import DraftLengthPolicy, FixedLength, SessionSpecStats, default_policy
+from wisp.policy.slo import DraftJob, drafting_order
 from wisp.protocol import (
     DoneEvent,
     DraftBlock,
@@ -239,13 +241,36 @@ class DrafterService(Service):
                 stream, VERDICT_GROUP, self.name, Verdict, count=16,
                 block_ms=self.settings.block_ms,
             )
-            for e in entries:
+            for e in self._in_draft_order(entries):
                 try:
                     await self.on_verdict(e)
                 except SessionLost as err:
                     log.warning("%s", err)
                     self.count("sessions_lost")
                 await self.bus.ack(stream, VERDICT_GROUP, e.entry_id)
+
+    def _in_draft_order(self, entries: list[Entry[Verdict]]) -> list[Entry[Verdict]]:
+        """wisp mode: the verdicts read together, in the order their sessions' next rounds should
+        be drafted (``drafting_order``: sessions that can still meet their SLOs first, by
+        deadline). A drafter drafts one session at a time, so when it serves several sessions
+        (an edge box for several users, or `wisp-cli bench`'s simulated devices) this is the
+        queue in front of it. sled and centralized keep arrival order. Every verdict of one
+        session gets the same key, so their relative order is kept (stable sort)."""
+        if str(self.settings.mode) != "wisp" or len(entries) < 2:
+            return entries
+        t = now()
+        jobs: list[DraftJob] = []
+        for i, e in enumerate(entries):
+            sess = self.sessions.get(e.msg.request_id)
+            if sess is None or sess.finished:
+                jobs.append(DraftJob(str(i), -math.inf))  # nothing to draft: out of the way first
+                continue
+            st = sess.state
+            gen = len(st.generated)
+            deadline = ((st.first_token_ts + sess.tpot_slo_ms * gen / 1000.0) if st.first_token_ts
+                        else sess.req.submitted_ts + sess.ttft_slo_ms / 1000.0)
+            jobs.append(DraftJob(str(i), deadline, gen, sess.max_new, sess.tpot_slo_ms))
+        return [entries[int(k)] for k in drafting_order(jobs, t)]
 
     # ------------------------------------------------------------------ requests
     async def on_request(self, entry: Entry[GenerateRequest]) -> None:

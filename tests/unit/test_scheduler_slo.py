@@ -460,3 +460,20 @@ def test_round_deadlines_count_tpot_from_the_first_token() -> None:
     assert round_deadline(block(0, None)) == pytest.approx(1002.0)           # the TTFT SLO
     assert round_deadline(block(5, None)) == pytest.approx(1002.5)           # not known yet
     assert round_deadline(block(5, 1000.4)) == pytest.approx(1000.9)         # 0.4 s + 5 x 0.1 s
+
+
+def test_drafting_order_puts_sessions_that_can_still_attain_first() -> None:
+    from wisp.policy.slo import DraftJob, drafting_order
+
+    jobs = [
+        DraftJob("lost", NOW - 3.0, generated_len=54, max_new_tokens=64, tpot_slo_ms=100.0),
+        DraftJob("relaxed", NOW + 0.5, generated_len=5, max_new_tokens=64, tpot_slo_ms=100.0),
+        DraftJob("behind", NOW - 0.1, generated_len=10, max_new_tokens=64, tpot_slo_ms=100.0),
+        DraftJob("soon", NOW + 0.05, generated_len=5, max_new_tokens=64, tpot_slo_ms=100.0),
+        DraftJob("unknown", NOW - 9.0),  # progress unknown: never judged lost
+        DraftJob("lost2", NOW - 2.0, generated_len=60, max_new_tokens=64, tpot_slo_ms=100.0),
+    ]
+    assert drafting_order(jobs, NOW) == ["unknown", "behind", "soon", "relaxed", "lost", "lost2"]
+    assert drafting_order(jobs, NOW, catchup=None)[:3] == ["unknown", "lost", "lost2"]  # plain EDF
+    same = [DraftJob("a", NOW), DraftJob("b", NOW), DraftJob("c", NOW)]
+    assert drafting_order(same, NOW) == ["a", "b", "c"]  # stable

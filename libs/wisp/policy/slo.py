@@ -85,6 +85,54 @@ def expected_tokens(r: RoundInfo, acceptance: float | None = DEFAULT_ACCEPTANCE)
     return 1.0 + acceptance * r.draft_len
 
 
+def request_lost(
+    generated_len: int | None,
+    max_new_tokens: int | None,
+    tpot_slo_ms: float | None,
+    lateness_ms: float,
+    catchup: float | None = 0.5,
+) -> bool:
+    """Whether a request ``lateness_ms`` behind its schedule can no longer meet its SLOs: late on
+    its first token (the TTFT SLO is missed whatever comes next), or later so far behind that
+    its remaining tokens would have to come more than ``1 / (1 - catchup)`` times faster than
+    the TPOT SLO (lateness > ``catchup x tpot_slo x tokens left``). Unknown progress: never."""
+    if catchup is None or generated_len is None or lateness_ms <= 0:
+        return False
+    if generated_len == 0:
+        return True
+    if max_new_tokens is None or tpot_slo_ms is None:
+        return False
+    left = max(0, max_new_tokens - generated_len - 1)
+    return lateness_ms > catchup * tpot_slo_ms * left
+
+
+@dataclass(frozen=True)
+class DraftJob:
+    """A session waiting for its drafter to draft its next round, as plain numbers."""
+
+    key: str
+    deadline: float
+    """When the next round's first token is due (``round_deadline`` of that round; same clock as
+    ``now``)."""
+    generated_len: int | None = None
+    max_new_tokens: int | None = None
+    tpot_slo_ms: float | None = None
+
+
+def drafting_order(jobs: Sequence[DraftJob], now: float, catchup: float | None = 0.5) -> list[str]:
+    """The order a drafter shared by several sessions should draft them in (wisp mode): sessions
+    that can still meet their SLOs first, earliest deadline first; then those that cannot
+    (``request_lost``), most overdue first. A drafter that drafts one session at a time is a
+    queue like the verifier's, and under overload first-come-first-served lets the sessions
+    that are already lost delay the ones that could still make it. Stable for equal keys."""
+    def key(j: DraftJob) -> tuple[int, float]:
+        lost = request_lost(j.generated_len, j.max_new_tokens, j.tpot_slo_ms,
+                            (now - j.deadline) * 1000.0, catchup)
+        return (1 if lost else 0, j.deadline)
+
+    return [j.key for j in sorted(jobs, key=key)]
+
+
 def _shape(rounds: Sequence[RoundInfo]) -> BatchShape:
     return BatchShape.of([r.new_tokens for r in rounds], [r.context_len for r in rounds])
 
@@ -190,14 +238,7 @@ class SloAwarePolicy:
     def is_lost(self, r: RoundInfo, lateness_ms: float) -> bool:
         """Whether late round ``r`` (predicted ``lateness_ms`` past its deadline even alone) belongs
         to a request that can no longer meet its SLOs (``catchup``)."""
-        if self.catchup is None or r.generated_len is None or lateness_ms <= 0:
-            return False
-        if r.generated_len == 0:
-            return True  # its first token will miss the TTFT SLO whatever comes next
-        if r.max_new_tokens is None or r.tpot_slo_ms is None:
-            return False
-        left = max(0, r.max_new_tokens - r.generated_len - 1)
-        return lateness_ms > self.catchup * r.tpot_slo_ms * left
+        return request_lost(r.generated_len, r.max_new_tokens, r.tpot_slo_ms, lateness_ms, self.catchup)
 
     # ------------------------------------------------------------------ helpers
     def _take(self, ordered: Sequence[RoundInfo]) -> list[RoundInfo]:
