@@ -404,3 +404,24 @@ def test_default_policy_turns_the_prefill_round_on_by_setting() -> None:
     assert isinstance(off, LearnedController) and off.prefill_round is False
     assert on.plan(SessionSpecStats(), 100).max_k == 0
     assert off.plan(SessionSpecStats(), 100).max_k > 0
+
+
+def test_wisp_controller_setting_names_the_controller(tmp_path) -> None:
+    """WISP_CONTROLLER: a controller of your own wins over the shipped one; one that does not
+    load is an error that names the file, not a silent fixed-k fallback."""
+    import shutil
+
+    import pytest
+    from wisp.policy.controller import LearnedController, assets_dir, default_policy
+    from wisp.settings import Settings
+
+    shipped = sorted(assets_dir().glob("controller-*.json"))[0]
+    mine = tmp_path / "mine.json"
+    shutil.copy(shipped, mine)
+    pol = default_policy(Settings(mode="wisp", draft_model="some/other-draft", controller=mine))
+    assert isinstance(pol, LearnedController)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json"):
+        default_policy(Settings(mode="wisp", controller=bad))
+    assert type(default_policy(Settings(mode="sled", controller=mine))).__name__ == "FixedLength"
