@@ -32,8 +32,34 @@ class BrokerUnavailable(RuntimeError):
     """No Redis URL could be found or reached; the message says what to do."""
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A TCP port nothing listens on, picked at random *below* the kernel's ephemeral range.
+
+    Why not ``bind(0)``: the kernel hands the same ephemeral ports to outgoing connections, so
+    between choosing a port and a server binding it, any client socket (a Redis connection) can
+    take it. CI hit exactly that ("address already in use" for a service's HTTP port picked a
+    few minutes earlier)."""
+    import random
+
+    low = _ephemeral_low()
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 20_000), max(1025, low))
+        try:
+            with socket.socket() as s:
+                s.bind(("0.0.0.0", port))
+        except OSError:
+            continue
+        return port
+    with socket.socket() as s:  # everything below the range is taken: fall back
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 

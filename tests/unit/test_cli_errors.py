@@ -51,3 +51,16 @@ def test_bench_runs_pool_into_one_row_per_mode() -> None:
     header, body = table_rows([{**m.as_dict(), "run": "all"}], with_run=True)
     assert header[:2] == ["mode", "run"] and body[0][:2] == ["wisp", "all"]
     assert table_rows([m.as_dict()])[0][1] == "devices"
+
+
+def test_free_ports_come_from_below_the_ephemeral_range() -> None:
+    """Ports handed to services are never ones the kernel may give a client socket meanwhile."""
+    import socket
+
+    from wisp.services.runner import _ephemeral_low, free_port
+
+    ports = {free_port() for _ in range(20)}
+    assert all(1024 <= p < _ephemeral_low() for p in ports)
+    assert len(ports) > 10  # random, so parallel pickers rarely collide
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", ports.pop()))  # and really free
