@@ -108,6 +108,13 @@ def _preflight_models(settings: Settings, roles: list[str]) -> None:
             resolve(name, settings.model_cache)
         except (FileNotFoundError, ValueError) as err:
             fail(str(err))
+    if "drafter" in roles and settings.controller is not None:
+        from wisp.policy.controller import default_policy
+
+        try:
+            default_policy(settings)  # the error the drafter would hit, as one line
+        except ValueError as err:
+            fail(str(err))
 
 
 def _run_or_fail(coro: Any) -> None:

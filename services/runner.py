@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -47,8 +48,6 @@ def free_port() -> int:
     between choosing a port and a server binding it, any client socket (a Redis connection) can
     take it. CI hit exactly that ("address already in use" for a service's HTTP port picked a
     few minutes earlier)."""
-    import random
-
     low = _ephemeral_low()
     rng = random.SystemRandom()
     for _ in range(200):

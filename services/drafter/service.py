@@ -20,7 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from wisp.bus import Bus, Entry
 from wisp.policy.controller import DraftLengthPolicy, FixedLength, SessionSpecStats, default_policy
-from wisp.policy.slo import DraftJob, drafting_order
+from wisp.policy.slo import DraftJob, deadline_at, drafting_order
 from wisp.protocol import (
     DoneEvent,
     DraftBlock,
@@ -267,8 +267,8 @@ class DrafterService(Service):
                 continue
             st = sess.state
             gen = len(st.generated)
-            deadline = ((st.first_token_ts + sess.tpot_slo_ms * gen / 1000.0) if st.first_token_ts
-                        else sess.req.submitted_ts + sess.ttft_slo_ms / 1000.0)
+            deadline = deadline_at(gen, sess.req.submitted_ts, sess.ttft_slo_ms, sess.tpot_slo_ms,
+                                   st.first_token_ts)
             jobs.append(DraftJob(str(i), deadline, gen, sess.max_new, sess.tpot_slo_ms))
         return [entries[int(k)] for k in drafting_order(jobs, t)]
 

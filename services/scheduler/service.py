@@ -20,6 +20,7 @@ from wisp.policy.estimator import BatchShape, VerifyTimeEstimator
 from wisp.policy.health import VerifierHealth
 from wisp.policy.learned_estimator import default_estimator, load_estimator
 from wisp.policy.scheduler import BatchPolicy, FcfsPolicy, RoundInfo, SchedulerCore
+from wisp.policy.slo import deadline_at
 from wisp.protocol import AnnotatedBlock, TimingSample, VerifyBatch
 from wisp.service import Service, Sweep, now
 from wisp.settings import Mode, Settings
@@ -31,18 +32,9 @@ LEASE = "scheduler"
 
 
 def round_deadline(b: Any) -> float:
-    """When a round's tokens are due (unix s): the TTFT SLO for the first token, then one TPOT
-    per token already generated plus the one this round commits at least, counted from the
-    first token (the TPOT SLO is the mean gap after it: counting from the TTFT *deadline* instead
-    lent a request that started early its unused TTFT budget, and such requests met every round
-    deadline yet missed their TPOT SLO). Before the drafter reports the first token's time,
-    from the TTFT deadline."""
-    if b.generated_len == 0:
-        return b.request_ts + b.ttft_slo_ms / 1000.0
-    first = getattr(b, "first_token_ts", None)
-    if first is not None:
-        return first + b.tpot_slo_ms * b.generated_len / 1000.0
-    return b.request_ts + (b.ttft_slo_ms + b.tpot_slo_ms * b.generated_len) / 1000.0
+    """When a round's tokens are due (unix s): ``deadline_at`` of the block's request."""
+    return deadline_at(b.generated_len, b.request_ts, b.ttft_slo_ms, b.tpot_slo_ms,
+                       getattr(b, "first_token_ts", None))
 
 
 def default_policy(s: Settings) -> BatchPolicy:
@@ -205,11 +197,11 @@ class SchedulerService(Service):
             live = await self.bus.live("verifier")
             ready = sorted(n for n, info in live.items() if info.get("ready"))
             usable = self.health.usable(ready, now())
-            for name, speed in self.health.speeds(ready).items():
+            speeds = self.health.speeds(ready)
+            for name, speed in speeds.items():
                 self.core.set_verifier_speed(name, max(speed, 1e-3))
             benched = sorted(set(ready) - set(usable))
             if benched != self._benched:  # log changes, not every pass
-                speeds = self.health.speeds(ready)
                 if benched:
                     log.warning("verifiers benched as too slow: %s (relative speeds %s)", benched,
                                 {n: round(v, 3) for n, v in sorted(speeds.items())})

@@ -64,3 +64,12 @@ def test_free_ports_come_from_below_the_ephemeral_range() -> None:
     assert len(ports) > 10  # random, so parallel pickers rarely collide
     with socket.socket() as s:
         s.bind(("0.0.0.0", ports.pop()))  # and really free
+
+
+def test_a_named_controller_that_does_not_load_is_one_line() -> None:
+    res = cli(["serve", "drafter", "--mode", "wisp", "--redis-url", "redis://127.0.0.1:1"],
+              {**ENV, "WISP_CONTROLLER": "/nonexistent/controller.json"}, timeout=120)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 1, res.stderr
+    assert len(lines) == 1 and lines[0].startswith("wisp-cli: error:"), res.stderr
+    assert "WISP_CONTROLLER" in lines[0] and "/nonexistent/controller.json" in lines[0]

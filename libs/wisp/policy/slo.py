@@ -85,6 +85,22 @@ def expected_tokens(r: RoundInfo, acceptance: float | None = DEFAULT_ACCEPTANCE)
     return 1.0 + acceptance * r.draft_len
 
 
+def deadline_at(generated_len: int, request_ts: float, ttft_slo_ms: float, tpot_slo_ms: float,
+                first_token_ts: float | None = None) -> float:
+    """When a request's next round is due (s, the clock of ``request_ts``): the TTFT SLO for the
+    first token, then one TPOT per token already generated plus the one the round commits at
+    least, counted from the first token (the TPOT SLO is the mean gap after it: counting from the
+    TTFT *deadline* instead lent a request that started early its unused TTFT budget, and such
+    requests met every round deadline yet missed their TPOT SLO). Before the first token's time
+    is known, from the TTFT deadline. The scheduler's ``round_deadline``, the simulator's mirror
+    and the drafter's ``drafting_order`` all use this one formula."""
+    if generated_len == 0:
+        return request_ts + ttft_slo_ms / 1000.0
+    if first_token_ts is not None:
+        return first_token_ts + tpot_slo_ms * generated_len / 1000.0
+    return request_ts + (ttft_slo_ms + tpot_slo_ms * generated_len) / 1000.0
+
+
 def request_lost(
     generated_len: int | None,
     max_new_tokens: int | None,

@@ -21,13 +21,11 @@ from wisp.settings import Mode, Settings
 
 
 def mirror_round_deadline(b: Any) -> float:
-    """Mirror of ``services.scheduler.service.round_deadline``."""
-    if b.generated_len == 0:
-        return b.request_ts + b.ttft_slo_ms / 1000.0
-    first = getattr(b, "first_token_ts", None)
-    if first is not None:
-        return first + b.tpot_slo_ms * b.generated_len / 1000.0
-    return b.request_ts + (b.ttft_slo_ms + b.tpot_slo_ms * b.generated_len) / 1000.0
+    """Mirror of ``services.scheduler.service.round_deadline`` (the same ``deadline_at``)."""
+    from wisp.policy.slo import deadline_at
+
+    return deadline_at(b.generated_len, b.request_ts, b.ttft_slo_ms, b.tpot_slo_ms,
+                       getattr(b, "first_token_ts", None))
 
 
 def mirror_expected_commit(features: Sequence[Any]) -> float:
