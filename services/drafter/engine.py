@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
-from wisp.specdec import SparseDist, TokenFeatures, sample_draft, token_features
+from wisp.specdec import SparseDist, TokenFeatures, batch_token_features, sample_draft, token_features
 
-__all__ = ["DraftEngine", "DraftOutput", "StopFn", "common_prefix_len"]
+__all__ = ["DraftCall", "DraftEngine", "DraftOutput", "StopFn", "common_prefix_len", "padded_batch"]
 
 StopFn = Callable[[int, TokenFeatures], bool]
 """``stop(i, features) -> True`` ends the draft *before* token ``i`` (0-based) is drafted."""
@@ -48,9 +48,61 @@ class DraftOutput:
 
 
 @dataclass
+class DraftCall:
+    """One session's round for :meth:`DraftEngine.draft_many` (the arguments of ``draft``)."""
+
+    session_id: str
+    committed: Sequence[int]
+    max_k: int
+    temperature: float = 0.0
+    top_k: int = 0
+    generator: torch.Generator | None = None
+    stop: StopFn | None = None
+
+
+@dataclass
 class _Session:
     cache: DynamicCache
     ids: list[int]
+
+
+def padded_batch(
+    rows: Sequence[tuple[DynamicCache, int, Sequence[int]]], pad_token_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache, int]:
+    """One batched forward's inputs for rows ``(cache, past, new_ids)`` of different lengths:
+    ``(input_ids, attention_mask, position_ids, past, max_past)``.
+
+    The past KV is left-padded to ``max_past`` (so every row's new tokens sit at the same cache
+    index), the new ids right-padded to the longest row; the 2-D mask hides both paddings and
+    ``position_ids`` carries each row's true positions.  The verifier's module docstring gives
+    the scheme and why it is exact; the drafter's batched drafting uses the same one."""
+    batch = len(rows)
+    max_past = max(past for _, past, _ in rows)
+    max_new = max(len(new) for _, _, new in rows)
+    input_ids = torch.full((batch, max_new), pad_token_id, dtype=torch.long, device=device)
+    mask = torch.zeros((batch, max_past + max_new), dtype=torch.long, device=device)
+    positions = torch.empty((batch, max_new), dtype=torch.long, device=device)
+    for b, (_, past_len, new) in enumerate(rows):
+        n = len(new)
+        input_ids[b, :n] = torch.tensor(list(new), dtype=torch.long, device=device)
+        mask[b, max_past - past_len : max_past + n] = 1
+        positions[b] = torch.arange(past_len, past_len + max_new, device=device)
+    past = DynamicCache()
+    if max_past > 0:
+        layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        ref = next(cache for cache, past_len, _ in rows if past_len > 0)
+        for idx, ref_layer in enumerate(ref.layers):
+            _, heads, _, dim = ref_layer.keys.shape
+            keys = ref_layer.keys.new_zeros((batch, heads, max_past, dim))
+            values = ref_layer.values.new_zeros((batch, heads, max_past, ref_layer.values.shape[-1]))
+            for b, (cache, past_len, _) in enumerate(rows):
+                if past_len > 0:
+                    layer = cache.layers[idx]
+                    keys[b, :, max_past - past_len :] = layer.keys[0]
+                    values[b, :, max_past - past_len :] = layer.values[0]
+            layers.append((keys, values))
+        past = DynamicCache(ddp_cache_data=layers)
+    return input_ids, mask, positions, past, max_past
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
@@ -245,6 +297,152 @@ class DraftEngine:
             stop_features=stop_features,
             prefill_tokens=len(prefill),
         )
+
+    @torch.inference_mode()
+    def draft_many(
+        self,
+        calls: Sequence[DraftCall],
+        pad_token_id: int = 0,
+        on_done: Callable[[int, DraftOutput], None] | None = None,
+    ) -> list[DraftOutput]:
+        """Draft the rounds of several sessions together: one batched forward per token step.
+
+        Why: a drafter that hosts several sessions (an edge box serving several users, or the
+        benchmark's simulated devices) would otherwise draft them one after another, so each
+        session waited for every other session's drafting, which separate devices never do.  A
+        batched step of a small model costs about as much as a single-row step, so every
+        session's round is ready after roughly the time one device alone would take.
+
+        Each call gets exactly what :meth:`draft` would give it (same stop semantics, same cache
+        state afterwards; tokens equal up to float rounding of different matmul shapes).  A row
+        leaves the batch as soon as it stops; its ``draft_ms`` is the wall time until then, and
+        ``on_done(index, output)`` (called on this thread) hands it over at once, so a short
+        round is sent without waiting for the batch's longest one.
+        """
+        start = time.perf_counter()
+        if len({c.session_id for c in calls}) != len(calls):
+            raise ValueError("a session appears twice in one draft_many call")
+        outputs: list[DraftOutput | None] = [None] * len(calls)
+        todo: list[_Row] = []
+        for i, call in enumerate(calls):
+            if not call.committed:
+                raise ValueError("committed must hold at least one token")
+            if call.max_k < 0:
+                raise ValueError("max_k must be >= 0")
+            if call.max_k == 0:
+                dists: list[SparseDist] | None = [] if call.temperature > 0 else None
+                outputs[i] = DraftOutput([], dists, [], _ms(start), forward_passes=0)
+                if on_done is not None:
+                    on_done(i, outputs[i])
+                continue
+            session = self._session(call.session_id)
+            keep = min(common_prefix_len(session.ids, call.committed), len(call.committed) - 1)
+            self._rewind(session, keep)
+            prefill = [int(t) for t in call.committed[keep:]]
+            out = DraftOutput([], [] if call.temperature > 0 else None, [], 0.0,
+                              forward_passes=0, prefill_tokens=len(prefill))
+            todo.append(_Row(i, call, session, out, cols=[], fed=prefill))
+        if len(todo) == 1:  # nothing to batch: the single-session path, no padding
+            row = todo[0]
+            c = row.call
+            outputs[row.index] = self.draft(c.session_id, c.committed, c.max_k, c.temperature,
+                                            c.top_k, c.generator, c.stop)
+            if on_done is not None:
+                on_done(row.index, outputs[row.index])
+        elif todo:
+            try:
+                self._draft_batch(todo, pad_token_id, start, on_done)
+            except BaseException:
+                for row in todo:  # caches may be half-grown: forget them (see ``draft``)
+                    self.drop(row.call.session_id)
+                raise
+            for row in todo:
+                outputs[row.index] = row.out
+        return [o for o in outputs if o is not None]
+
+    def _draft_batch(self, rows: list[_Row], pad_token_id: int, start: float,
+                     on_done: Callable[[int, DraftOutput], None] | None) -> None:
+        dev = self._device
+        input_ids, mask, positions, past, max_past = padded_batch(
+            [(r.session.cache, len(r.session.ids), r.fed) for r in rows], pad_token_id, dev)
+        width = input_ids.shape[1]
+        for r in rows:
+            r.cols = list(range(max_past, max_past + len(r.fed)))
+        last = torch.tensor([[len(r.fed) - 1] for r in rows], device=dev)
+        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                            past_key_values=past, use_cache=True, logits_to_keep=last).logits[:, -1]
+        cache = past
+        next_pos = [len(r.session.ids) + len(r.fed) for r in rows]
+        active = list(range(len(rows)))  # indices into ``rows`` of the batch's rows, in order
+        while active:
+            feed: dict[int, int] = {}
+            step_feats = batch_token_features(logits)
+            for j, ri in enumerate(active):
+                row = rows[ri]
+                row.out.forward_passes += 1
+                i = len(row.out.tokens)
+                feats = step_feats[j]
+                if row.call.stop is not None and row.call.stop(i, feats):
+                    row.out.stopped, row.out.stop_features = True, feats
+                    continue
+                token, dist = sample_draft(logits[j], row.call.temperature, row.call.top_k,
+                                           row.call.generator)
+                row.out.tokens.append(token)
+                row.out.features.append(feats)
+                if row.out.dists is not None:
+                    assert dist is not None
+                    row.out.dists.append(dist)
+                if i + 1 < row.call.max_k:
+                    feed[ri] = token
+            for ri in active:
+                if ri not in feed:  # this row is done: its KV goes back to its session
+                    self._store(rows[ri], cache, active.index(ri))
+                    rows[ri].out.draft_ms = _ms(start)
+                    if on_done is not None:
+                        on_done(rows[ri].index, rows[ri].out)
+            if not feed:
+                break
+            keep_rows = [j for j, ri in enumerate(active) if ri in feed]
+            if len(keep_rows) < len(active):
+                sel = torch.tensor(keep_rows, device=dev)
+                cache = DynamicCache(ddp_cache_data=[
+                    (layer.keys.index_select(0, sel), layer.values.index_select(0, sel))
+                    for layer in cache.layers])
+                mask = mask.index_select(0, sel)
+                active = [active[j] for j in keep_rows]
+            col = width + max_past
+            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=dev)], 1)
+            ids = torch.tensor([[feed[ri]] for ri in active], dtype=torch.long, device=dev)
+            pos = torch.tensor([[next_pos[ri]] for ri in active], dtype=torch.long, device=dev)
+            for ri in active:
+                rows[ri].cols.append(col)
+                rows[ri].fed.append(feed[ri])
+                next_pos[ri] += 1
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            width += 1
+
+    def _store(self, row: _Row, cache: DynamicCache, b: int) -> None:
+        """Append row ``b``'s real new KV columns of the batched ``cache`` to its session."""
+        cols = torch.tensor(row.cols, device=self._device)
+        for idx, layer in enumerate(cache.layers):
+            row.session.cache.update(layer.keys[b : b + 1].index_select(2, cols),
+                                     layer.values[b : b + 1].index_select(2, cols), idx)
+        row.session.ids.extend(row.fed)
+
+
+@dataclass
+class _Row:
+    """A session being drafted inside ``draft_many``."""
+
+    index: int
+    call: DraftCall
+    session: _Session
+    out: DraftOutput
+    cols: list[int]
+    """Cache columns of the batched forward that hold this row's real new KV."""
+    fed: list[int]
+    """The ids those columns hold (uncached committed ids, then fed drafted tokens)."""
 
 
 def _ms(start: float) -> float:

@@ -88,6 +88,17 @@ class _Session:
     finish_reason: str | None = None
 
 
+@dataclass
+class _RoundPlan:
+    """A round about to be drafted: the session, the ids it builds on, the engine call."""
+
+    sess: _Session
+    committed: list[int]
+    call: Any
+    prefill: bool
+    """A draft-less first round whose draft-model prefill runs in the background."""
+
+
 class DrafterService(Service):
     role = "drafter"
 
@@ -238,15 +249,21 @@ class DrafterService(Service):
         stream = self.keys.verdict(self.name)
         while not self.stopping.is_set():
             entries = await self.bus.read(
-                stream, VERDICT_GROUP, self.name, Verdict, count=16,
+                stream, VERDICT_GROUP, self.name, Verdict, count=64,
                 block_ms=self.settings.block_ms,
             )
+            # Apply every verdict read together first, then draft all their next rounds in one
+            # batched call; the verdicts are acked only after their rounds are published (one
+            # re-delivered after a crash re-publishes its round: ``on_verdict`` is idempotent).
+            pending: list[_Session] = []
             for e in self._in_draft_order(entries):
                 try:
-                    await self.on_verdict(e)
+                    await self.on_verdict(e, pending)
                 except SessionLost as err:
                     log.warning("%s", err)
                     self.count("sessions_lost")
+            await self._next_rounds(pending)
+            for e in entries:
                 await self.bus.ack(stream, VERDICT_GROUP, e.entry_id)
 
     def _in_draft_order(self, entries: list[Entry[Verdict]]) -> list[Entry[Verdict]]:
@@ -403,25 +420,77 @@ class DrafterService(Service):
             raise SessionLost(f"session {st.request.request_id} was adopted by another drafter")
         sess.state, sess.stats, sess.wasted_ms = st, stats, wasted
 
-    async def _next_round(self, sess: _Session) -> None:
-        """Draft this round and publish its block (the session record is already saved)."""
+    def _plan(self, sess: _Session) -> _RoundPlan:
+        """This round's drafting call (``call`` is None when nothing is to be drafted)."""
         st = sess.state
         committed = st.committed
         budget = sess.max_new - len(st.generated) - 1  # the verifier adds one token itself
         policy = self._draft_len_policy(sess)
         plan = policy.plan(sess.stats, budget)
+        call = None
+        if plan.max_k > 0 and self.engine is not None:
+            from wisp.services.drafter.engine import DraftCall
+
+            req = sess.req
+            gen = (round_generator(req.seed, req.request_id, st.round, "draft")
+                   if req.temperature > 0 else None)
+            call = DraftCall(req.request_id, committed, plan.max_k, req.temperature,
+                             self.settings.draft_top_k, gen, plan.stop)
+        prefill = (st.round == 0 and plan.max_k == 0 and budget > 0 and self.engine is not None
+                   and bool(getattr(policy, "prefill_round", False)))
+        return _RoundPlan(sess, committed, call, prefill)
+
+    async def _next_round(self, sess: _Session) -> None:
+        """Draft this round and publish its block (the session record is already saved)."""
+        await self._next_rounds([sess])
+
+    async def _next_rounds(self, sessions: list[_Session]) -> None:
+        """Draft these sessions' rounds, together (one batched forward per token step, see
+        ``DraftEngine.draft_many``) when there are several, and publish each block."""
+        plans = [self._plan(sess) for sess in sessions]
+        drafting = [p for p in plans if p.call is not None]
+        for p in plans:  # nothing to draft (prefill rounds, centralized): send at once
+            if p.call is None:
+                await self._publish_round(p, None)
+        if len(drafting) == 1:
+            c = drafting[0].call
+            out = await self.in_worker(self.engine.draft, c.session_id, c.committed, c.max_k,
+                                       c.temperature, c.top_k, c.generator, c.stop)
+            await self._publish_round(drafting[0], out)
+        elif drafting:
+            # each round is published the moment its row of the batch stops (the engine calls
+            # back from its thread), not when the batch's longest round is done
+            loop = asyncio.get_running_loop()
+            ready: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+            work = asyncio.ensure_future(self.in_worker(
+                self.engine.draft_many, [p.call for p in drafting], 0,
+                lambda i, out: loop.call_soon_threadsafe(ready.put_nowait, (i, out))))
+            self.count("batched_drafts")
+            left = len(drafting)
+            while left:
+                if not ready.empty():
+                    i, out = ready.get_nowait()
+                    await self._publish_round(drafting[i], out)
+                    left -= 1
+                    continue
+                if work.done():  # every hand-over is queued before the call returns
+                    break
+                got = asyncio.ensure_future(ready.get())
+                await asyncio.wait({got, work}, return_when=asyncio.FIRST_COMPLETED)
+                if got.done():
+                    ready.put_nowait(got.result())
+                else:
+                    got.cancel()
+            await work  # re-raise a failure of the batch
+
+    async def _publish_round(self, p: _RoundPlan, out: Any) -> None:
+        sess, committed = p.sess, p.committed
+        st = sess.state
         tokens: list[int] = []
         dists: list[WireDist] | None = None
         feats: list[WireFeatures] = []
         draft_ms = 0.0
-        if plan.max_k > 0 and self.engine is not None:
-            req = sess.req
-            gen = (round_generator(req.seed, req.request_id, st.round, "draft")
-                   if req.temperature > 0 else None)
-            out = await self.in_worker(
-                self.engine.draft, req.request_id, committed, plan.max_k, req.temperature,
-                self.settings.draft_top_k, gen, plan.stop,
-            )
+        if out is not None:
             tokens = list(out.tokens)
             draft_ms = out.draft_ms
             if out.dists is not None:
@@ -462,14 +531,15 @@ class DrafterService(Service):
         await self.bus.publish(self.keys.draft, block)
         sess.published_round = st.round
         self.count("blocks")
-        if (st.round == 0 and plan.max_k == 0 and budget > 0 and self.engine is not None
-                and getattr(policy, "prefill_round", False)):
+        if p.prefill:
             # a prefill round: the server's prefill makes the first token while we prefill the
             # draft model here (queued on the one torch worker, so the next draft waits for it)
             task = asyncio.ensure_future(self.in_worker(self.engine.prefill, sess.req.request_id, committed))
             task.add_done_callback(_log_failure)
 
-    async def on_verdict(self, entry: Entry[Verdict]) -> None:
+    async def on_verdict(self, entry: Entry[Verdict], pending: list[_Session] | None = None) -> None:
+        """Apply a verdict: save the new state, stream its tokens, then draft the next round,
+        or, given ``pending``, add the session to it for the caller to draft in a batch."""
         v = entry.msg
         sess = self.sessions.get(v.request_id)
         st = sess.state if sess else None
@@ -477,7 +547,7 @@ class DrafterService(Service):
             self.count("verdicts_unknown")
             return
         if v.round == st.round - 1 and sess.applied_base == v.base_committed_len:
-            await self._continue(sess)  # re-delivered after a failure: finish what it started
+            await self._continue(sess, pending)  # re-delivered after a failure: finish it
             return
         if v.round != st.round or v.base_committed_len != len(st.committed):
             self.count("verdicts_stale")
@@ -512,11 +582,12 @@ class DrafterService(Service):
         sess.applied_base = v.base_committed_len
         sess.finish_reason = finish
         # 2. idempotent follow-up, re-run if this verdict is delivered again after a failure
-        await self._continue(sess)
+        await self._continue(sess, pending)
 
-    async def _continue(self, sess: _Session) -> None:
+    async def _continue(self, sess: _Session, pending: list[_Session] | None = None) -> None:
         """Bring the outside world up to the saved state: emit the committed tokens the client
-        has not been sent, then publish this round's block once (or finish once)."""
+        has not been sent, then publish this round's block once (or finish once). With
+        ``pending``, the round is left to the caller's batched drafting instead."""
         st = sess.state
         rid = sess.req.request_id
         if sess.emitted < len(st.generated):
@@ -532,7 +603,10 @@ class DrafterService(Service):
             await self._finish(sess, sess.finish_reason,
                                self.tokenizer.decode(st.generated, skip_special_tokens=True))
         elif sess.published_round != st.round:
-            await self._next_round(sess)
+            if pending is None:
+                await self._next_round(sess)
+            elif all(x is not sess for x in pending):
+                pending.append(sess)
 
     async def _publish_trace(self, sess: _Session, v: Verdict) -> None:
         from wisp.trace import trace_rows

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
-from wisp.services.drafter.engine import _crop_to, common_prefix_len
+from wisp.services.drafter.engine import _crop_to, common_prefix_len, padded_batch
 from wisp.specdec import SparseDist, accept
 
 __all__ = ["SUPPORTED_ATTN_IMPLEMENTATIONS", "VerifierEngine", "VerifyItem", "VerifyResult"]
@@ -196,35 +196,8 @@ class VerifierEngine:
         self, rows: Sequence[_Row]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache, int]:
         """Build ``(input_ids, attention_mask, position_ids, past, max_past)``; see module doc."""
-        batch = len(rows)
-        max_past = max(r.past for r in rows)
-        max_new = max(len(r.new_ids) for r in rows)
-        dev = self._device
-        input_ids = torch.full((batch, max_new), self.pad_token_id, dtype=torch.long, device=dev)
-        mask = torch.zeros((batch, max_past + max_new), dtype=torch.long, device=dev)
-        positions = torch.empty((batch, max_new), dtype=torch.long, device=dev)
-        for b, row in enumerate(rows):
-            n = len(row.new_ids)
-            input_ids[b, :n] = torch.tensor(row.new_ids, dtype=torch.long, device=dev)
-            mask[b, max_past - row.past : max_past + n] = 1
-            positions[b] = torch.arange(row.past, row.past + max_new, device=dev)
-        past = DynamicCache()
-        if max_past > 0:
-            layers: list[tuple[torch.Tensor, torch.Tensor]] = []
-            ref = next(r for r in rows if r.past > 0).session.cache
-            for idx, ref_layer in enumerate(ref.layers):
-                _, heads, _, dim = ref_layer.keys.shape
-                shape = (batch, heads, max_past, dim)
-                keys = ref_layer.keys.new_zeros(shape)
-                values = ref_layer.values.new_zeros(shape[:3] + (ref_layer.values.shape[-1],))
-                for b, row in enumerate(rows):
-                    if row.past > 0:
-                        layer = row.session.cache.layers[idx]
-                        keys[b, :, max_past - row.past :] = layer.keys[0]
-                        values[b, :, max_past - row.past :] = layer.values[0]
-                layers.append((keys, values))
-            past = DynamicCache(ddp_cache_data=layers)
-        return input_ids, mask, positions, past, max_past
+        return padded_batch([(r.session.cache, r.past, r.new_ids) for r in rows],
+                            self.pad_token_id, self._device)
 
     @torch.inference_mode()
     def verify(

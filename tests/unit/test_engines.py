@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
-from wisp.services.drafter.engine import DraftEngine, _crop_to, common_prefix_len
+from wisp.services.drafter.engine import DraftCall, DraftEngine, _crop_to, common_prefix_len
 from wisp.services.verifier.engine import VerifierEngine, VerifyItem, VerifyResult
 from wisp.specdec import SparseDist, TokenFeatures, round_generator
 
@@ -324,6 +324,74 @@ def test_sampling_loop_is_reproducible_and_batch_invariant(
     first = run(interleave=False)
     assert first == run(interleave=False) == run(interleave=True)
     assert all(len(ids) > len(p) + 6 for ids, p in zip(first, PROMPTS, strict=True))
+
+
+def _stop_at(n: int):  # noqa: ANN202 - a StopFn
+    return lambda i, _feats: i >= n
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_draft_many_equals_drafting_each_session_alone(
+    drafter_model: Qwen2ForCausalLM, sample: bool
+) -> None:
+    """Batched drafting gives every session what drafting it alone gives (tokens, features,
+    dists, stop decisions, forward passes) and leaves the same caches, over rounds with cold
+    and warm caches, rejections (rollback), different lengths, a stop rule and max_k 0 / 1."""
+    one, many = DraftEngine(drafter_model), DraftEngine(drafter_model)
+    committed = {f"s{i}": list(p) for i, p in enumerate(PROMPTS + [_prompt(2, 13)])}
+    temp, top_k = (0.9, 8) if sample else (0.0, 0)
+    passes = 0
+    for round_ in range(5):
+        calls = []
+        for j, (sid, ids) in enumerate(committed.items()):
+            max_k = [4, 3, 0 if round_ == 1 else 5, 1][j]
+            stop = _stop_at(2) if sid == "s1" and round_ % 2 else None
+            calls.append((sid, ids, max_k, stop))
+
+        def gen(sid: str, tag: str) -> torch.Generator | None:
+            return round_generator(7, sid, round_, tag) if sample else None  # noqa: B023
+
+        alone = [one.draft(sid, ids, k, temp, top_k, gen(sid, "d"), stop)
+                 for sid, ids, k, stop in calls]
+        handed: dict[int, object] = {}
+        together = many.draft_many(
+            [DraftCall(sid, ids, k, temp, top_k, gen(sid, "d"), stop) for sid, ids, k, stop in calls],
+            on_done=handed.__setitem__)
+        # every round is handed over once, the moment it is finished (fewest passes first)
+        assert sorted(handed) == list(range(len(calls)))
+        assert all(handed[i] is out for i, out in enumerate(together))
+        passes_in_order = [together[i].forward_passes for i in handed]
+        assert passes_in_order == sorted(passes_in_order)
+        for a, b, (sid, _ids, k, _stop) in zip(alone, together, calls, strict=True):
+            assert b.tokens == a.tokens and len(b.tokens) <= k, sid
+            assert (b.stopped, b.forward_passes, b.prefill_tokens) == (
+                a.stopped, a.forward_passes, a.prefill_tokens), sid
+            for fa, fb in zip(a.features, b.features, strict=True):
+                assert fb.top1_prob == pytest.approx(fa.top1_prob, abs=1e-4)
+                assert fb.entropy == pytest.approx(fa.entropy, abs=1e-3)
+            assert (a.dists is None) == (b.dists is None) == (not sample)
+            for da, db in zip(a.dists or [], b.dists or [], strict=True):
+                assert da.token_ids == db.token_ids
+                assert db.probs == pytest.approx(da.probs, abs=1e-4)
+            passes += b.forward_passes
+        assert many.sessions() == one.sessions()
+        # "verify": keep half of each draft, then a token of our own (a rejection: rollback)
+        for (sid, ids, _k, _stop), out in zip(calls, alone, strict=True):
+            kept = out.tokens[: len(out.tokens) // 2]
+            committed[sid] = ids + kept + [(sum(ids) + round_) % VOCAB]
+    assert passes > 20
+    # and the next round from the batched engine's caches equals a cold start
+    ids = committed["s2"]
+    cold = DraftEngine(drafter_model).draft("s2", ids, 3, 0.0, 0, None)
+    warm = many.draft_many([DraftCall("s2", ids, 3), DraftCall("s0", committed["s0"], 2)])[0]
+    assert warm.tokens == cold.tokens and warm.prefill_tokens < cold.prefill_tokens
+
+
+def test_draft_many_refuses_a_session_twice(drafter_model: Qwen2ForCausalLM) -> None:
+    engine = DraftEngine(drafter_model)
+    with pytest.raises(ValueError, match="twice"):
+        engine.draft_many([DraftCall("s", PROMPTS[0], 2), DraftCall("s", PROMPTS[1], 2)])
+    assert engine.draft_many([]) == []
 
 
 # -- (d) rollback, explicitly -------------------------------------------------------------------

@@ -21,6 +21,7 @@ from wisp.specdec import (
     accept,
     accept_greedy,
     accept_sampling,
+    batch_token_features,
     round_generator,
     sample_draft,
     token_features,
@@ -80,6 +81,29 @@ def test_token_features() -> None:
     # A (numerically) one-hot distribution: no NaN from 0 * log 0.
     sharp = token_features(torch.tensor([1000.0, 0.0, -1000.0]))
     assert sharp.top1_prob == pytest.approx(1.0) and sharp.entropy == pytest.approx(0.0, abs=1e-6)
+
+
+def test_batch_token_features_match_a_float64_reference() -> None:
+    """The batched (fast) formulas equal the textbook ones row by row, ties and -inf included."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 5000, generator=gen) * torch.tensor([0.1, 1, 3, 10, 30, 3])[:, None]
+    logits[1, 7] = logits[1].max()  # a tie for the top: margin 0
+    logits[2, :100] = -torch.inf  # masked tokens: probability 0, no nan
+    got = batch_token_features(logits)
+    assert [token_features(row) for row in logits] == got
+    for row, f in zip(logits.double(), got, strict=True):
+        p = torch.softmax(row, -1)
+        top = torch.topk(p, 2).values
+        h = -torch.where(p > 0, p * torch.log(p), torch.zeros_like(p)).sum()
+        assert f.top1_prob == pytest.approx(float(top[0]), abs=1e-6)
+        assert f.margin == pytest.approx(float(top[0] - top[1]), abs=1e-6)
+        assert f.entropy == pytest.approx(float(h), abs=1e-4)
+        finite = row[torch.isfinite(row)]
+        if len(finite) == len(row):
+            assert f.logit_spread == pytest.approx(float(row.max() - row.mean()), rel=1e-5)
+    assert got[1].margin == 0.0
+    with pytest.raises(ValueError):
+        batch_token_features(torch.zeros(3))
 
 
 def test_sample_draft_greedy_and_topk() -> None:
