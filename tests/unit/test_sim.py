@@ -320,6 +320,26 @@ def test_two_verifiers_share_the_load(tiny) -> None:
     assert two.verifier_utilisation < one.verifier_utilisation
 
 
+def test_a_shared_drafter_host_drafts_queued_rounds_together(tiny) -> None:
+    """One shared drafter host: FIFO (one round at a time) makes every device wait for the
+    others' drafting; batched (drafter_batch) drafts the queued rounds together, as
+    DraftEngine.draft_many does, so rounds wait less and TPOT drops; a costly batched step
+    (growth) gives part of that back."""
+    sc, assets = tiny
+    host = [*SHORT, "devices.drafter_hosts=1"]
+    fifo = simulate(load_scenario("tiny", [*host, "devices.drafter_batch=1"]), "sled", 24, assets=assets)
+    batched = simulate(load_scenario("tiny", [*host, "devices.drafter_batch=64"]), "sled", 24,
+                       assets=assets)
+    costly = simulate(load_scenario("tiny", [*host, "devices.drafter_batch=64",
+                                             "devices.drafter_batch_growth=0.5"]), "sled", 24,
+                      assets=assets)
+    assert batched.summary["tpot_mean_ms"] < 0.8 * fifo.summary["tpot_mean_ms"]
+    assert batched.summary["tpot_mean_ms"] < costly.summary["tpot_mean_ms"]
+    assert all(r.tokens > 0 for r in batched.records)
+    with pytest.raises(ScenarioError, match="drafter_batch"):
+        load_scenario("tiny", ["devices.drafter_batch=0"])
+
+
 # ---------------------------------------------------------------------- sweep and capacity
 def _fake(points: dict[str, dict[int, tuple[float, float]]]) -> SweepResult:
     sc = load_scenario("tiny")

@@ -135,7 +135,13 @@ class DevicesCfg:
     classes: dict[str, DeviceClassCfg] = field(default_factory=lambda: {"laptop": DeviceClassCfg()})
     drafter_hosts: int = 0
     """0: every device drafts on its own hardware (edge). N > 0: the devices are clients of N
-    shared drafter processes, each drafting one round at a time (``wisp-cli bench`` runs one)."""
+    shared drafter processes (``wisp-cli bench`` runs one)."""
+    drafter_batch: int = 1
+    """With shared drafter hosts: how many queued rounds a host drafts together when it becomes
+    free (the drafter service's batched drafting, ``DraftEngine.draft_many``, reads up to 64
+    verdicts at once). 1 = one round at a time, FIFO."""
+    drafter_batch_growth: float = 0.05
+    """A batched step of n rows costs ``1 + growth x (n - 1)`` single-row steps."""
     bytes_per_draft_token: int = 96
     """Wire size of one drafted token in a DraftBlock (id, probability, features, msgpack)."""
     block_header_bytes: int = 400
@@ -331,6 +337,8 @@ class Scenario:
         _check(s.server.truth_fit in ("learned", "linear"),
                f"server.truth_fit {s.server.truth_fit!r}: use learned or linear")
         _check(s.server.contention >= 1.0, "server.contention must be >= 1.0")
+        _check(s.devices.drafter_batch >= 1, "devices.drafter_batch must be >= 1")
+        _check(s.devices.drafter_batch_growth >= 0.0, "devices.drafter_batch_growth must be >= 0")
         for m in MODES:
             mc = s.mode(m)
             _check(mc.max_batch_size >= 1, f"modes.{m}.max_batch_size must be >= 1")

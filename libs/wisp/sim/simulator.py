@@ -159,10 +159,11 @@ class Session:
 
 
 class _Host:
-    __slots__ = ("busy", "queue")
+    __slots__ = ("busy", "inflight", "queue")
 
     def __init__(self) -> None:
         self.busy = False
+        self.inflight = 0
         self.queue: deque[Session] = deque()
 
 
@@ -524,26 +525,35 @@ class Simulation:
             if host.busy:
                 host.queue.append(s)
             else:
-                self._start_draft(host, s, now)
+                self._start_drafts(host, [s], now)
             return
         s.host_wait = 0.0
         self._send(s, now + ms / 1000.0)
 
-    def _start_draft(self, host: _Host, s: Session, now: float) -> None:
+    def _start_drafts(self, host: _Host, batch: list[Session], now: float) -> None:
+        """A shared host drafts ``batch`` together: each round takes its own drafting time,
+        scaled by the batched step's cost, and leaves when done; the host is free when all
+        are (as ``DraftEngine.draft_many`` and the drafter service's verdict loop behave)."""
         host.busy = True
-        s.host_wait = (now - s.r_ready) * 1000.0
-        ms = s.r_draft_ms
+        host.inflight = len(batch)
+        scale = 1.0 + self.sc.devices.drafter_batch_growth * (len(batch) - 1)
         if self.contention > 1.0 and any(self.vbusy):
-            ms *= self.contention
-            s.r_draft_ms = ms
-        self.q.push(now + ms / 1000.0, K_DRAFTED, self.hosts.index(host), s)
+            scale *= self.contention
+        for s in batch:
+            s.host_wait = (now - s.r_ready) * 1000.0
+            s.r_draft_ms *= scale
+            self.q.push(now + s.r_draft_ms / 1000.0, K_DRAFTED, self.hosts.index(host), s)
 
     def _on_drafted(self, hi: int, s: Session, now: float) -> None:
         host = self.hosts[hi]
-        host.busy = False
+        host.inflight -= 1
         self._send(s, now)
+        if host.inflight > 0:
+            return
+        host.busy = False
         if host.queue:
-            self._start_draft(host, host.queue.popleft(), now)
+            n = min(len(host.queue), self.sc.devices.drafter_batch)
+            self._start_drafts(host, [host.queue.popleft() for _ in range(n)], now)
 
     def _one_way(self, dev: DeviceSpec, nbytes: float, up: bool) -> float:
         """ms for one message between device and server."""
