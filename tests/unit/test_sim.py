@@ -327,11 +327,12 @@ def test_a_shared_drafter_host_drafts_queued_rounds_together(tiny) -> None:
     (growth) gives part of that back."""
     sc, assets = tiny
     host = [*SHORT, "devices.drafter_hosts=1"]
-    fifo = simulate(load_scenario("tiny", [*host, "devices.drafter_batch=1"]), "sled", 24, assets=assets)
-    batched = simulate(load_scenario("tiny", [*host, "devices.drafter_batch=64"]), "sled", 24,
+    fifo = simulate(load_scenario("tiny", [*host, "devices.drafter_batch=1"]), "sled", 8, assets=assets)
+    batched = simulate(load_scenario("tiny", [*host, "devices.drafter_batch=64",
+                                              "devices.drafter_batch_growth=0.05"]), "sled", 8,
                        assets=assets)
     costly = simulate(load_scenario("tiny", [*host, "devices.drafter_batch=64",
-                                             "devices.drafter_batch_growth=0.5"]), "sled", 24,
+                                             "devices.drafter_batch_growth=0.5"]), "sled", 8,
                       assets=assets)
     assert batched.summary["tpot_mean_ms"] < 0.8 * fifo.summary["tpot_mean_ms"]
     assert batched.summary["tpot_mean_ms"] < costly.summary["tpot_mean_ms"]
