@@ -224,6 +224,11 @@ class SchedulerService(Service):
                     log.warning("re-queued %d rounds of overdue batches", len(lost))
                 out = self.core.tick(now())
                 for plan in out.batches:
+                    # sending awaits: the verifiers loop may bench this plan's verifier (and
+                    # re-queue its rounds) while an earlier plan of this tick is being sent
+                    if not self.core.is_inflight(plan.batch_id):
+                        self.count("plans_dropped")
+                        continue
                     await self._dispatch(plan)
                 if out.wake_at is not None:
                     timeout = max(0.0, min(timeout, out.wake_at - now()))

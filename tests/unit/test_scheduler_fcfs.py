@@ -54,6 +54,23 @@ def test_sessions_stick_to_their_verifier_and_spread_when_new() -> None:
     assert second["a:1"] == first["a:0"] and second["b:1"] == first["b:0"]
 
 
+def test_a_plan_whose_verifier_was_dropped_is_no_longer_to_be_sent() -> None:
+    """One tick plans a batch per verifier; the shell sends them one by one, awaiting, and a
+    verifier benched in between must not get its (now stale) plan: its rounds are queued."""
+    c = core(max_batch=4, max_wait_ms=0.0)
+    c.set_verifiers(["v1", "v2"])
+    c.add(rnd("a", 1.0))
+    c.add(rnd("b", 1.0))
+    plans = {b.verifier: b for b in c.tick(2.0).batches}
+    assert set(plans) == {"v1", "v2"} and all(c.is_inflight(b.batch_id) for b in plans.values())
+    c.set_verifiers(["v1"])  # v2 benched while v1's batch was being sent
+    assert c.is_inflight(plans["v1"].batch_id) and not c.is_inflight(plans["v2"].batch_id)
+    assert set(c.queue) == set(plans["v2"].keys)
+    c.complete(plans["v1"].batch_id)
+    assert not c.is_inflight(plans["v1"].batch_id)
+    assert [b.keys for b in c.tick(3.0).batches] == [plans["v2"].keys]
+
+
 def test_vanished_verifier_rounds_are_requeued_and_sessions_move() -> None:
     c = core(max_batch=4, max_wait_ms=0.0)
     c.set_verifiers(["v1", "v2"])

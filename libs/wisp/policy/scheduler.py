@@ -226,6 +226,13 @@ class SchedulerCore:
             self.verifiers.setdefault(name, _Verifier(name, speed=self.speeds.get(name, 1.0)))
         return requeued
 
+    def is_inflight(self, batch_id: str) -> bool:
+        """Whether a planned batch is still to be sent: False once its verifier was dropped
+        (benched or gone) and its rounds re-queued. A shell that awaits while sending one
+        tick's batches checks this before each, or it would send a stale plan to a verifier
+        that was just benched, and those rounds would be verified twice."""
+        return any(batch_id in v.inflight for v in self.verifiers.values())
+
     def set_verifier_speed(self, name: str, speed: float) -> None:
         """Declare a verifier's relative speed (1.0 = what ``estimator`` models; 0.25 = four times
         slower). May be called before the verifier is live; it sticks across restarts."""
