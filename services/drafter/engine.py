@@ -247,56 +247,36 @@ class DraftEngine:
         ``max_k == 0`` runs no forward and leaves the cache untouched.
         """
         start = time.perf_counter()
-        if not committed:
-            raise ValueError("committed must hold at least one token")
-        if max_k < 0:
-            raise ValueError("max_k must be >= 0")
-        sampling = temperature > 0
-        tokens: list[int] = []
-        dists: list[SparseDist] | None = [] if sampling else None
-        features: list[TokenFeatures] = []
+        call = DraftCall(session_id, committed, max_k, temperature, top_k, generator, stop)
+        _check(call)
         if max_k == 0:
-            return DraftOutput(tokens, dists, features, _ms(start), forward_passes=0)
-
+            return _empty(call, start)
         session = self._session(session_id)
-        keep = min(common_prefix_len(session.ids, committed), len(committed) - 1)
-        self._rewind(session, keep)
-        prefill = list(committed[keep:])
-        passes = 0
-        stopped = False
-        stop_features: TokenFeatures | None = None
+        prefill = self._reuse(session, committed)
+        out = _empty(call, start, prefill_tokens=len(prefill))
         try:
             logits = self._forward(session, prefill)
-            passes += 1
             for i in range(max_k):
-                feats = token_features(logits)
-                if stop is not None and stop(i, feats):
-                    stopped, stop_features = True, feats
+                out.forward_passes += 1
+                token = _next_token(out, call, i, token_features(logits), logits)
+                if token is None:
                     break
-                token, dist = sample_draft(logits, temperature, top_k, generator)
-                tokens.append(token)
-                features.append(feats)
-                if dists is not None:
-                    assert dist is not None
-                    dists.append(dist)
                 if i + 1 < max_k:
                     logits = self._forward(session, [token])
-                    passes += 1
         except BaseException:
             # A forward that failed half-way may have grown some layers and not others: the
             # cache no longer matches ``session.ids``, so forget it rather than risk reuse.
             self.drop(session_id)
             raise
-        return DraftOutput(
-            tokens=tokens,
-            dists=dists,
-            features=features,
-            draft_ms=_ms(start),
-            forward_passes=passes,
-            stopped=stopped,
-            stop_features=stop_features,
-            prefill_tokens=len(prefill),
-        )
+        out.draft_ms = _ms(start)
+        return out
+
+    def _reuse(self, session: _Session, committed: Sequence[int]) -> list[int]:
+        """Crop the session's cache to what ``committed`` can reuse (always leaving the last
+        committed token to feed, as its logits are needed); returns the ids still to feed."""
+        keep = min(common_prefix_len(session.ids, committed), len(committed) - 1)
+        self._rewind(session, keep)
+        return [int(t) for t in committed[keep:]]
 
     @torch.inference_mode()
     def draft_many(
@@ -322,105 +302,83 @@ class DraftEngine:
         start = time.perf_counter()
         if len({c.session_id for c in calls}) != len(calls):
             raise ValueError("a session appears twice in one draft_many call")
+        for call in calls:
+            _check(call)
         outputs: list[DraftOutput | None] = [None] * len(calls)
-        todo: list[_Row] = []
-        for i, call in enumerate(calls):
-            if not call.committed:
-                raise ValueError("committed must hold at least one token")
-            if call.max_k < 0:
-                raise ValueError("max_k must be >= 0")
-            if call.max_k == 0:
-                dists: list[SparseDist] | None = [] if call.temperature > 0 else None
-                outputs[i] = DraftOutput([], dists, [], _ms(start), forward_passes=0)
-                if on_done is not None:
-                    on_done(i, outputs[i])
-                continue
-            session = self._session(call.session_id)
-            keep = min(common_prefix_len(session.ids, call.committed), len(call.committed) - 1)
-            self._rewind(session, keep)
-            prefill = [int(t) for t in call.committed[keep:]]
-            out = DraftOutput([], [] if call.temperature > 0 else None, [], 0.0,
-                              forward_passes=0, prefill_tokens=len(prefill))
-            todo.append(_Row(i, call, session, out, cols=[], fed=prefill))
-        if len(todo) == 1:  # nothing to batch: the single-session path, no padding
-            row = todo[0]
-            c = row.call
-            outputs[row.index] = self.draft(c.session_id, c.committed, c.max_k, c.temperature,
-                                            c.top_k, c.generator, c.stop)
+
+        def done(i: int, out: DraftOutput) -> None:
+            outputs[i] = out
             if on_done is not None:
-                on_done(row.index, outputs[row.index])
+                on_done(i, out)
+
+        todo = [i for i, c in enumerate(calls) if c.max_k > 0]
+        for i, call in enumerate(calls):
+            if call.max_k == 0:
+                done(i, _empty(call, start))
+        if len(todo) == 1:  # nothing to batch: the single-session path, no padding
+            c = calls[todo[0]]
+            done(todo[0], self.draft(c.session_id, c.committed, c.max_k, c.temperature, c.top_k,
+                                     c.generator, c.stop))
         elif todo:
+            rows = []
+            for i in todo:
+                session = self._session(calls[i].session_id)
+                prefill = self._reuse(session, calls[i].committed)
+                out = _empty(calls[i], start, prefill_tokens=len(prefill))
+                rows.append(_Row(i, calls[i], session, out, cols=[], fed=prefill))
             try:
-                self._draft_batch(todo, pad_token_id, start, on_done)
+                self._draft_batch(rows, pad_token_id, start, done)
             except BaseException:
-                for row in todo:  # caches may be half-grown: forget them (see ``draft``)
+                for row in rows:  # caches may be half-grown: forget them (see ``draft``)
                     self.drop(row.call.session_id)
                 raise
-            for row in todo:
-                outputs[row.index] = row.out
         return [o for o in outputs if o is not None]
 
     def _draft_batch(self, rows: list[_Row], pad_token_id: int, start: float,
-                     on_done: Callable[[int, DraftOutput], None] | None) -> None:
+                     done: Callable[[int, DraftOutput], None]) -> None:
         dev = self._device
-        input_ids, mask, positions, past, max_past = padded_batch(
+        input_ids, mask, positions, cache, max_past = padded_batch(
             [(r.session.cache, len(r.session.ids), r.fed) for r in rows], pad_token_id, dev)
-        width = input_ids.shape[1]
         for r in rows:
             r.cols = list(range(max_past, max_past + len(r.fed)))
         last = torch.tensor([[len(r.fed) - 1] for r in rows], device=dev)
         logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                            past_key_values=past, use_cache=True, logits_to_keep=last).logits[:, -1]
-        cache = past
-        next_pos = [len(r.session.ids) + len(r.fed) for r in rows]
-        active = list(range(len(rows)))  # indices into ``rows`` of the batch's rows, in order
-        while active:
-            feed: dict[int, int] = {}
-            step_feats = batch_token_features(logits)
-            for j, ri in enumerate(active):
-                row = rows[ri]
+                            past_key_values=cache, use_cache=True, logits_to_keep=last).logits[:, -1]
+        active = rows  # the batch's rows, in the order of its dimension 0
+        while True:
+            feats = batch_token_features(logits)
+            feed: list[int | None] = []
+            for j, row in enumerate(active):
                 row.out.forward_passes += 1
                 i = len(row.out.tokens)
-                feats = step_feats[j]
-                if row.call.stop is not None and row.call.stop(i, feats):
-                    row.out.stopped, row.out.stop_features = True, feats
-                    continue
-                token, dist = sample_draft(logits[j], row.call.temperature, row.call.top_k,
-                                           row.call.generator)
-                row.out.tokens.append(token)
-                row.out.features.append(feats)
-                if row.out.dists is not None:
-                    assert dist is not None
-                    row.out.dists.append(dist)
-                if i + 1 < row.call.max_k:
-                    feed[ri] = token
-            for ri in active:
-                if ri not in feed:  # this row is done: its KV goes back to its session
-                    self._store(rows[ri], cache, active.index(ri))
-                    rows[ri].out.draft_ms = _ms(start)
-                    if on_done is not None:
-                        on_done(rows[ri].index, rows[ri].out)
-            if not feed:
-                break
-            keep_rows = [j for j, ri in enumerate(active) if ri in feed]
-            if len(keep_rows) < len(active):
-                sel = torch.tensor(keep_rows, device=dev)
+                token = _next_token(row.out, row.call, i, feats[j], logits[j])
+                feed.append(token if token is not None and i + 1 < row.call.max_k else None)
+            for j, row in enumerate(active):
+                if feed[j] is None:  # this row is done: its KV goes back to its session
+                    self._store(row, cache, j)
+                    row.out.draft_ms = _ms(start)
+                    done(row.index, row.out)
+            keep = [j for j, t in enumerate(feed) if t is not None]
+            if not keep:
+                return
+            if len(keep) < len(active):
+                sel = torch.tensor(keep, device=dev)
                 cache = DynamicCache(ddp_cache_data=[
                     (layer.keys.index_select(0, sel), layer.values.index_select(0, sel))
                     for layer in cache.layers])
                 mask = mask.index_select(0, sel)
-                active = [active[j] for j in keep_rows]
-            col = width + max_past
-            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=dev)], 1)
-            ids = torch.tensor([[feed[ri]] for ri in active], dtype=torch.long, device=dev)
-            pos = torch.tensor([[next_pos[ri]] for ri in active], dtype=torch.long, device=dev)
-            for ri in active:
-                rows[ri].cols.append(col)
-                rows[ri].fed.append(feed[ri])
-                next_pos[ri] += 1
+                active = [active[j] for j in keep]
+            tokens = [feed[j] for j in keep]
+            col = mask.shape[1]  # the cache column this step's tokens go to
+            mask = torch.cat([mask, mask.new_ones((len(active), 1))], 1)
+            ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=dev)
+            # a row's next position: its cached ids plus everything fed in this call
+            pos = torch.tensor([[len(r.session.ids) + len(r.fed)] for r in active], device=dev)
+            for row, t in zip(active, tokens, strict=True):
+                row.cols.append(col)
+                row.fed.append(int(t))  # type: ignore[arg-type]
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
                                 past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-            width += 1
 
     def _store(self, row: _Row, cache: DynamicCache, b: int) -> None:
         """Append row ``b``'s real new KV columns of the batched ``cache`` to its session."""
@@ -443,6 +401,36 @@ class _Row:
     """Cache columns of the batched forward that hold this row's real new KV."""
     fed: list[int]
     """The ids those columns hold (uncached committed ids, then fed drafted tokens)."""
+
+
+def _check(call: DraftCall) -> None:
+    if not call.committed:
+        raise ValueError("committed must hold at least one token")
+    if call.max_k < 0:
+        raise ValueError("max_k must be >= 0")
+
+
+def _empty(call: DraftCall, start: float, prefill_tokens: int = 0) -> DraftOutput:
+    """A round's output before its first token (``dists`` is a list only when sampling)."""
+    return DraftOutput([], [] if call.temperature > 0 else None, [], _ms(start),
+                       forward_passes=0, prefill_tokens=prefill_tokens)
+
+
+def _next_token(out: DraftOutput, call: DraftCall, i: int, feats: TokenFeatures,
+                logits: torch.Tensor) -> int | None:
+    """Token ``i`` of a round, drawn from ``logits`` and recorded in ``out``; None when the
+    stop rule ends the round before it (also recorded). The one per-token step of ``draft``
+    and ``draft_many``."""
+    if call.stop is not None and call.stop(i, feats):
+        out.stopped, out.stop_features = True, feats
+        return None
+    token, dist = sample_draft(logits, call.temperature, call.top_k, call.generator)
+    out.tokens.append(token)
+    out.features.append(feats)
+    if out.dists is not None:
+        assert dist is not None
+        out.dists.append(dist)
+    return token
 
 
 def _ms(start: float) -> float:

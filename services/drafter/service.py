@@ -269,10 +269,12 @@ class DrafterService(Service):
     def _in_draft_order(self, entries: list[Entry[Verdict]]) -> list[Entry[Verdict]]:
         """wisp mode: the verdicts read together, in the order their sessions' next rounds should
         be drafted (``drafting_order``: sessions that can still meet their SLOs first, by
-        deadline). A drafter drafts one session at a time, so when it serves several sessions
-        (an edge box for several users, or `wisp-cli bench`'s simulated devices) this is the
-        queue in front of it. sled and centralized keep arrival order. Every verdict of one
-        session gets the same key, so their relative order is kept (stable sort)."""
+        deadline). It orders the verdicts' saves and token streams, and the rows of the batched
+        draft: rows that stop at the same step are handed over, and published, in this order.
+        (It was written when the drafter drafted one session at a time, and was then the queue
+        in front of it; batched drafting left it this smaller role.) sled and centralized keep
+        arrival order. Every verdict of one session gets the same key, so their relative order
+        is kept (stable sort)."""
         if str(self.settings.mode) != "wisp" or len(entries) < 2:
             return entries
         t = now()
@@ -452,36 +454,27 @@ class DrafterService(Service):
         for p in plans:  # nothing to draft (prefill rounds, centralized): send at once
             if p.call is None:
                 await self._publish_round(p, None)
-        if len(drafting) == 1:
-            c = drafting[0].call
-            out = await self.in_worker(self.engine.draft, c.session_id, c.committed, c.max_k,
-                                       c.temperature, c.top_k, c.generator, c.stop)
-            await self._publish_round(drafting[0], out)
-        elif drafting:
-            # each round is published the moment its row of the batch stops (the engine calls
-            # back from its thread), not when the batch's longest round is done
-            loop = asyncio.get_running_loop()
-            ready: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-            work = asyncio.ensure_future(self.in_worker(
-                self.engine.draft_many, [p.call for p in drafting], 0,
-                lambda i, out: loop.call_soon_threadsafe(ready.put_nowait, (i, out))))
+        if not drafting:
+            return
+        # each round is published the moment its row of the batch stops (the engine hands it
+        # over from its thread), not when the batch's longest round is done; None, queued
+        # after every hand-over, says the call has returned (or failed)
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Queue[tuple[int, Any] | None] = asyncio.Queue()
+
+        def run() -> None:
+            try:
+                self.engine.draft_many([p.call for p in drafting], 0,
+                                       lambda i, out: loop.call_soon_threadsafe(ready.put_nowait, (i, out)))
+            finally:
+                loop.call_soon_threadsafe(ready.put_nowait, None)
+
+        work = asyncio.ensure_future(self.in_worker(run))
+        if len(drafting) > 1:
             self.count("batched_drafts")
-            left = len(drafting)
-            while left:
-                if not ready.empty():
-                    i, out = ready.get_nowait()
-                    await self._publish_round(drafting[i], out)
-                    left -= 1
-                    continue
-                if work.done():  # every hand-over is queued before the call returns
-                    break
-                got = asyncio.ensure_future(ready.get())
-                await asyncio.wait({got, work}, return_when=asyncio.FIRST_COMPLETED)
-                if got.done():
-                    ready.put_nowait(got.result())
-                else:
-                    got.cancel()
-            await work  # re-raise a failure of the batch
+        while (item := await ready.get()) is not None:
+            await self._publish_round(drafting[item[0]], item[1])
+        await work  # re-raise a failure of the batch
 
     async def _publish_round(self, p: _RoundPlan, out: Any) -> None:
         sess, committed = p.sess, p.committed
