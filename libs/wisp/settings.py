@@ -94,6 +94,13 @@ class Settings(BaseSettings):
         "(controller training data; `wisp-cli trace record`).",
     )
 
+    # --- estimator --------------------------------------------------------------------------
+    estimator_model: Path | None = Field(
+        default=None,
+        description="A verify-time model JSON (`wisp-cli estimator fit`) to start from instead of "
+        "the one shipped for the target on this kind of device (e.g. for your own target/GPU).",
+    )
+
     # --- scheduler --------------------------------------------------------------------------
     max_batch_size: int = Field(default=16, ge=1)
     max_wait_ms: float = Field(default=2.0, ge=0, description="Hold an idle verifier's batch this long.")

@@ -20,6 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from wisp.bus import Bus, Entry
 from wisp.policy.controller import DraftLengthPolicy, FixedLength, SessionSpecStats, default_policy
+from wisp.policy.learned_estimator import PublishedModel, default_estimator
 from wisp.policy.slo import DraftJob, deadline_at, drafting_order
 from wisp.protocol import (
     DoneEvent,
@@ -113,6 +114,9 @@ class DrafterService(Service):
         super().__init__(settings, bus, name)
         # wisp mode: the shipped learned controller of the draft model (FixedLength fallback, logged)
         self.policy: DraftLengthPolicy = policy or default_policy(settings)
+        # admission control predicts with the model the estimator service publishes (the same
+        # one the scheduler batches with); until one is published, the one this target ships
+        self.published_model = PublishedModel(default_estimator(settings))
         self.sessions: dict[str, _Session] = {}
         self.tokenizer: Any = None
         self.engine: Any = None
@@ -383,9 +387,10 @@ class DrafterService(Service):
             # the snapshot lags a verifier that just became ready (the scheduler registers it
             # on its next pass): admit rather than refuse the first requests after a start
             return None
-        est = _estimator_from(model)
+        self.published_model.update(model)
         decision = AdmissionController(
-            est, max_batch_size=self.settings.max_batch_size, draft_len=max(self.settings.draft_k, 1),
+            self.published_model.current, max_batch_size=self.settings.max_batch_size,
+            draft_len=max(self.settings.draft_k, 1),
         ).decide(loads, ttft_slo_ms, tpot_slo_ms, prompt_len=prompt_len)
         return None if decision.admit else decision.reason
 
@@ -695,21 +700,3 @@ def expected_commit(features: list[WireFeatures]) -> float:
         alive *= min(max(f.top1_prob, 0.0), 1.0)
         total += alive
     return total
-
-
-def _estimator_from(model_json: bytes | str | None) -> Any:
-    """The estimator the estimator service published, else the default linear one."""
-    from wisp.policy.estimator import LinearEstimator
-
-    if model_json:
-        try:
-            from wisp.policy.estimator import load_estimator  # type: ignore[attr-defined]
-
-            return load_estimator(model_json)
-        except (ImportError, ValueError, KeyError, TypeError):
-            try:
-                return LinearEstimator.from_json(model_json if isinstance(model_json, str)
-                                                 else model_json.decode())
-            except (ValueError, KeyError, TypeError):
-                pass
-    return LinearEstimator()

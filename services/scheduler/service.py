@@ -18,7 +18,7 @@ from typing import Any
 from wisp.bus import Bus, Entry
 from wisp.policy.estimator import BatchShape, VerifyTimeEstimator
 from wisp.policy.health import VerifierHealth
-from wisp.policy.learned_estimator import default_estimator, load_estimator
+from wisp.policy.learned_estimator import PublishedModel, default_estimator
 from wisp.policy.scheduler import BatchPolicy, FcfsPolicy, RoundInfo, SchedulerCore
 from wisp.policy.slo import deadline_at
 from wisp.protocol import AnnotatedBlock, TimingSample, VerifyBatch
@@ -81,7 +81,7 @@ class SchedulerService(Service):
         self.estimator = estimator or default_estimator(settings)
         self.reload_estimator = estimator is None
         """Follow the model the estimator service publishes (not when one was handed in)."""
-        self._model_raw: bytes | None = None
+        self.published_model = PublishedModel(self.estimator)
         self.core = SchedulerCore(
             policy or default_policy(s),
             self.estimator,
@@ -239,16 +239,9 @@ class SchedulerService(Service):
         """Reload the verify-time model whenever the estimator service publishes a new one
         (``wisp:estimator:model``, polled every second; a bad one is logged and skipped)."""
         while not self.stopping.is_set():
-            raw = await self.bus.redis.get(self.keys.estimator_model)
-            if raw is not None and raw != self._model_raw:
-                self._model_raw = raw
-                try:
-                    est = load_estimator(raw)
-                except ValueError as err:
-                    log.warning("ignoring the published estimator model: %s", err)
-                else:
-                    self.estimator = self.core.estimator = est
-                    self.wake.set()
+            if self.published_model.update(await self.bus.redis.get(self.keys.estimator_model)):
+                self.estimator = self.core.estimator = self.published_model.current
+                self.wake.set()
             await self._sleep(1.0)
 
     async def housekeeping_loop(self) -> None:

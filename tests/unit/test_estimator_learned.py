@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from wisp.policy import learned_estimator as le
 from wisp.policy.estimator import BatchShape, LinearEstimator
 from wisp.profile import GridSpec, Profile, plan_grid, run_profile
+from wisp.settings import Settings
 
 FAST = le.FitConfig(n_trees=60, depth=3, learning_rate=0.15, seed=0)
 
@@ -183,15 +183,27 @@ def test_observe_ignores_garbage(fitted) -> None:
 
 def test_default_estimator_picks_the_shipped_model_for_its_target() -> None:
     path = le.shipped_model_path("qwen-coder-1.5b", "cpu")
-    if not path.is_file():
-        pytest.skip("no shipped model")
-    est = le.default_estimator(SimpleNamespace(target_model="qwen-coder-1.5b", device="cpu"))
+    assert path.is_file(), "the shipped model for the packaged target must be in the wheel"
+    est = le.default_estimator(Settings(target_model="qwen-coder-1.5b", device="cpu"))
     assert isinstance(est, le.LearnedEstimator) and est.meta["target_model"] == "qwen-coder-1.5b"
     assert est.predict(BatchShape.of([5], [128])) > 0
-    other = le.default_estimator(SimpleNamespace(target_model="/tmp/some-tiny-model", device="cpu"))
+    other = le.default_estimator(Settings(target_model="/tmp/some-tiny-model", device="cpu"))
     assert isinstance(other, LinearEstimator)
-    gpu = le.default_estimator(SimpleNamespace(target_model="qwen-coder-1.5b", device="cuda:0"))
+    gpu = le.default_estimator(Settings(target_model="qwen-coder-1.5b", device="cuda:0"))
     assert isinstance(gpu, LinearEstimator)
+    explicit = le.default_estimator(Settings(target_model="/tmp/some-tiny-model", estimator_model=path))
+    assert isinstance(explicit, le.LearnedEstimator)  # WISP_ESTIMATOR_MODEL wins
+
+
+def test_published_model_is_followed_and_bad_bytes_keep_the_last_good_one() -> None:
+    fallback = LinearEstimator()
+    pub = le.PublishedModel(fallback)
+    assert pub.current is fallback and not pub.update(None)
+    learned = le.default_estimator(Settings(target_model="qwen-coder-1.5b", device="cpu"))
+    assert pub.update(learned.to_json()) and isinstance(pub.current, le.LearnedEstimator)
+    assert not pub.update(learned.to_json())  # unchanged bytes: not parsed again
+    assert not pub.update(b"{not json") and isinstance(pub.current, le.LearnedEstimator)
+    assert pub.error is not None and "not JSON" in pub.error
 
 
 # ------------------------------------------------------------------------ profile runner

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from wisp.policy.estimator import BatchShape, LinearEstimator, VerifyTimeEstimator
+from wisp.settings import Settings
 
 KIND = "learned"
 SCHEMA = 1
@@ -605,6 +606,41 @@ def load_estimator(text: str | bytes) -> LearnedEstimator | LinearEstimator:
     raise ValueError(f"unknown estimator model kind {kind!r} (expected {KIND!r} or 'linear')")
 
 
+class PublishedModel:
+    """Follows the verify-time model the estimator service publishes (``wisp:estimator:model``).
+
+    One object for every reader (the scheduler's batching, the drafter's admission control), so
+    they read the model the same way: ``update(raw)`` parses the bytes only when they changed,
+    keeps the last good model when new bytes do not parse (the reason is in ``error``), and
+    falls back to this service's own starting model (``fallback``) until a model is published.
+    It used to be re-implemented by each reader; one of those copies imported a function that
+    did not exist, swallowed the ImportError and silently admitted with an untrained model."""
+
+    def __init__(self, fallback: VerifyTimeEstimator) -> None:
+        self.fallback = fallback
+        self.current: VerifyTimeEstimator = fallback
+        self.raw: bytes | None = None
+        self.error: str | None = None
+        """Why the last published bytes were not used (None when they were)."""
+
+    def update(self, raw: bytes | str | None) -> bool:
+        """Take the published bytes (None: nothing published). True when the model changed."""
+        if raw is None:
+            return False
+        raw = raw.encode() if isinstance(raw, str) else raw
+        if raw == self.raw:
+            return False
+        self.raw = raw
+        try:
+            est = load_estimator(raw)
+        except (ValueError, KeyError, TypeError) as err:
+            self.error = f"ignoring the published estimator model: {err}"
+            log.warning("%s", self.error)
+            return False
+        self.current, self.error = est, None
+        return True
+
+
 def device_kind(device: str) -> str:
     """``cpu`` / ``cuda`` / ... from a torch device string (``cuda:1`` -> ``cuda``)."""
     return device.split(":", 1)[0].lower()
@@ -615,19 +651,18 @@ def shipped_model_path(target_model: str, device: str) -> Path:
     return ASSETS / f"estimator_model_{target_model}_{device_kind(device)}.json"
 
 
-def default_estimator(settings: Any) -> VerifyTimeEstimator:
+def default_estimator(settings: Settings) -> VerifyTimeEstimator:
     """The estimator a service starts with: ``settings.estimator_model`` (a model JSON path) when
-    that setting exists and is set; else the shipped learned model when it was profiled for
-    ``settings.target_model`` on the same kind of device; else the untrained ``LinearEstimator``."""
-    explicit = getattr(settings, "estimator_model", None)
-    if explicit:
-        return load_estimator(Path(explicit).expanduser().read_text())
-    path = shipped_model_path(str(settings.target_model), str(getattr(settings, "device", "cpu")))
+    set; else the shipped learned model when it was profiled for ``settings.target_model`` on the
+    same kind of device; else the untrained ``LinearEstimator`` (logged: it is a poor guess)."""
+    if settings.estimator_model is not None:
+        return load_estimator(Path(settings.estimator_model).expanduser().read_text())
+    path = shipped_model_path(str(settings.target_model), settings.device)
     if path.is_file():
-        try:
-            est = LearnedEstimator.load(path)
-        except (OSError, ValueError):
-            return LinearEstimator()
+        est = LearnedEstimator.load(path)
         if est.meta.get("target_model") in (None, settings.target_model):
             return est
+    log.info("no verify-time model was profiled for %s on %s: starting from the untrained linear "
+             "estimator (the estimator service refits it from measured batches)",
+             settings.target_model, device_kind(settings.device))
     return LinearEstimator()

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wisp.policy import learned_estimator as le
 from wisp.policy.estimator import FEATURE_NAMES, BatchShape, LinearEstimator, VerifyTimeEstimator
 from wisp.sim.scenario import RooflineCfg, ScenarioError
 
@@ -206,17 +207,13 @@ class ProfileModel(TimeModel):
                 "fit_mape": self.fit_mape}
 
 
-def fit_learned(samples: Sequence[ProfileSample], trees: int = 200) -> Any:
-    """The project's ``LearnedEstimator`` fitted on ``samples`` (None when it cannot be: the
-    module is missing, scikit-learn is missing, or too few samples)."""
+def fit_learned(samples: Sequence[ProfileSample], trees: int = 200) -> le.LearnedEstimator | None:
+    """The project's ``LearnedEstimator`` fitted on ``samples`` (None when there are too few
+    samples to fit one)."""
+    cfg = le.FitConfig(n_trees=trees) if trees != le.FitConfig().n_trees else None
     try:
-        from wisp.policy import learned_estimator as le
-    except ImportError:
-        return None
-    try:
-        cfg = le.FitConfig(n_trees=trees) if trees != le.FitConfig().n_trees else None
         return le.fit([(BatchShape.of(s.new_tokens, s.context_lens), s.measured_ms) for s in samples], cfg)
-    except (ImportError, ValueError, TypeError):
+    except ValueError:
         return None
 
 

@@ -28,11 +28,13 @@ import random
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from wisp.metrics import RequestRecord, summarize
 from wisp.policy.controller import DraftLengthPolicy, FixedLength, SessionSpecStats
 from wisp.policy.estimator import BatchShape, LinearEstimator
+from wisp.policy.learned_estimator import default_estimator, load_estimator
 from wisp.policy.scheduler import RoundInfo, SchedulerCore
 from wisp.policy.slo import AdmissionController, snapshot
 from wisp.settings import Mode, Settings
@@ -339,19 +341,10 @@ class Simulation:
         ec = self.sc.server.estimator
         if ec.kind == "prior":
             return LinearEstimator()
-        if ec.kind in ("file", "default"):
-            try:
-                from wisp.policy import learned_estimator as le
-            except ImportError:
-                le = None  # type: ignore[assignment]
-            if ec.kind == "file":
-                from pathlib import Path
-
-                text = Path(ec.estimator_file).read_text()
-                return le.load_estimator(text) if le is not None else LinearEstimator.from_json(text)
-            if le is None:
-                return LinearEstimator()
-            return le.default_estimator(Settings(target_model=ec.target_model, device=ec.device))
+        if ec.kind == "file":
+            return load_estimator(Path(ec.estimator_file).read_text())
+        if ec.kind == "default":
+            return default_estimator(Settings(target_model=ec.target_model, device=ec.device))
         if ec.kind == "learned":
             est = fit_learned(self.assets.estimator_samples, ec.learned_trees)
             if est is not None:
