@@ -64,22 +64,8 @@ class EngineProbe:
 
     def clone(self, src: str, dst: str) -> bool:
         """Copy a prefilled session (the KV *values* do not change the timing, only its length
-        does, so one real prefill serves every row). Uses the engine's session table, which has
-        no public copy operation; False (the caller then prefills for real) if it changed."""
-        import copy
-
-        sessions = getattr(self.engine, "_sessions", None)
-        make = getattr(self.engine, "_session", None)
-        if not isinstance(sessions, dict) or make is None or src not in sessions:
-            return False
-        s = sessions[src]
-        if not hasattr(s, "cache") or not hasattr(s, "ids"):
-            return False
-        d = make(dst)
-        d.cache = copy.deepcopy(s.cache)
-        d.ids = list(s.ids)
-        sessions.move_to_end(src)  # keep the master out of LRU eviction's way
-        return True
+        does, so one real prefill serves every row)."""
+        return self.engine.clone_session(src, dst)
 
     def drop(self, session_id: str) -> None:
         self.engine.drop(session_id)

@@ -10,15 +10,15 @@ I/O, no asyncio.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
+from wisp.kv import KVSession, SessionCache, common_prefix_len, padded_batch
 from wisp.specdec import SparseDist, TokenFeatures, batch_token_features, sample_draft, token_features
 
-__all__ = ["DraftCall", "DraftEngine", "DraftOutput", "StopFn", "common_prefix_len", "padded_batch"]
+__all__ = ["DraftCall", "DraftEngine", "DraftOutput", "StopFn"]
 
 StopFn = Callable[[int, TokenFeatures], bool]
 """``stop(i, features) -> True`` ends the draft *before* token ``i`` (0-based) is drafted."""
@@ -60,83 +60,6 @@ class DraftCall:
     stop: StopFn | None = None
 
 
-@dataclass
-class _Session:
-    cache: DynamicCache
-    ids: list[int]
-
-
-def padded_batch(
-    rows: Sequence[tuple[DynamicCache, int, Sequence[int]]], pad_token_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache, int]:
-    """One batched forward's inputs for rows ``(cache, past, new_ids)`` of different lengths:
-    ``(input_ids, attention_mask, position_ids, past, max_past)``.
-
-    The past KV is left-padded to ``max_past`` (so every row's new tokens sit at the same cache
-    index), the new ids right-padded to the longest row; the 2-D mask hides both paddings and
-    ``position_ids`` carries each row's true positions.  The verifier's module docstring gives
-    the scheme and why it is exact; the drafter's batched drafting uses the same one."""
-    batch = len(rows)
-    max_past = max(past for _, past, _ in rows)
-    max_new = max(len(new) for _, _, new in rows)
-    input_ids = torch.full((batch, max_new), pad_token_id, dtype=torch.long, device=device)
-    mask = torch.zeros((batch, max_past + max_new), dtype=torch.long, device=device)
-    positions = torch.empty((batch, max_new), dtype=torch.long, device=device)
-    for b, (_, past_len, new) in enumerate(rows):
-        n = len(new)
-        input_ids[b, :n] = torch.tensor(list(new), dtype=torch.long, device=device)
-        mask[b, max_past - past_len : max_past + n] = 1
-        positions[b] = torch.arange(past_len, past_len + max_new, device=device)
-    past = DynamicCache()
-    if max_past > 0:
-        layers: list[tuple[torch.Tensor, torch.Tensor]] = []
-        ref = next(cache for cache, past_len, _ in rows if past_len > 0)
-        for idx, ref_layer in enumerate(ref.layers):
-            _, heads, _, dim = ref_layer.keys.shape
-            keys = ref_layer.keys.new_zeros((batch, heads, max_past, dim))
-            values = ref_layer.values.new_zeros((batch, heads, max_past, ref_layer.values.shape[-1]))
-            for b, (cache, past_len, _) in enumerate(rows):
-                if past_len > 0:
-                    layer = cache.layers[idx]
-                    keys[b, :, max_past - past_len :] = layer.keys[0]
-                    values[b, :, max_past - past_len :] = layer.values[0]
-            layers.append((keys, values))
-        past = DynamicCache(ddp_cache_data=layers)
-    return input_ids, mask, positions, past, max_past
-
-
-def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two id sequences."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
-def _crop_to(cache: DynamicCache, length: int) -> None:
-    """Shrink ``cache`` to its first ``length`` positions (in place).
-
-    transformers 5 changed ``DynamicCache.crop``: its argument is now the *number of tokens to
-    remove*, given as a non-positive integer (a positive one raises).  This helper keeps the
-    "target length" semantics every caller here actually wants.
-    """
-    current = cache.get_seq_length()
-    if length < 0 or length > current:
-        raise ValueError(f"cannot crop a cache of {current} positions to {length}")
-    if length < current:
-        cache.crop(length - current)
-
-
-def _new_cache(model: PreTrainedModel) -> DynamicCache:
-    cache = DynamicCache(config=model.config)
-    if not cache.is_croppable:
-        # Sliding-window / linear-attention layers cannot be rolled back exactly, which would
-        # silently break losslessness.
-        raise NotImplementedError("the draft model's cache layers cannot be rolled back exactly")
-    return cache
-
-
 class DraftEngine:
     """Runs a draft model for many sessions, reusing each session's KV cache across rounds.
 
@@ -145,47 +68,26 @@ class DraftEngine:
     """
 
     def __init__(self, model: PreTrainedModel, max_sessions: int = 64) -> None:
-        if max_sessions < 1:
-            raise ValueError("max_sessions must be >= 1")
+        self._sessions = SessionCache(model.config, max_sessions)
         model.eval()
         model.requires_grad_(False)
-        _new_cache(model)  # fail fast on an uncroppable architecture
         self.model = model
         self.max_sessions = max_sessions
-        self._sessions: OrderedDict[str, _Session] = OrderedDict()
         self._device = next(model.parameters()).device
 
     # -- session bookkeeping ------------------------------------------------------------------
 
     def sessions(self) -> dict[str, int]:
         """Session id -> number of cached positions, least recently used first."""
-        return {sid: len(s.ids) for sid, s in self._sessions.items()}
+        return self._sessions.lengths()
 
     def drop(self, session_id: str) -> None:
         """Forget a session's cache (no-op when unknown)."""
-        self._sessions.pop(session_id, None)
-
-    def _session(self, session_id: str) -> _Session:
-        session = self._sessions.get(session_id)
-        if session is None:
-            while len(self._sessions) >= self.max_sessions:
-                self._sessions.popitem(last=False)
-            session = _Session(cache=_new_cache(self.model), ids=[])
-            self._sessions[session_id] = session
-        self._sessions.move_to_end(session_id)
-        return session
+        self._sessions.drop(session_id)
 
     # -- model ------------------------------------------------------------------------------
 
-    def _rewind(self, session: _Session, keep: int) -> None:
-        """Cut the session's cache and ids back to their first ``keep`` positions."""
-        if keep == 0:
-            session.cache = _new_cache(self.model)
-        else:
-            _crop_to(session.cache, keep)
-        del session.ids[keep:]
-
-    def _forward(self, session: _Session, ids: Sequence[int]) -> torch.Tensor:
+    def _forward(self, session: KVSession, ids: Sequence[int]) -> torch.Tensor:
         """Feed ``ids`` on top of the session cache; return the last position's logits ``[V]``."""
         input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self._device)
         start = len(session.ids)
@@ -208,11 +110,11 @@ class DraftEngine:
         start = time.perf_counter()
         if not ids:
             return 0.0
-        session = self._session(session_id)
+        session = self._sessions.session(session_id)
         keep = common_prefix_len(session.ids, ids)
         if keep == len(ids):
             return _ms(start)
-        self._rewind(session, keep)
+        self._sessions.rewind(session, keep)
         try:
             self._forward(session, list(ids[keep:]))
         except BaseException:
@@ -251,7 +153,7 @@ class DraftEngine:
         _check(call)
         if max_k == 0:
             return _empty(call, start)
-        session = self._session(session_id)
+        session = self._sessions.session(session_id)
         prefill = self._reuse(session, committed)
         out = _empty(call, start, prefill_tokens=len(prefill))
         try:
@@ -271,12 +173,9 @@ class DraftEngine:
         out.draft_ms = _ms(start)
         return out
 
-    def _reuse(self, session: _Session, committed: Sequence[int]) -> list[int]:
-        """Crop the session's cache to what ``committed`` can reuse (always leaving the last
-        committed token to feed, as its logits are needed); returns the ids still to feed."""
-        keep = min(common_prefix_len(session.ids, committed), len(committed) - 1)
-        self._rewind(session, keep)
-        return [int(t) for t in committed[keep:]]
+    def _reuse(self, session: KVSession, committed: Sequence[int]) -> list[int]:
+        """Rewind the session to what ``committed`` can reuse; returns the ids still to feed."""
+        return [int(t) for t in committed[self._sessions.reuse(session, committed):]]
 
     @torch.inference_mode()
     def draft_many(
@@ -322,7 +221,7 @@ class DraftEngine:
         elif todo:
             rows = []
             for i in todo:
-                session = self._session(calls[i].session_id)
+                session = self._sessions.session(calls[i].session_id)
                 prefill = self._reuse(session, calls[i].committed)
                 out = _empty(calls[i], start, prefill_tokens=len(prefill))
                 rows.append(_Row(i, calls[i], session, out, cols=[], fed=prefill))
@@ -382,11 +281,7 @@ class DraftEngine:
 
     def _store(self, row: _Row, cache: DynamicCache, b: int) -> None:
         """Append row ``b``'s real new KV columns of the batched ``cache`` to its session."""
-        cols = torch.tensor(row.cols, device=self._device)
-        for idx, layer in enumerate(cache.layers):
-            row.session.cache.update(layer.keys[b : b + 1].index_select(2, cols),
-                                     layer.values[b : b + 1].index_select(2, cols), idx)
-        row.session.ids.extend(row.fed)
+        row.session.extend(cache, b, torch.tensor(row.cols, device=self._device), row.fed)
 
 
 @dataclass
@@ -395,7 +290,7 @@ class _Row:
 
     index: int
     call: DraftCall
-    session: _Session
+    session: KVSession
     out: DraftOutput
     cols: list[int]
     """Cache columns of the batched forward that hold this row's real new KV."""

@@ -5,21 +5,9 @@ engine reuses the longest common prefix of a session's cached ids and its commit
 or evicted cache only costs a recompute, never a wrong answer), then verifies *all* rounds of a
 batch in ONE target forward and applies the lossless acceptance rule of :mod:`wisp.specdec`.
 
-Padding scheme of the batched forward (row ``r``: ``P_r`` cached positions, ``L_r`` new tokens =
-uncached committed ids + drafted ids; ``P = max P_r``, ``L = max L_r``)::
-
-    past KV   [ 0 ... 0 | k_0 ... k_{P_r-1} ]     left-padded to P  (zeros, masked out)
-    input ids                 [ x_0 ... x_{L_r-1} | pad ... pad ]   right-padded to L
-    attention_mask [ 0 x (P-P_r) | 1 x P_r | 1 x L_r | 0 x (L-L_r) ]   shape (B, P + L)
-    position_ids             [ P_r ... P_r+L_r-1 | P_r+L_r ... ]   true positions, per row
-
-Left-padding the past puts every row's new tokens at the same cache index ``P``, which is what the
-cache/mask code assumes (one ``q_offset`` for the whole batch); right-padding the new tokens keeps
-the padding *after* every real query, so causality alone hides it from real tokens, and the 2-D
-mask hides it from the left.  RoPE only sees ``position_ids``, so a row's padding does not shift its
-positions.  No real query is ever fully masked (it sees itself), and pad queries always see at least
-one real key, so no NaN can appear and leak into the KV.  Only real positions are copied back into
-the sessions' caches.
+The batched forward uses the padding scheme of :mod:`wisp.kv` (past KV left-padded, new tokens
+right-padded, a 2-D mask and explicit per-row positions; that module says why it is exact); a row's
+new tokens are its uncached committed ids followed by its draft.
 
 Attention implementation: this was checked against transformers 5.23's ``masking_utils``.  For
 ``sdpa`` and ``eager`` the 2-D padding mask is AND-ed with the causal mask evaluated at
@@ -32,13 +20,12 @@ refused (flash/flex handle padding through different code paths that were not va
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
-from wisp.services.drafter.engine import _crop_to, common_prefix_len, padded_batch
+from transformers import PreTrainedModel
+from wisp.kv import KVSession, SessionCache, padded_batch
 from wisp.specdec import SparseDist, accept
 
 __all__ = ["SUPPORTED_ATTN_IMPLEMENTATIONS", "VerifierEngine", "VerifyItem", "VerifyResult"]
@@ -80,15 +67,9 @@ class VerifyResult:
 
 
 @dataclass
-class _Session:
-    cache: DynamicCache
-    ids: list[int]
-
-
-@dataclass
 class _Row:
     item: VerifyItem
-    session: _Session
+    session: KVSession
     past: int  # cached positions reused
     new_ids: list[int]  # uncached committed ids + draft
     cache_hit: bool
@@ -109,44 +90,35 @@ class VerifierEngine:
     def __init__(
         self, model: PreTrainedModel, max_sessions: int = 64, pad_token_id: int = 0
     ) -> None:
-        if max_sessions < 1:
-            raise ValueError("max_sessions must be >= 1")
         attn = getattr(model.config, "_attn_implementation", None)
         if attn not in SUPPORTED_ATTN_IMPLEMENTATIONS:
             raise ValueError(
                 f"attn_implementation {attn!r} is not validated for padded batching; load the "
                 f"model with attn_implementation in {SUPPORTED_ATTN_IMPLEMENTATIONS}"
             )
-        if not DynamicCache(config=model.config).is_croppable:
-            raise NotImplementedError("the target model's cache layers cannot be rolled back")
+        self._sessions = SessionCache(model.config, max_sessions)
         model.eval()
         model.requires_grad_(False)
         self.model = model
         self.max_sessions = max_sessions
         self.pad_token_id = pad_token_id
         self.last_forward_ms = 0.0
-        self._sessions: OrderedDict[str, _Session] = OrderedDict()
         self._device = next(model.parameters()).device
 
     # -- session bookkeeping ------------------------------------------------------------------
 
     def sessions(self) -> dict[str, int]:
         """Session id -> number of cached positions, least recently used first."""
-        return {sid: len(s.ids) for sid, s in self._sessions.items()}
+        return self._sessions.lengths()
 
     def drop(self, session_id: str) -> None:
         """Forget a session's cache (no-op when unknown)."""
-        self._sessions.pop(session_id, None)
+        self._sessions.drop(session_id)
 
-    def _session(self, session_id: str) -> _Session:
-        session = self._sessions.get(session_id)
-        if session is None:
-            while len(self._sessions) >= self.max_sessions:
-                self._sessions.popitem(last=False)
-            session = _Session(cache=DynamicCache(config=self.model.config), ids=[])
-            self._sessions[session_id] = session
-        self._sessions.move_to_end(session_id)
-        return session
+    def clone_session(self, src: str, dst: str) -> bool:
+        """Make session ``dst`` a copy of ``src`` (cache and ids); False when ``src`` is unknown.
+        The verifier profiler uses it so one real prefill serves every row of its grid."""
+        return self._sessions.clone(src, dst)
 
     # -- verification -------------------------------------------------------------------------
 
@@ -173,17 +145,12 @@ class VerifierEngine:
                     )
 
     def _prepare(self, item: VerifyItem) -> _Row:
-        """Crop the session's cache to what ``item.committed`` can reuse."""
+        """Rewind the session's cache to what ``item.committed`` can reuse."""
         had_session = item.session_id in self._sessions
-        session = self._session(item.session_id)
+        session = self._sessions.session(item.session_id)
         committed = [int(t) for t in item.committed]
         # The last committed token is always fed: its logits row predicts draft[0].
-        keep = min(common_prefix_len(session.ids, committed), len(committed) - 1)
-        if keep == 0:
-            session.cache = DynamicCache(config=self.model.config)
-        else:
-            _crop_to(session.cache, keep)
-        del session.ids[keep:]
+        keep = self._sessions.reuse(session, committed)
         return _Row(
             item=item,
             session=session,
@@ -191,13 +158,6 @@ class VerifierEngine:
             new_ids=committed[keep:] + [int(t) for t in item.draft],
             cache_hit=had_session and keep == len(committed) - 1,
         )
-
-    def _batched_inputs(
-        self, rows: Sequence[_Row]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache, int]:
-        """Build ``(input_ids, attention_mask, position_ids, past, max_past)``; see module doc."""
-        return padded_batch([(r.session.cache, r.past, r.new_ids) for r in rows],
-                            self.pad_token_id, self._device)
 
     @torch.inference_mode()
     def verify(
@@ -213,7 +173,8 @@ class VerifierEngine:
             return []
         self._validate(items)
         rows = [self._prepare(item) for item in items]
-        input_ids, mask, positions, past, max_past = self._batched_inputs(rows)
+        input_ids, mask, positions, past, max_past = padded_batch(
+            [(r.session.cache, r.past, r.new_ids) for r in rows], self.pad_token_id, self._device)
         # Only the n+1 logit rows per item that acceptance reads go through the LM head: a
         # prefill row would otherwise materialise [prompt_len, vocab] logits.  Row b keeps input
         # positions first_b .. first_b + max_n (clamped; the surplus is ignored), where first_b
@@ -243,13 +204,7 @@ class VerifierEngine:
                 row_logits, item.draft, item.dists, item.temperature, item.generator
             )
             keep_new = row.uncached + accepted  # committed ids + accepted draft tokens
-            for idx, layer in enumerate(past.layers):
-                row.session.cache.update(
-                    layer.keys[b : b + 1, :, max_past : max_past + keep_new],
-                    layer.values[b : b + 1, :, max_past : max_past + keep_new],
-                    idx,
-                )
-            row.session.ids.extend(row.new_ids[:keep_new])
+            row.session.extend(past, b, slice(max_past, max_past + keep_new), row.new_ids[:keep_new])
             results.append(
                 VerifyResult(
                     session_id=item.session_id,

@@ -15,7 +15,8 @@ from collections.abc import Iterator, Sequence
 import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
-from wisp.services.drafter.engine import DraftCall, DraftEngine, _crop_to, common_prefix_len
+from wisp.kv import common_prefix_len, crop_to
+from wisp.services.drafter.engine import DraftCall, DraftEngine
 from wisp.services.verifier.engine import VerifierEngine, VerifyItem, VerifyResult
 from wisp.specdec import SparseDist, TokenFeatures, round_generator
 
@@ -489,7 +490,7 @@ def test_crop_to_and_common_prefix(target: Qwen2ForCausalLM) -> None:
     engine.draft("s", _prompt(10, 60), 1, 0.0, 0, None)
     cache = engine._sessions["s"].cache
     assert cache.get_seq_length() == 10
-    _crop_to(cache, 6)
+    crop_to(cache, 6)
     assert cache.get_seq_length() == 6 and cache.layers[0].keys.shape[-2] == 6
     with pytest.raises(ValueError):
-        _crop_to(cache, 7)
+        crop_to(cache, 7)
