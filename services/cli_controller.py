@@ -199,49 +199,35 @@ def greedy_loop(
 
     Returns the generated ids and one record per round (drafted, accepted, committed, draft
     forward passes, stopped, the features of every drafted token, recent acceptance before it)."""
-    from wisp.policy.controller import SessionSpecStats
+    from wisp.policy.session import SpecSession
     from wisp.services.verifier.engine import VerifyItem
 
-    stats = SessionSpecStats()
-    generated: list[int] = []
+    sess = SpecSession(len(prompt_ids), max_new, eos=frozenset(eos))
     rounds: list[dict[str, Any]] = []
     try:
-        while True:
-            committed = prompt_ids + generated
-            stats.context_len = len(committed)
-            plan = policy.plan(stats, max_new - len(generated) - 1)
-            recent = stats.recent_acceptance
+        while not sess.done:
+            committed = prompt_ids + sess.generated
+            plan = sess.plan(policy)
+            recent = sess.stats.recent_acceptance
             tokens: list[int] = []
             feats: list[tuple[float, ...]] = []
-            passes, stopped, stop_feats = 0, False, None
+            passes, stopped, stop_feats, ms = 0, False, None, 0.0
             if plan.max_k > 0:
                 out = draft.draft(session_id, committed, plan.max_k, 0.0, 1, None, plan.stop)
                 tokens = list(out.tokens)
                 feats = [f.as_tuple() for f in out.features[: len(tokens)]]
-                passes, stopped = out.forward_passes, out.stopped
+                passes, stopped, ms = out.forward_passes, out.stopped, out.draft_ms
                 stop_feats = out.stop_features.as_tuple() if out.stop_features is not None else None
+            sess.drafted(ms, passes)
             res = verifier.verify([VerifyItem(session_id, committed, tokens, None, 0.0, None)])[0]
-            new: list[int] = []
-            finish = None
-            for t in res.tokens:
-                new.append(int(t))
-                if t in eos:
-                    finish = "stop"
-                    break
-                if len(generated) + len(new) >= max_new:
-                    finish = "length"
-                    break
-            if finish is None and len(generated) + len(new) >= max_new:
-                finish = "length"
+            start = len(sess.generated)
+            applied = sess.apply([int(t) for t in res.tokens], len(tokens), res.accepted, 0.0)
             rounds.append({
-                "start": len(generated), "drafted": len(tokens), "accepted": res.accepted,
-                "committed": len(new), "passes": passes, "stopped": stopped,
+                "start": start, "drafted": len(tokens), "accepted": res.accepted,
+                "committed": len(applied.tokens), "passes": passes, "stopped": stopped,
                 "recent_acceptance": recent, "features": feats, "stop_features": stop_feats,
             })
-            stats.record(len(tokens), res.accepted)
-            generated += new
-            if finish is not None:
-                return generated, rounds
+        return list(sess.generated), rounds
     finally:
         draft.drop(session_id)
         verifier.drop(session_id)

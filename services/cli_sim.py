@@ -1,9 +1,8 @@
 """wisp-cli sim: the trace-driven discrete-event simulator (run, sweep, validate).
 
-The simulator (``wisp.sim``) drives the services' own policy objects on a virtual clock; this
-module hands it the few decisions that live in ``services/`` (the scheduler's
-``round_deadline`` and ``default_policy``, the drafter's ``expected_commit``), so a simulated
-round is formed, prioritised and batched exactly as the real services do it.
+The simulator (``wisp.sim``) drives the services' own policy objects (``wisp.policy``: the
+speculation session, the controller, the batch policy, the deadlines) on a virtual clock, so a
+simulated round is formed, prioritised and batched exactly as the real services do it.
 """
 
 from __future__ import annotations
@@ -36,17 +35,6 @@ def _fail(msg: str) -> None:
     from wisp.services.cli import CliError
 
     raise CliError(msg)
-
-
-def service_hooks() -> Any:
-    """The services' own functions for the simulator (see ``wisp.sim.hooks``)."""
-    from wisp.services.drafter.service import expected_commit
-    from wisp.services.scheduler.service import default_policy, round_deadline
-    from wisp.sim.hooks import ServiceHooks, service_draft_policy
-
-    return ServiceHooks(round_deadline=round_deadline, expected_commit=expected_commit,
-                        scheduler_policy=default_policy, draft_policy=service_draft_policy,
-                        source="services")
 
 
 def _load(scenario: str, overrides: list[str] | None, seed: int | None = None,
@@ -116,7 +104,7 @@ def run(
     _quiet_logs()
     sc = _load(scenario, overrides, seed, duration)
     try:
-        res = simulate(sc, mode, devices, hooks=service_hooks())
+        res = simulate(sc, mode, devices)
     except ScenarioError as err:
         _fail(str(err))
         return
@@ -217,7 +205,7 @@ def sweep(
                             last=f"{mode} @ {n}: attainment {_fmt(p['slo_attainment'], '{:.2f}')}, "
                                  f"goodput {_fmt(p['goodput_tokens_per_s'], '{:.0f}')} tok/s")
 
-        res = run_sweep(sc, mode_list, counts, hooks=service_hooks(), assets=assets, jobs=jobs,
+        res = run_sweep(sc, mode_list, counts, assets=assets, jobs=jobs,
                         refine=refine, seeds=seeds, on_point=done, on_plan=planned, command=command)
     summary = res.summary()
     files = write_report(summary, out)
@@ -307,7 +295,7 @@ def validate(
         except Exception as err:  # noqa: BLE001 - reported as one line
             _fail(f"the real benchmark at {n} devices failed: {err}")
     try:
-        report = compare(sc, mode, [runs[n] for n in counts if n in runs], hooks=service_hooks(),
+        report = compare(sc, mode, [runs[n] for n in counts if n in runs],
                          tolerance=tolerance, seeds=seeds, timings=timings)
     except ScenarioError as err:
         _fail(str(err))

@@ -33,9 +33,9 @@ from wisp.policy.controller import (
     FixedLength,
     LearnedController,
     RiskModel,
-    SessionSpecStats,
     drafting_rule,
 )
+from wisp.policy.session import REPLAY_EOS, SpecSession, replay_tokens
 from wisp.specdec import TokenFeatures
 
 DEFAULT_FEATURES: tuple[str, ...] = (
@@ -260,18 +260,17 @@ class LoopTotals:
 
 
 def simulate(policy: DraftLengthPolicy, seqs: Sequence[OracleSequence]) -> LoopTotals:
-    """Replay ``policy`` on oracle sequences: exactly what the greedy speculative loop does
-    (same plan/stop calls, same budget, same stats updates), with the verdicts read off the
+    """Replay ``policy`` on oracle sequences through the drafter's own ``SpecSession`` (same
+    plan/stop calls, budget, EOS and length cut, statistics), with the verdicts read off the
     sequence instead of a target forward. A round cannot draft past the end of the output."""
     policy = drafting_rule(policy)
     tot = LoopTotals()
     for s in seqs:
-        stats = SessionSpecStats()
-        g = 0
+        sess = SpecSession(s.prompt_len, s.max_new, eos=frozenset({REPLAY_EOS}))
         n_total = s.length
-        while g < n_total:
-            stats.context_len = s.prompt_len + g
-            plan = policy.plan(stats, s.max_new - g - 1)
+        while n_total and not sess.done:
+            g = len(sess.generated)
+            plan = sess.plan(policy)
             kmax = min(plan.max_k, n_total - g)
             n, stopped = 0, False
             for i in range(kmax):
@@ -280,16 +279,14 @@ def simulate(policy: DraftLengthPolicy, seqs: Sequence[OracleSequence]) -> LoopT
                     break
                 n += 1
             a = next((i for i in range(n) if s.reject[g + i]), n)
-            committed = min(a + 1, n_total - g)
+            applied = sess.apply(replay_tokens(a + 1, n_total - g), n, a, 0.0)
             passes = (n + int(stopped)) if plan.max_k > 0 else 0
-            tot.add_round(n, a, committed, passes)
+            tot.add_round(n, a, len(applied.tokens), passes)
             if stopped:
                 tot.stops += 1
                 if a == n and g + n < n_total:
                     tot.judged_stops += 1
                     tot.false_stops += int(not s.reject[g + n])
-            stats.record(n, a)
-            g += committed
     return tot
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import logging
 import math
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from wisp.bus import Bus, Entry
 from wisp.policy.controller import DraftLengthPolicy, FixedLength, SessionSpecStats, default_policy
 from wisp.policy.learned_estimator import PublishedModel, default_estimator
+from wisp.policy.session import SpecSession, expected_commit
 from wisp.policy.slo import DraftJob, deadline_at, drafting_order
 from wisp.protocol import (
     DoneEvent,
@@ -68,16 +68,14 @@ return 1
 
 @dataclass
 class _Session:
+    """A served session: its persisted record, its speculation state (``SpecSession``, the
+    object the simulator and the trainers run too) and what only this drafter tracks."""
+
     req: GenerateRequest
     state: SessionState
-    max_new: int
-    ttft_slo_ms: float
-    tpot_slo_ms: float
-    stats: SessionSpecStats = field(default_factory=SessionSpecStats)
+    """The record as last saved (request, prompt ids, SLOs, mode; the rest comes from ``spec``)."""
+    spec: SpecSession
     text: str = ""
-    draft_ms: float = 0.0
-    wasted_ms: float = 0.0
-    last_draft_ms: float = 0.0
     last_features: list[WireFeatures] = field(default_factory=list)  # for trace rows
     finished: bool = False
     emitted: int = 0
@@ -86,7 +84,18 @@ class _Session:
     """The round whose block was published (a round is published once)."""
     applied_base: int = -1
     """base_committed_len of the last verdict applied (to recognise its re-delivery)."""
-    finish_reason: str | None = None
+
+    @property
+    def ttft_slo_ms(self) -> float:
+        return self.state.ttft_slo_ms or 0.0
+
+    @property
+    def tpot_slo_ms(self) -> float:
+        return self.state.tpot_slo_ms or 0.0
+
+    @property
+    def committed(self) -> list[int]:
+        return self.state.prompt_token_ids + self.spec.generated
 
 
 @dataclass
@@ -98,6 +107,28 @@ class _RoundPlan:
     call: Any
     prefill: bool
     """A draft-less first round whose draft-model prefill runs in the background."""
+
+
+def spec_of(st: SessionState, eos: frozenset[int]) -> SpecSession:
+    """A session's speculation state from its saved record (a resumed session goes on where
+    the record stands)."""
+    stats = SessionSpecStats(rounds=st.rounds_done, drafted=st.drafted, accepted=st.accepted,
+                             recent_acceptance=st.recent_acceptance,
+                             draft_ms_per_token=st.draft_ms_per_token)
+    return SpecSession(len(st.prompt_token_ids), st.request.max_new_tokens, eos=eos,
+                       generated=list(st.generated), round=st.round, stats=stats, draft_ms=st.draft_ms,
+                       wasted_ms=st.wasted_draft_ms, first_token_ts=st.first_token_ts,
+                       last_token_ts=st.last_token_ts, finish=finish_of(st.generated,
+                                                                       st.request.max_new_tokens, eos))
+
+
+def finish_of(generated: list[int], max_new: int, eos: frozenset[int]) -> str | None:
+    """Why a saved session is over (None: it is not)."""
+    if generated and generated[-1] in eos:
+        return "stop"
+    if len(generated) >= max_new:
+        return "length"
+    return None
 
 
 class DrafterService(Service):
@@ -120,7 +151,7 @@ class DrafterService(Service):
         self.sessions: dict[str, _Session] = {}
         self.tokenizer: Any = None
         self.engine: Any = None
-        self.eos: set[int] = set()
+        self.eos: frozenset[int] = frozenset()
 
     # ------------------------------------------------------------------ setup
     @property
@@ -132,7 +163,7 @@ class DrafterService(Service):
 
         s = self.settings
         self.tokenizer = await self.in_worker(models.load_tokenizer, s.target_model, s)
-        self.eos = set(await self.in_worker(tokens.eos_token_ids, s.target_model, s))
+        self.eos = frozenset(await self.in_worker(tokens.eos_token_ids, s.target_model, s))
         if self.speculative:
             from wisp.services.drafter.engine import DraftEngine
 
@@ -190,15 +221,11 @@ class DrafterService(Service):
         if done:
             await self.bus.redis.delete(self.keys.session(rid))
             return
-        stats = SessionSpecStats(rounds=st.rounds_done, drafted=st.drafted, accepted=st.accepted,
-                                 recent_acceptance=st.recent_acceptance)
-        sess = _Session(req=st.request, state=st, max_new=st.request.max_new_tokens,
-                        ttft_slo_ms=st.ttft_slo_ms or self.settings.ttft_slo_ms,
-                        tpot_slo_ms=st.tpot_slo_ms or self.settings.tpot_slo_ms, stats=stats,
-                        draft_ms=st.draft_ms, wasted_ms=st.wasted_draft_ms)
+        st = st.model_copy(update={"ttft_slo_ms": st.ttft_slo_ms or self.settings.ttft_slo_ms,
+                                   "tpot_slo_ms": st.tpot_slo_ms or self.settings.tpot_slo_ms})
+        sess = _Session(req=st.request, state=st, spec=spec_of(st, self.eos))
         sess.text = self.tokenizer.decode(st.generated[:emitted], skip_special_tokens=True)
         sess.emitted = emitted
-        sess.finish_reason = self._finish_reason(st)
         self.sessions[rid] = sess
         await self._save(sess, adopt=True)  # now ours: verdicts of the next round come to us
         log.info("resumed session %s at round %d (%d tokens committed, %d emitted)",
@@ -221,13 +248,6 @@ class DrafterService(Service):
             if isinstance(ev, TokenEvent):
                 return ev.index + len(ev.token_ids), False
         return 0, False
-
-    def _finish_reason(self, st: SessionState) -> str | None:
-        if st.generated and st.generated[-1] in self.eos:
-            return "stop"
-        if len(st.generated) >= st.request.max_new_tokens:
-            return "length"
-        return None
 
     def sweeps(self) -> list[Sweep]:
         """Requests another drafter took from the shared stream but never answered."""
@@ -288,11 +308,11 @@ class DrafterService(Service):
             if sess is None or sess.finished:
                 jobs.append(DraftJob(str(i), -math.inf))  # nothing to draft: out of the way first
                 continue
-            st = sess.state
-            gen = len(st.generated)
+            sp = sess.spec
+            gen = len(sp.generated)
             deadline = deadline_at(gen, sess.req.submitted_ts, sess.ttft_slo_ms, sess.tpot_slo_ms,
-                                   st.first_token_ts)
-            jobs.append(DraftJob(str(i), deadline, gen, sess.max_new, sess.tpot_slo_ms))
+                                   sp.first_token_ts)
+            jobs.append(DraftJob(str(i), deadline, gen, sp.max_new, sess.tpot_slo_ms))
         return [entries[int(k)] for k in drafting_order(jobs, t)]
 
     # ------------------------------------------------------------------ requests
@@ -365,8 +385,7 @@ class DrafterService(Service):
             request=req, device=self.name, prompt_token_ids=ids, started_ts=now(),
             ttft_slo_ms=ttft_slo, tpot_slo_ms=tpot_slo, mode=self._mode_of(req),
         )
-        return _Session(req=req, state=state, max_new=req.max_new_tokens, ttft_slo_ms=ttft_slo,
-                        tpot_slo_ms=tpot_slo)
+        return _Session(req=req, state=state, spec=SpecSession(len(ids), req.max_new_tokens, eos=self.eos))
 
     async def _refusal(self, prompt_len: int, ttft_slo_ms: float, tpot_slo_ms: float) -> str | None:
         """Admission control (wisp mode): refuse, with the reason, a request whose SLO the
@@ -406,17 +425,22 @@ class DrafterService(Service):
     def _mode_of(self, req: GenerateRequest) -> str:
         return "centralized" if req.speculation == "off" else str(self.settings.mode)
 
-    async def _save(self, sess: _Session, adopt: bool = False, state: SessionState | None = None,
-                    stats: SessionSpecStats | None = None, wasted_ms: float | None = None) -> None:
-        """Write the session record (the whole truth of the session) to Redis. Unless adopting,
-        only while the record still names this drafter (atomic check-and-set): a drafter whose
-        session was adopted elsewhere raises ``SessionLost`` instead of emitting duplicates."""
-        stats = stats or sess.stats
-        wasted = sess.wasted_ms if wasted_ms is None else wasted_ms
-        st = (state or sess.state).model_copy(update={
-            "device": self.name, "rounds_done": stats.rounds, "drafted": stats.drafted,
-            "accepted": stats.accepted, "recent_acceptance": stats.recent_acceptance,
-            "draft_ms": sess.draft_ms, "wasted_draft_ms": wasted,
+    async def _save(self, sess: _Session, adopt: bool = False, spec: SpecSession | None = None,
+                    verify_ms: float = 0.0) -> None:
+        """Write the session record (the whole truth of the session) to Redis: ``spec`` (by
+        default the session's own) becomes the session's state once it is durable. Unless
+        adopting, only while the record still names this drafter (atomic check-and-set): a
+        drafter whose session was adopted elsewhere raises ``SessionLost`` instead of emitting
+        duplicates."""
+        sp = spec or sess.spec
+        stats = sp.stats
+        st = sess.state.model_copy(update={
+            "device": self.name, "generated": list(sp.generated), "round": sp.round,
+            "first_token_ts": sp.first_token_ts, "last_token_ts": sp.last_token_ts,
+            "rounds_done": stats.rounds, "drafted": stats.drafted, "accepted": stats.accepted,
+            "recent_acceptance": stats.recent_acceptance, "draft_ms_per_token": stats.draft_ms_per_token,
+            "draft_ms": sp.draft_ms, "wasted_draft_ms": sp.wasted_ms,
+            "verify_ms": sess.state.verify_ms + verify_ms,
         })
         key = self.keys.session(st.request.request_id)
         if adopt:
@@ -425,27 +449,22 @@ class DrafterService(Service):
                                            self.settings.output_ttl_s):
             self.sessions.pop(st.request.request_id, None)
             raise SessionLost(f"session {st.request.request_id} was adopted by another drafter")
-        sess.state, sess.stats, sess.wasted_ms = st, stats, wasted
+        sess.state, sess.spec = st, sp
 
     def _plan(self, sess: _Session) -> _RoundPlan:
         """This round's drafting call (``call`` is None when nothing is to be drafted)."""
-        st = sess.state
-        committed = st.committed
-        budget = sess.max_new - len(st.generated) - 1  # the verifier adds one token itself
-        policy = self._draft_len_policy(sess)
-        plan = policy.plan(sess.stats, budget)
+        committed = sess.committed
+        plan = sess.spec.plan(self._draft_len_policy(sess), can_draft=self.engine is not None)
         call = None
-        if plan.max_k > 0 and self.engine is not None:
-            from wisp.services.drafter.engine import DraftCall
+        if plan.max_k > 0:
+            from wisp.services.drafter.engine import DraftCall  # torch: only where drafting happens
 
             req = sess.req
-            gen = (round_generator(req.seed, req.request_id, st.round, "draft")
+            gen = (round_generator(req.seed, req.request_id, plan.round, "draft")
                    if req.temperature > 0 else None)
             call = DraftCall(req.request_id, committed, plan.max_k, req.temperature,
                              self.settings.draft_top_k, gen, plan.stop)
-        prefill = (st.round == 0 and plan.max_k == 0 and budget > 0 and self.engine is not None
-                   and bool(getattr(policy, "prefill_round", False)))
-        return _RoundPlan(sess, committed, call, prefill)
+        return _RoundPlan(sess, committed, call, plan.prefill)
 
     async def _next_round(self, sess: _Session) -> None:
         """Draft this round and publish its block (the session record is already saved)."""
@@ -483,14 +502,14 @@ class DrafterService(Service):
 
     async def _publish_round(self, p: _RoundPlan, out: Any) -> None:
         sess, committed = p.sess, p.committed
-        st = sess.state
+        sp = sess.spec
         tokens: list[int] = []
         dists: list[WireDist] | None = None
         feats: list[WireFeatures] = []
-        draft_ms = 0.0
+        draft_ms, passes = 0.0, 0
         if out is not None:
             tokens = list(out.tokens)
-            draft_ms = out.draft_ms
+            draft_ms, passes = out.draft_ms, out.forward_passes
             if out.dists is not None:
                 dists = [WireDist(token_ids=list(d.token_ids), probs=list(d.probs)) for d in out.dists]
             feats = [
@@ -500,15 +519,14 @@ class DrafterService(Service):
                 )
                 for f in out.features[: len(tokens)]
             ]
-        sess.last_draft_ms = draft_ms
+        sp.drafted(draft_ms, passes)
         sess.last_features = feats
-        sess.draft_ms += draft_ms
         block = DraftBlock(
             request_id=sess.req.request_id,
             device=self.name,
-            round=st.round,
+            round=sp.round,
             base_committed_len=len(committed),
-            prompt_len=len(st.prompt_token_ids),
+            prompt_len=sp.prompt_len,
             committed_digest=digest_ids(committed),
             draft_tokens=tokens,
             draft_dists=dists,
@@ -521,13 +539,13 @@ class DrafterService(Service):
             sent_ts=now(),
             ttft_slo_ms=sess.ttft_slo_ms,
             tpot_slo_ms=sess.tpot_slo_ms,
-            generated_len=len(st.generated),
-            max_new_tokens=sess.max_new,
-            first_token_ts=st.first_token_ts,
-            expected_commit=expected_commit(feats),
+            generated_len=len(sp.generated),
+            max_new_tokens=sp.max_new,
+            first_token_ts=sp.first_token_ts,
+            expected_commit=expected_commit(f.top1_prob for f in feats),
         )
         await self.bus.publish(self.keys.draft, block)
-        sess.published_round = st.round
+        sess.published_round = sp.round
         self.count("blocks")
         if p.prefill:
             # a prefill round: the server's prefill makes the first token while we prefill the
@@ -540,45 +558,23 @@ class DrafterService(Service):
         or, given ``pending``, add the session to it for the caller to draft in a batch."""
         v = entry.msg
         sess = self.sessions.get(v.request_id)
-        st = sess.state if sess else None
-        if sess is None or st is None or sess.finished:
+        if sess is None or sess.finished:
             self.count("verdicts_unknown")
             return
-        if v.round == st.round - 1 and sess.applied_base == v.base_committed_len:
+        sp = sess.spec
+        if v.round == sp.round - 1 and sess.applied_base == v.base_committed_len:
             await self._continue(sess, pending)  # re-delivered after a failure: finish it
             return
-        if v.round != st.round or v.base_committed_len != len(st.committed):
+        if v.round != sp.round or v.base_committed_len != len(sess.committed):
             self.count("verdicts_stale")
             return
-        ts = now()
-        tokens: list[int] = []
-        finish: str | None = None
-        for t in v.tokens:
-            tokens.append(t)
-            if t in self.eos:
-                finish = "stop"
-                break
-            if len(st.generated) + len(tokens) >= sess.max_new:
-                finish = "length"
-                break
-        if len(st.generated) + len(tokens) >= sess.max_new and finish is None:
-            finish = "length"
-        drafted = v.drafted
-        if self.settings.trace and drafted:
-            await self._publish_trace(sess, v)  # before record(): rows carry the pre-round EMA
+        if self.settings.trace and v.drafted:
+            await self._publish_trace(sess, v)  # before apply(): rows carry the pre-round EMA
         # 1. the new state becomes durable before anything is shown or sent
-        stats = copy.deepcopy(sess.stats)
-        stats.record(drafted, v.accepted)
-        wasted = sess.wasted_ms + (wasted_draft_ms(drafted, v.accepted, sess.last_draft_ms)
-                                   if drafted else 0.0)
-        new = st.model_copy(update={
-            "generated": st.generated + tokens, "round": st.round + 1,
-            "first_token_ts": st.first_token_ts or ts, "last_token_ts": ts,
-            "verify_ms": st.verify_ms + v.verify_ms,
-        })
-        await self._save(sess, state=new, stats=stats, wasted_ms=wasted)
+        new = sp.copy()
+        new.apply(v.tokens, v.drafted, v.accepted, now())
+        await self._save(sess, spec=new, verify_ms=v.verify_ms)
         sess.applied_base = v.base_committed_len
-        sess.finish_reason = finish
         # 2. idempotent follow-up, re-run if this verdict is delivered again after a failure
         await self._continue(sess, pending)
 
@@ -586,21 +582,21 @@ class DrafterService(Service):
         """Bring the outside world up to the saved state: emit the committed tokens the client
         has not been sent, then publish this round's block once (or finish once). With
         ``pending``, the round is left to the caller's batched drafting instead."""
-        st = sess.state
+        sp = sess.spec
         rid = sess.req.request_id
-        if sess.emitted < len(st.generated):
-            text = self.tokenizer.decode(st.generated, skip_special_tokens=True)
+        generated = sp.generated
+        if sess.emitted < len(generated):
+            text = self.tokenizer.decode(generated, skip_special_tokens=True)
             delta = ""
-            if not text.endswith("\ufffd") or sess.finish_reason:
+            if not text.endswith("\ufffd") or sp.done:
                 delta, sess.text = text[len(sess.text):], text
             await self._emit(rid, TokenEvent(request_id=rid, index=sess.emitted,
-                                             token_ids=st.generated[sess.emitted:], text=delta,
-                                             ts=st.last_token_ts or now()))
-            sess.emitted = len(st.generated)
-        if sess.finish_reason is not None:
-            await self._finish(sess, sess.finish_reason,
-                               self.tokenizer.decode(st.generated, skip_special_tokens=True))
-        elif sess.published_round != st.round:
+                                             token_ids=generated[sess.emitted:], text=delta,
+                                             ts=sp.last_token_ts or now()))
+            sess.emitted = len(generated)
+        if sp.finish is not None:
+            await self._finish(sess, sp.finish, self.tokenizer.decode(generated, skip_special_tokens=True))
+        elif sess.published_round != sp.round:
             if pending is None:
                 await self._next_round(sess)
             elif all(x is not sess for x in pending):
@@ -614,7 +610,7 @@ class DrafterService(Service):
             return
         rows = trace_rows(
             request_id=v.request_id, round=v.round, features=sess.last_features,
-            recent_acceptance=sess.stats.recent_acceptance, drafted=v.drafted,
+            recent_acceptance=sess.spec.stats.recent_acceptance, drafted=v.drafted,
             accepted=v.accepted, context_len=v.base_committed_len, device=self.name,
             mode=str(self.settings.mode),
         )
@@ -623,29 +619,29 @@ class DrafterService(Service):
         self.count("trace_rows", len(rows))
 
     async def _finish(self, sess: _Session, reason: str, text: str) -> None:
-        st = sess.state
+        st, sp = sess.state, sess.spec
         rid = sess.req.request_id
         t0 = sess.req.submitted_ts
-        first = st.first_token_ts or now()
-        last = st.last_token_ts or first
-        n = len(st.generated)
+        first = sp.first_token_ts or now()
+        last = sp.last_token_ts or first
+        n = len(sp.generated)
         done = DoneEvent(
             request_id=rid,
             text=text,
-            token_ids=st.generated,
+            token_ids=list(sp.generated),
             prompt_token_ids=st.prompt_token_ids,
             finish_reason=reason,  # type: ignore[arg-type]
             mode=st.mode,
             ttft_ms=(first - t0) * 1000.0,
             tpot_ms=((last - first) / (n - 1) * 1000.0) if n > 1 else 0.0,
             e2e_ms=(last - t0) * 1000.0,
-            rounds=sess.stats.rounds,
-            drafted_tokens=sess.stats.drafted,
-            accepted_tokens=sess.stats.accepted,
-            draft_ms_total=sess.draft_ms,
-            wasted_draft_ms=sess.wasted_ms,
+            rounds=sp.stats.rounds,
+            drafted_tokens=sp.stats.drafted,
+            accepted_tokens=sp.stats.accepted,
+            draft_ms_total=sp.draft_ms,
+            wasted_draft_ms=sp.wasted_ms,
             verify_ms_total=st.verify_ms,
-            overhead_ms=max(0.0, (last - t0) * 1000.0 - sess.draft_ms - st.verify_ms),
+            overhead_ms=max(0.0, (last - t0) * 1000.0 - sp.draft_ms - st.verify_ms),
             ttft_slo_ms=sess.ttft_slo_ms,
             tpot_slo_ms=sess.tpot_slo_ms,
             device=self.name,
@@ -681,22 +677,3 @@ def _observe_done(done: DoneEvent) -> None:
     REQUESTS_FINISHED.inc()
     if done.ttft_ms <= done.ttft_slo_ms and done.tpot_ms <= done.tpot_slo_ms:
         SLO_ATTAINED.inc()
-
-
-def wasted_draft_ms(drafted: int, accepted: int, round_draft_ms: float) -> float:
-    """Drafting time thrown away in a round: every drafted token the target did not accept
-    (the same count as REFERENCE's fixed-k frontier: drafted - accepted)."""
-    from wisp.metrics import wasted_tokens
-
-    return wasted_tokens(drafted, accepted) * round_draft_ms / drafted if drafted else 0.0
-
-
-def expected_commit(features: list[WireFeatures]) -> float:
-    """Tokens a round is expected to commit: the target's own token plus each drafted token
-    weighted by the chance that it and all before it are accepted, taking the draft's own
-    top-1 probability as that chance (a cheap, monotone proxy the scheduler ranks rounds by)."""
-    total, alive = 1.0, 1.0
-    for f in features:
-        alive *= min(max(f.top1_prob, 0.0), 1.0)
-        total += alive
-    return total

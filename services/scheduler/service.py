@@ -19,31 +19,16 @@ from wisp.bus import Bus, Entry
 from wisp.policy.estimator import BatchShape, VerifyTimeEstimator
 from wisp.policy.health import VerifierHealth
 from wisp.policy.learned_estimator import PublishedModel, default_estimator
-from wisp.policy.scheduler import BatchPolicy, FcfsPolicy, RoundInfo, SchedulerCore
-from wisp.policy.slo import deadline_at
+from wisp.policy.scheduler import BatchPolicy, RoundInfo, SchedulerCore
+from wisp.policy.slo import batch_policy, deadline_at
 from wisp.protocol import AnnotatedBlock, TimingSample, VerifyBatch
 from wisp.service import Service, Sweep, now
-from wisp.settings import Mode, Settings
+from wisp.settings import Settings
 
 log = logging.getLogger(__name__)
 
 GROUP = "scheduler"
 LEASE = "scheduler"
-
-
-def round_deadline(b: Any) -> float:
-    """When a round's tokens are due (unix s): ``deadline_at`` of the block's request."""
-    return deadline_at(b.generated_len, b.request_ts, b.ttft_slo_ms, b.tpot_slo_ms,
-                       getattr(b, "first_token_ts", None))
-
-
-def default_policy(s: Settings) -> BatchPolicy:
-    """wisp: SLO-aware batching; sled and centralized: first come first served."""
-    if s.mode == Mode.wisp:
-        from wisp.policy.slo import SloAwarePolicy
-
-        return SloAwarePolicy(max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms)
-    return FcfsPolicy(s.max_batch_size, s.max_wait_ms)
 
 
 def round_info(ab: AnnotatedBlock, arrival: float) -> RoundInfo:
@@ -55,7 +40,8 @@ def round_info(ab: AnnotatedBlock, arrival: float) -> RoundInfo:
         draft_len=len(b.draft_tokens),
         context_len=b.base_committed_len - 1,
         arrival=arrival,
-        deadline=round_deadline(b),
+        deadline=deadline_at(b.generated_len, b.request_ts, b.ttft_slo_ms, b.tpot_slo_ms,
+                             b.first_token_ts),
         predicted_ms=ab.predicted_verify_ms,
         expected_commit=b.expected_commit if b.expected_commit is not None else 1.0,
         generated_len=b.generated_len,
@@ -83,7 +69,7 @@ class SchedulerService(Service):
         """Follow the model the estimator service publishes (not when one was handed in)."""
         self.published_model = PublishedModel(self.estimator)
         self.core = SchedulerCore(
-            policy or default_policy(s),
+            policy or batch_policy(s),
             self.estimator,
             max_inflight=s.max_inflight_batches,
             id_prefix=f"{self.name}-",

@@ -382,7 +382,7 @@ def test_greedy_loop_with_controller_is_lossless(tiny_pair: tuple[Path, Path]) -
 # ---------------------------------------------------------------------- prefill round
 def test_prefill_round_sends_round_zero_undrafted(tmp_path: Path) -> None:
     ctl = LearnedController(top1_model(), 0.5, max_k=6, min_k=1, goodput=False, prefill_round=True)
-    assert ctl.plan(SessionSpecStats(), budget=100) == DraftPlan(max_k=0)
+    assert ctl.plan(SessionSpecStats(), budget=100) == DraftPlan(max_k=0, prefill=True)
     later = SessionSpecStats()
     later.record(0, 0)  # the prefill round's verdict arrived
     plan = ctl.plan(later, budget=100)

@@ -448,8 +448,12 @@ def test_round_deadlines_count_tpot_from_the_first_token() -> None:
     """The TPOT SLO is the mean gap after the first token, so once the first token's time is
     known later rounds are due one TPOT per token after it: a request whose first token came
     early must not spend its unused TTFT budget on later tokens."""
-    from wisp.protocol import DraftBlock
-    from wisp.services.scheduler.service import round_deadline
+    from wisp.protocol import AnnotatedBlock, DraftBlock
+    from wisp.services.scheduler.service import round_info
+
+    def round_deadline(b: DraftBlock) -> float:  # as the scheduler service reads a round
+        ab = AnnotatedBlock(block=b, predicted_verify_ms=1.0, estimator_version=0, annotated_ts=0.0)
+        return round_info(ab, 1000.0).deadline
 
     def block(generated: int, first: float | None) -> DraftBlock:
         return DraftBlock(request_id="r", device="d", round=1, base_committed_len=10 + generated,

@@ -8,12 +8,12 @@ import math
 import random
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from wisp.policy.controller import DraftPlan, FixedLength, SessionSpecStats
 from wisp.policy.estimator import BatchShape, LinearEstimator
 from wisp.sim.engine import EventQueue
-from wisp.sim.hooks import DEFAULT_HOOKS, ServiceHooks
 from wisp.sim.scenario import ScenarioError, list_scenarios, load_scenario
 from wisp.sim.server import FastLinear, KvPool, RooflineModel, load_profile
 from wisp.sim.simulator import Simulation, load_assets, simulate
@@ -148,8 +148,7 @@ def test_stop_callback_sees_replayed_features_and_ends_the_round(tiny) -> None:
     pattern = [True, True, False, True] * 64
     a = replace(assets, bank=_bank(pattern))
     pol = _StopAt(k=6, at=3)
-    hooks = ServiceHooks(draft_policy=lambda s: (pol, "stop-at"))
-    sim = Simulation(sc, "sled", 1, assets=a, hooks=hooks)
+    sim = Simulation(sc, "sled", 1, assets=a, policy=pol)
     s_res = sim.run()
     # rounds draft at most 3 tokens (stopped before the 4th) and accept the leading run of
     # matches: on T T F T T T F T ... the first round accepts 2, every later one 3 (T T T)
@@ -169,7 +168,7 @@ def test_draft_time_counts_the_forward_of_a_stopped_token(tiny) -> None:
                                  "devices.mix={ fast = 1.0 }"])
     a = replace(assets, bank=_bank([True] * 512))
     pol = _StopAt(k=6, at=3)
-    sim = Simulation(sc1, "sled", 1, assets=a, hooks=ServiceHooks(draft_policy=lambda s: (pol, "x")))
+    sim = Simulation(sc1, "sled", 1, assets=a, policy=pol)
     res = sim.run()
     # rounds after the first: 3 drafted + the stopped token's forward = 4 passes at 12.5 ms
     per_round = res.breakdown["drafting_ms"]
@@ -375,7 +374,7 @@ def test_tiny_sweep_writes_the_report(tmp_path: Path) -> None:
     from wisp.sim.report import write_report
 
     sc = load_scenario("tiny", SHORT)
-    res = run_sweep(sc, ["wisp", "sled", "centralized"], [4, 24], refine=1, hooks=DEFAULT_HOOKS, seeds=2)
+    res = run_sweep(sc, ["wisp", "sled", "centralized"], [4, 24], refine=1, seeds=2)
     summary = res.summary()
     assert summary["seeds_per_point"] == 2
     assert all(p["seeds"] == 2 for m in summary["modes"].values() for p in m["points"])
@@ -421,18 +420,36 @@ def _synthetic_trace_rows(bank: AcceptanceBank, k: int = 6) -> list[dict]:
     return rows
 
 
-def test_a_learned_controller_drives_wisp_with_per_device_costs(tiny) -> None:
-    train = pytest.importorskip("wisp.controller_train")
+class _SeesDraftSpeed:
+    """Wraps a policy and records the measured draft speed each plan is given."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.seen: list[float | None] = []
+
+    def plan(self, stats: Any, budget: int) -> Any:
+        self.seen.append(stats.draft_ms_per_token)
+        return self.inner.plan(stats, budget)
+
+
+def test_a_learned_controller_drives_wisp_with_each_device_s_measured_speed(tiny) -> None:
+    from wisp import controller_train as train
     from wisp.policy.controller import LearnedController
 
     sc, assets = tiny
     ctl, _ = train.train_controller(_synthetic_trace_rows(assets.bank), train.TrainConfig())
     assert isinstance(ctl, LearnedController)
-    hooks = ServiceHooks(draft_policy=lambda s: (ctl, "learned"))
-    sim = Simulation(sc, "wisp", 8, assets=assets, hooks=hooks)
-    assert sim.policies is not None and len(sim.policies) == 8
-    assert {round(p.draft_ms_per_token, 1) for p in sim.policies} == {round(d.draft_ms, 1) for d in sim.devs}
+    spy = _SeesDraftSpeed(ctl)
+    sim = Simulation(sc, "wisp", 8, assets=assets, policy=spy)
     res = sim.run()
+    # every session learns its device's draft speed from its own rounds (SpecSession.drafted),
+    # as the drafter service does: after the first rounds, plans carry speeds in the range of
+    # the devices' per-token times (jitter and shared-host batching widen it)
+    speeds = [x for x in spy.seen if x is not None]
+    assert len(speeds) > len(spy.seen) / 2
+    lo, hi = min(d.draft_ms for d in sim.devs), max(d.draft_ms for d in sim.devs)
+    assert lo / 3 < sorted(speeds)[len(speeds) // 2] < hi * 3
     assert res.summary["requests"] > 0 and res.summary["acceptance_rate"] > 0
     k = ctl.max_k
     sc_fixed = load_scenario("tiny", [*SHORT, "modes.wisp.controller='fixed'", f"modes.wisp.draft_k={k}"])

@@ -53,10 +53,12 @@ StopFn = Callable[[int, TokenFeatures], bool]
 
 @dataclass
 class SessionSpecStats:
-    """What a policy may know about a session's speculation so far.
+    """What a policy may know about a session's speculation so far (kept by
+    ``wisp.policy.session.SpecSession``).
 
-    ``context_len`` (committed ids: prompt + generated) is optional context for a cost model;
-    0 means unknown.
+    ``context_len``: committed ids (prompt + generated) the next round builds on.
+    ``draft_ms_per_token``: the device's measured time per draft forward (an EMA; None until a
+    round has been measured, when a controller uses the speed it was trained with).
     """
 
     rounds: int = 0
@@ -65,6 +67,7 @@ class SessionSpecStats:
     recent_acceptance: float = 1.0
     per_position_accepted: list[int] = field(default_factory=list)
     context_len: int = 0
+    draft_ms_per_token: float | None = None
 
     def record(self, drafted: int, accepted: int, alpha: float = 0.3) -> None:
         self.rounds += 1
@@ -83,6 +86,8 @@ class SessionSpecStats:
 class DraftPlan:
     max_k: int
     stop: StopFn | None = None
+    prefill: bool = False
+    """Round 0 is sent undrafted on purpose: the device prefills its draft model meanwhile."""
 
 
 class DraftLengthPolicy(Protocol):
@@ -336,8 +341,9 @@ class LearnedController:
     risk model says a rejection is likely or one more token no longer pays (module doc).
 
     ``verify_ms`` is a :data:`VerifyCost` callable or a ``LinearEstimator``; ``draft_ms_per_token``
-    is the drafter's time per draft forward (a parameter, so decisions are deterministic; the
-    drafter may update it from its measured EMA with :meth:`set_draft_ms`).
+    is the time per draft forward it assumes until the session has measured its own
+    (``SessionSpecStats.draft_ms_per_token``, the drafter's EMA), so decisions stay a pure
+    function of their inputs.
     """
 
     name = "learned"
@@ -390,10 +396,6 @@ class LearnedController:
             self._cost_dict = to_dict() if callable(to_dict) else None
         self.verify_ms: VerifyCost = verify_ms  # type: ignore[assignment]
 
-    def set_draft_ms(self, ms: float) -> None:
-        if math.isfinite(ms) and ms >= 0:
-            self.draft_ms_per_token = float(ms)
-
     def replace(self, **changes: Any) -> LearnedController:
         """A copy with some stop parameters changed (``threshold``, ``max_k`` ...)."""
         kw: dict[str, Any] = {
@@ -411,9 +413,11 @@ class LearnedController:
         return out
 
     # -- the rule -----------------------------------------------------------------------------
-    def goodput_gain(self, accept_probs: Sequence[float], context_len: int) -> float:
+    def goodput_gain(self, accept_probs: Sequence[float], context_len: int,
+                     draft_ms: float | None = None) -> float:
         """Relative change of expected goodput from drafting the last of ``accept_probs``
-        (positive = worth it): ``E(n+1)/cost(n+1) / (E(n)/cost(n)) - 1``, ``n = len - 1``."""
+        (positive = worth it): ``E(n+1)/cost(n+1) / (E(n)/cost(n)) - 1``, ``n = len - 1``;
+        ``draft_ms`` per draft forward (default: the controller's own)."""
         n = len(accept_probs) - 1
         expected = 1.0
         prod = 1.0
@@ -421,7 +425,7 @@ class LearnedController:
             prod *= p
             expected += prod
         gain = prod * accept_probs[n]
-        t = self.draft_ms_per_token
+        t = self.draft_ms_per_token if draft_ms is None else draft_ms
         cost_n = self.verify_ms(n + 1, context_len) + n * t
         cost_next = self.verify_ms(n + 2, context_len) + (n + 1) * t
         if cost_n <= 0 or cost_next <= 0:
@@ -430,11 +434,14 @@ class LearnedController:
 
     def plan(self, stats: SessionSpecStats, budget: int) -> DraftPlan:
         max_k = max(0, min(self.max_k, budget))
-        if max_k == 0 or (self.prefill_round and stats.rounds == 0):
+        if max_k == 0:
             return DraftPlan(max_k=0)
+        if self.prefill_round and stats.rounds == 0:
+            return DraftPlan(max_k=0, prefill=True)
         min_k = min(self.min_k, max_k)
         recent = float(stats.recent_acceptance)
-        context = int(getattr(stats, "context_len", 0) or 0)
+        context = stats.context_len
+        draft_ms = stats.draft_ms_per_token
         probs: list[float] = []
         risk_of = self.model.risk
         threshold, cum, goodput = self.threshold, self.cum_threshold, self.goodput
@@ -449,7 +456,7 @@ class LearnedController:
                 return True
             if cum is not None and 1.0 - math.prod(probs) > cum:
                 return True
-            return goodput and self.goodput_gain(probs, context) < 0.0
+            return goodput and self.goodput_gain(probs, context, draft_ms) < 0.0
 
         return DraftPlan(max_k=max_k, stop=stop)
 
@@ -580,8 +587,10 @@ def default_policy(settings: Settings) -> DraftLengthPolicy:
     """The drafter's policy for its mode: wisp -> ``settings.controller`` when set, else the
     shipped learned controller of the draft model (a logged FixedLength(draft_k) fallback when
     none is shipped; a named controller that does not load is an error, not a silent fallback);
-    sled -> FixedLength(draft_k); centralized never drafts (the drafter uses k = 0 itself)."""
+    sled -> FixedLength(draft_k); centralized -> FixedLength(0) (never drafts)."""
     fallback = FixedLength(settings.draft_k)
+    if str(settings.mode) == "centralized":
+        return FixedLength(0)
     if str(settings.mode) != "wisp":
         return fallback
     if settings.controller is not None:

@@ -31,6 +31,8 @@ class SessionState(WireModel):
     accepted: int = 0
     recent_acceptance: float = 1.0
     draft_ms: float = 0.0
+    draft_ms_per_token: float | None = Field(
+        default=None, ge=0.0, description="The device's measured time per draft forward (EMA).")
     wasted_draft_ms: float = 0.0
     verify_ms: float = 0.0
 

@@ -142,7 +142,7 @@ def render_report(summary: dict[str, Any], plots: list[Path] | None = None) -> s
         f"- Acceptance: {_assets_line(summary)}",
         f"- Verify time: {summary['assets'].get('timing', {}).get('name')} model "
         f"({json.dumps(summary['assets'].get('timing', {}).get('hardware', {}))})",
-        f"- Policies: the services' own objects (hooks: {summary.get('hooks')}); draft policy per mode: "
+        "- Policies: the services' own objects (imported, not copied); draft policy per mode: "
         + ", ".join(f"{m}: {mm['points'][0].get('draft_policy') if mm['points'] else 'n/a'}"
                     for m, mm in summary["modes"].items()),
         f"- Sweep wall time: {_f(summary.get('wall_s'), '{:.0f}')} s",

@@ -2,16 +2,16 @@
 
 The simulation drives the services' own policy objects on a virtual clock:
 
-* device side: ``DraftLengthPolicy.plan(SessionSpecStats, budget)`` and its ``stop`` callback
-  (fed the replayed draft features, called before drafting token i, as ``DraftEngine`` does),
-  ``SessionSpecStats.record``, the drafter's wasted-time formula, and in modes with admission
-  control the drafter's ``AdmissionController`` on the scheduler's load ``snapshot`` (refreshed
-  every 0.5 s, like the scheduler's housekeeping);
-* server side: ``SchedulerCore`` with the scheduler service's ``default_policy``
-  (``SloAwarePolicy`` in wisp mode, ``FcfsPolicy`` otherwise), ``RoundInfo`` built as
-  ``round_info`` builds it (deadline by the service's ``round_deadline``, ``expected_commit`` by
-  the drafter's), batch completions fed back with ``complete`` and the estimator refitted from
-  the measured batch shape (as the estimator service does).
+* device side: each request is a ``wisp.policy.session.SpecSession``, the object the drafter
+  service runs: it plans each round with the mode's ``default_policy`` (whose ``stop`` callback
+  is fed the replayed draft features before drafting token i, as ``DraftEngine`` does), learns
+  the device's draft speed, applies each verdict (EOS and length cut, statistics, wasted
+  drafting); in modes with admission control the drafter's ``AdmissionController`` reads the
+  scheduler's load ``snapshot`` (refreshed every 0.5 s, like the scheduler's housekeeping);
+* server side: ``SchedulerCore`` with ``batch_policy`` (``SloAwarePolicy`` in wisp mode,
+  ``FcfsPolicy`` otherwise), ``RoundInfo`` with the deadline of ``deadline_at`` and the
+  ``expected_commit`` of ``wisp.policy.session``, batch completions fed back with ``complete``
+  and the estimator refitted from the measured batch shape (as the estimator service does).
 
 Time flows: device drafts (per-token time of its class, plus the prompt prefill in the first
 round) -> uplink (half the RTT, jitter, block bytes / bandwidth, fixed software overhead) ->
@@ -32,15 +32,15 @@ from pathlib import Path
 from typing import Any
 
 from wisp.metrics import RequestRecord, summarize
-from wisp.policy.controller import DraftLengthPolicy, FixedLength, SessionSpecStats
+from wisp.policy.controller import DraftLengthPolicy, FixedLength, LearnedController, default_policy
 from wisp.policy.estimator import BatchShape, LinearEstimator
 from wisp.policy.learned_estimator import default_estimator, load_estimator
 from wisp.policy.scheduler import RoundInfo, SchedulerCore
-from wisp.policy.slo import AdmissionController, snapshot
+from wisp.policy.session import REPLAY_EOS, SpecSession, expected_commit, replay_tokens
+from wisp.policy.slo import AdmissionController, batch_policy, deadline_at, snapshot
 from wisp.settings import Mode, Settings
 from wisp.sim.devices import DeviceSpec, make_devices
 from wisp.sim.engine import EventQueue
-from wisp.sim.hooks import DEFAULT_HOOKS, BlockView, ServiceHooks
 from wisp.sim.scenario import Scenario, ScenarioError
 from wisp.sim.server import (
     FastLinear,
@@ -121,15 +121,17 @@ def load_assets(sc: Scenario) -> Assets:
 
 # ---------------------------------------------------------------------- state
 class Session:
+    """A simulated request: its ``SpecSession`` (the same object the drafter service runs) plus
+    what the simulator tracks about the round in flight."""
+
     __slots__ = (
-        "rid", "dev", "prompt_len", "out_len", "seq_start", "t_submit", "in_window", "pos",
-        "round", "stats", "t_first", "t_last", "wasted", "drafted_total", "accepted_total",
-        "r_drafted", "r_accepted", "r_feats", "r_draft_ms", "r_up_ms", "r_ready", "t_arrive",
-        "t_dispatch", "kv_reserved", "key", "host_wait", "prefill_ready",
+        "rid", "dev", "prompt_len", "out_len", "seq_start", "t_submit", "in_window", "spec",
+        "r_drafted", "r_accepted", "r_feats", "r_draft_ms", "r_passes", "r_up_ms", "r_ready",
+        "t_arrive", "t_dispatch", "kv_reserved", "key", "host_wait", "prefill_ready",
     )
 
     def __init__(self, rid: str, dev: DeviceSpec, shape: RequestShape, seq_start: int, t_submit: float,
-                 in_window: bool) -> None:
+                 in_window: bool, max_new: int) -> None:
         self.rid = rid
         self.dev = dev
         self.prompt_len = shape.prompt_len
@@ -137,15 +139,9 @@ class Session:
         self.seq_start = seq_start
         self.t_submit = t_submit
         self.in_window = in_window
-        self.pos = 0
-        self.round = 0
-        self.stats = SessionSpecStats()
-        self.t_first: float | None = None
-        self.t_last = 0.0
-        self.wasted = 0.0
-        self.drafted_total = 0
-        self.accepted_total = 0
+        self.spec = SpecSession(shape.prompt_len, max_new, eos=frozenset({REPLAY_EOS}))
         self.r_drafted = 0
+        self.r_passes = 0
         self.r_accepted = 0
         self.r_feats: list[Any] = []
         self.r_draft_ms = 0.0
@@ -158,6 +154,15 @@ class Session:
         self.host_wait = 0.0
         self.prefill_ready = 0.0
         """When the device's background prefill ends (after a draft-less prefill round)."""
+
+    @property
+    def pos(self) -> int:
+        """Tokens generated so far."""
+        return len(self.spec.generated)
+
+    @property
+    def round(self) -> int:
+        return self.spec.round
 
 
 class _Host:
@@ -213,9 +218,11 @@ class Simulation:
         devices: int,
         *,
         assets: Assets | None = None,
-        hooks: ServiceHooks = DEFAULT_HOOKS,
         seed: int | None = None,
+        policy: DraftLengthPolicy | None = None,
     ) -> None:
+        """``policy`` replaces the mode's draft-length policy (a test's, or a controller being
+        evaluated); by default the one the drafter service would run (``default_policy``)."""
         if devices < 1:
             raise ScenarioError("the simulation needs at least one device")
         self.sc = sc
@@ -223,7 +230,6 @@ class Simulation:
         self.mc = sc.mode(mode)
         self.n = devices
         self.seed = sc.scenario.seed if seed is None else seed
-        self.hooks = hooks
         self.assets = assets or load_assets(sc)
         seed_ = self.seed
         self.r_work = random.Random(f"{seed_}:workload")
@@ -241,23 +247,23 @@ class Simulation:
         self.centralized = mode == Mode.centralized.value
         self.server_loop = self.centralized and self.mc.loop == "server"
 
-        # --- policies: the services' own objects
+        # --- policies: the services' own objects, built by the same functions
         settings = Settings(mode=mode, draft_k=self.mc.draft_k, max_batch_size=self.mc.max_batch_size,
                             max_wait_ms=self.mc.max_wait_ms, max_inflight_batches=sc.server.max_inflight,
                             prefill_round=self.mc.prefill_round)
         self.settings = settings
-        if self.centralized:
-            self.policy: DraftLengthPolicy = FixedLength(0)
-            self.policy_note = "FixedLength(0) (centralized)"
+        if policy is not None:
+            self.policy: DraftLengthPolicy = policy
+            self.policy_note = f"{type(policy).__name__} (given)"
         elif mode == Mode.wisp.value and self.mc.controller == "fixed":
             self.policy = FixedLength(self.mc.draft_k)
             self.policy_note = f"FixedLength({self.mc.draft_k}) (scenario)"
         else:
-            self.policy, self.policy_note = hooks.draft_policy(settings)
-        self.batch_policy = hooks.scheduler_policy(settings)
+            self.policy = default_policy(settings)
+            self.policy_note = f"{type(self.policy).__name__} (wisp.policy.controller.default_policy)"
+        self.batch_policy = batch_policy(settings)
         self.estimator = FastLinear(self._make_estimator())
-        self.stats_ctx = hasattr(SessionSpecStats(), "context_len")
-        self.policies = self._per_device_policies()
+        self.policy = self._with_deployment_costs(self.policy)
         self.core = SchedulerCore(self.batch_policy, self.estimator, max_inflight=sc.server.max_inflight,
                                   id_prefix="b")
         self.vnames = [f"v{i}" for i in range(sc.server.verifiers)]
@@ -314,27 +320,15 @@ class Simulation:
         self._rid = 0
 
     # ------------------------------------------------------------------ setup
-    def _per_device_policies(self) -> list[DraftLengthPolicy] | None:
-        """A learned controller weighs one more draft token against the verify time it adds,
-        with a draft time per token and a verify-cost model. With ``controller_costs =
-        "deployment"`` each device gets a copy that knows its own draft speed (as the drafter's
-        measured EMA would tell it, ``set_draft_ms``) and the deployment's verify estimator;
-        ``"shipped"`` keeps the costs the controller was trained with."""
-        pol = self.policy
-        if self.mc.controller_costs != "deployment" or not hasattr(pol, "replace"):
-            return None
-        try:
-            cache: dict[float, DraftLengthPolicy] = {}
-            out = []
-            for d in self.devs:
-                ms = round(d.draft_ms, 1)
-                if ms not in cache:
-                    cache[ms] = pol.replace(draft_ms_per_token=ms, verify_ms=self.estimator)  # type: ignore[attr-defined]
-                out.append(cache[ms])
-            self.policy_note += " (costs: device draft speed + deployment estimator)"
-            return out
-        except (TypeError, ValueError):
-            return None
+    def _with_deployment_costs(self, pol: DraftLengthPolicy) -> DraftLengthPolicy:
+        """With ``controller_costs = "deployment"`` a learned controller weighs one more draft
+        token against this deployment's verify estimator instead of the cost model it was
+        trained with. Its draft time per token is each session's measured EMA in both cases
+        (``SpecSession.drafted``), as in the drafter service."""
+        if self.mc.controller_costs != "deployment" or not isinstance(pol, LearnedController):
+            return pol
+        self.policy_note += " (verify cost: the deployment's estimator)"
+        return pol.replace(verify_ms=self.estimator)
 
     def _make_estimator(self) -> Any:
         """The scheduler's estimator (and admission control's), per ``server.estimator``."""
@@ -424,7 +418,7 @@ class Simulation:
         else:
             start = self.starts[self.r_work.randrange(len(self.starts))]
         self._rid += 1
-        sess = Session(f"r{self._rid}", dev, shape, start, ts, in_window)
+        sess = Session(f"r{self._rid}", dev, shape, start, ts, in_window, self.max_new)
         self.dev_busy[dev.index] = True
         if self.admission is not None:
             decision = self.admission.decide(self._load_snapshot(t), self.ttft_slo, self.tpot_slo,
@@ -464,39 +458,32 @@ class Simulation:
         drafted = 0
         accepted = 0
         passes = 0
-        if not self.centralized:
-            budget = self.max_new - s.pos - 1
-            if self.stats_ctx:
-                s.stats.context_len = s.prompt_len + s.pos  # type: ignore[attr-defined]
-            plan = self.policies[dev.index].plan(s.stats, budget) if self.policies else self.policy.plan(
-                s.stats, budget)
-            k = plan.max_k
-            if k > 0:
-                stop = plan.stop
-                feat, match, ring = self.feat, self.match, self.ring
-                base = s.seq_start + s.pos
-                stopped = False
-                if stop is None:
-                    drafted = k
-                else:
-                    for i in range(k):
-                        if stop(i, feat[(base + i) % ring]):
-                            stopped = True
-                            break
-                        drafted += 1
-                passes = drafted + (1 if stopped else 0)
-                for i in range(drafted):
-                    if match[(base + i) % ring]:
-                        accepted += 1
-                    else:
-                        break
-                s.r_feats = [feat[(base + i) % ring] for i in range(drafted)]
+        plan = s.spec.plan(self.policy, can_draft=not self.centralized)
+        k = plan.max_k
+        s.r_feats = []
+        if k > 0:
+            stop = plan.stop
+            feat, match, ring = self.feat, self.match, self.ring
+            base = s.seq_start + s.pos
+            stopped = False
+            if stop is None:
+                drafted = k
             else:
-                s.r_feats = []
-        else:
-            s.r_feats = []
+                for i in range(k):
+                    if stop(i, feat[(base + i) % ring]):
+                        stopped = True
+                        break
+                    drafted += 1
+            passes = drafted + (1 if stopped else 0)
+            for i in range(drafted):
+                if match[(base + i) % ring]:
+                    accepted += 1
+                else:
+                    break
+            s.r_feats = [feat[(base + i) % ring] for i in range(drafted)]
         s.r_drafted = drafted
         s.r_accepted = accepted
+        s.r_passes = passes
         if passes:
             jit = lognormal_unit(self.r_time, dev.round_jitter_cv)
             if s.round == 0:
@@ -507,7 +494,7 @@ class Simulation:
                     ms += (s.prefill_ready - now) * 1000.0
         else:
             ms = 0.0
-            if s.round == 0 and not self.centralized:
+            if plan.prefill:
                 # a prefill round (the controller's): the prompt leaves at once and the device
                 # prefills its draft model meanwhile, as the drafter service does
                 s.prefill_ready = now + s.prompt_len * dev.prefill_ms_per_token / 1000.0
@@ -556,6 +543,7 @@ class Simulation:
         return ms
 
     def _send(self, s: Session, t_ready: float) -> None:
+        s.spec.drafted(s.r_draft_ms, s.r_passes)  # the round leaves the device: its time is known
         dc = self.sc.devices
         nbytes = dc.block_header_bytes + s.r_drafted * dc.bytes_per_draft_token
         if s.round == 0:
@@ -589,10 +577,9 @@ class Simulation:
             draft_len=s.r_drafted,
             context_len=s.prompt_len + s.pos - 1,
             arrival=now,
-            deadline=self.hooks.round_deadline(
-                BlockView(s.pos, s.t_submit, self.ttft_slo, self.tpot_slo, s.t_first)),
+            deadline=deadline_at(s.pos, s.t_submit, self.ttft_slo, self.tpot_slo, s.spec.first_token_ts),
             predicted_ms=0.0,
-            expected_commit=self.hooks.expected_commit(s.r_feats),
+            expected_commit=expected_commit(f.top1_prob for f in s.r_feats),
             generated_len=s.pos,
             max_new_tokens=self.max_new,
             tpot_slo_ms=self.tpot_slo,
@@ -674,9 +661,10 @@ class Simulation:
                 if finished:
                     self._finish(s, now, now + down / 1000.0)
                 else:  # the server decodes the next token itself: no edge round trip
-                    s.r_drafted = s.r_accepted = 0
+                    s.r_drafted = s.r_accepted = s.r_passes = 0
                     s.r_feats = []
                     s.r_draft_ms = s.r_up_ms = s.host_wait = 0.0
+                    s.spec.drafted(0.0, 0)
                     s.t_arrive = now
                     self._enqueue(s, now)
             else:
@@ -696,23 +684,10 @@ class Simulation:
             self._begin_round(s, now)
 
     def _commit(self, s: Session, t_arr: float) -> bool:
-        drafted, accepted = s.r_drafted, s.r_accepted
-        n = accepted + 1
-        left = s.out_len - s.pos
-        if n > left:
-            n = left
-        if s.t_first is None:
-            s.t_first = t_arr
-        if t_arr > s.t_last:
-            s.t_last = t_arr
-        s.pos += n
-        s.stats.record(drafted, accepted)
-        s.drafted_total += drafted
-        s.accepted_total += accepted
-        if drafted and accepted < drafted:
-            s.wasted += max(0, drafted - accepted - 1) * s.r_draft_ms / drafted
-        s.round += 1
-        return s.pos >= s.out_len or s.pos >= self.max_new
+        """Apply the round's verdict through the session's ``SpecSession`` (the drafter's own
+        rule): ``accepted + 1`` tokens, the last natural one an EOS. True when it finished."""
+        tokens = replay_tokens(s.r_accepted + 1, s.out_len - s.pos)
+        return s.spec.apply(tokens, s.r_drafted, s.r_accepted, t_arr).finish is not None
 
     def _finish(self, s: Session, now: float, t_device: float) -> None:
         self.active.discard(s)
@@ -725,18 +700,20 @@ class Simulation:
         self.core.finish_request(s.rid)
         if s.in_window:
             n = s.pos
-            t_first = s.t_first if s.t_first is not None else t_device
+            sp = s.spec
+            t_first = sp.first_token_ts if sp.first_token_ts is not None else t_device
+            t_last = sp.last_token_ts if sp.last_token_ts is not None else t_first
             self.records.append(RequestRecord(
                 ttft_ms=(t_first - s.t_submit) * 1000.0,
-                tpot_ms=((s.t_last - t_first) / (n - 1) * 1000.0) if n > 1 else 0.0,
-                e2e_ms=(s.t_last - s.t_submit) * 1000.0,
+                tpot_ms=((t_last - t_first) / (n - 1) * 1000.0) if n > 1 else 0.0,
+                e2e_ms=(t_last - s.t_submit) * 1000.0,
                 tokens=n,
                 ttft_slo_ms=self.ttft_slo,
                 tpot_slo_ms=self.tpot_slo,
-                drafted=s.drafted_total,
-                accepted=s.accepted_total,
-                rounds=s.stats.rounds,
-                wasted_draft_ms=s.wasted,
+                drafted=sp.stats.drafted,
+                accepted=sp.stats.accepted,
+                rounds=sp.stats.rounds,
+                wasted_draft_ms=sp.wasted_ms,
             ))
             self.record_class.append(s.dev.cls)
             self.open_in_window -= 1
@@ -747,8 +724,9 @@ class Simulation:
         self.records.append(RequestRecord(
             ttft_ms=inf, tpot_ms=inf, e2e_ms=inf, tokens=s.pos if s else 0,
             ttft_slo_ms=self.ttft_slo, tpot_slo_ms=self.tpot_slo,
-            drafted=s.drafted_total if s else 0, accepted=s.accepted_total if s else 0,
-            rounds=s.stats.rounds if s else 0, wasted_draft_ms=s.wasted if s else 0.0, ok=False,
+            drafted=s.spec.stats.drafted if s else 0, accepted=s.spec.stats.accepted if s else 0,
+            rounds=s.spec.stats.rounds if s else 0, wasted_draft_ms=s.spec.wasted_ms if s else 0.0,
+            ok=False,
         ))
         self.record_class.append(s.dev.cls if s else cls)
         self.open_in_window -= 1
@@ -769,7 +747,6 @@ class Simulation:
                                     for c, rs in sorted(by_class.items())},
             "draft_policy": self.policy_note,
             "batch_policy": type(self.batch_policy).__name__,
-            "hooks": self.hooks.source,
             "submitted_in_window": self.submitted_in_window,
             "recorded": len(self.records),
             "refused": self.refused,
@@ -789,5 +766,5 @@ class Simulation:
 
 
 def simulate(sc: Scenario, mode: str, devices: int, *, assets: Assets | None = None,
-             hooks: ServiceHooks = DEFAULT_HOOKS, seed: int | None = None) -> SimResult:
-    return Simulation(sc, mode, devices, assets=assets, hooks=hooks, seed=seed).run()
+             seed: int | None = None) -> SimResult:
+    return Simulation(sc, mode, devices, assets=assets, seed=seed).run()

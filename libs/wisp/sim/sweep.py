@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wisp.metrics import ATTAINMENT_TARGET, capacity
-from wisp.sim.hooks import DEFAULT_HOOKS, ServiceHooks
 from wisp.sim.scenario import Scenario
 from wisp.sim.simulator import Assets, SimResult, load_assets, simulate
 
@@ -95,7 +94,6 @@ class SweepResult:
     assets: dict[str, Any] = field(default_factory=dict)
     wall_s: float = 0.0
     command: str = ""
-    hooks: str = ""
     seeds: int = 1
 
     def capacity(self, mode: str) -> int:
@@ -136,7 +134,6 @@ class SweepResult:
                          "slo": {"ttft_ms": sc.slo.ttft_ms, "tpot_ms": sc.slo.tpot_ms},
                          "config": sc.as_dict()},
             "command": self.command,
-            "hooks": self.hooks,
             "seeds_per_point": self.seeds,
             "attainment_target": ATTAINMENT_TARGET,
             "assets": self.assets,
@@ -185,15 +182,14 @@ def _ratio(a: Any, b: Any) -> float | None:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(sc: Scenario, hooks: ServiceHooks) -> None:
+def _init_worker(sc: Scenario) -> None:
     _WORKER["sc"] = sc
-    _WORKER["hooks"] = hooks
     _WORKER["assets"] = load_assets(sc)
 
 
 def _run_point(mode: str, n: int, seeds: int = 1) -> tuple[str, int, dict[str, Any]]:
     sc = _WORKER["sc"]
-    rs = [simulate(sc, mode, n, assets=_WORKER["assets"], hooks=_WORKER["hooks"],
+    rs = [simulate(sc, mode, n, assets=_WORKER["assets"],
                    seed=sc.scenario.seed + i) for i in range(seeds)]
     return mode, n, pooled_point(rs)
 
@@ -203,7 +199,6 @@ def run_sweep(
     modes: Sequence[str] | None = None,
     devices: Sequence[int] | None = None,
     *,
-    hooks: ServiceHooks = DEFAULT_HOOKS,
     assets: Assets | None = None,
     jobs: int = 1,
     refine: int = 0,
@@ -218,11 +213,11 @@ def run_sweep(
     modes = list(modes or sc.sweep.modes)
     devices = sorted({int(n) for n in (devices or sc.sweep.devices)})
     assets = assets or load_assets(sc)
-    res = SweepResult(sc, {m: {} for m in modes}, assets.describe(), command=command, hooks=hooks.source,
+    res = SweepResult(sc, {m: {} for m in modes}, assets.describe(), command=command,
                       seeds=seeds)
     pool = None
     if jobs > 1:
-        pool = ProcessPoolExecutor(jobs, initializer=_init_worker, initargs=(sc, hooks))
+        pool = ProcessPoolExecutor(jobs, initializer=_init_worker, initargs=(sc,))
 
     def run_many(tasks: list[tuple[str, int]]) -> None:
         tasks = [(m, n) for m, n in tasks if n not in res.points[m]]
@@ -230,7 +225,7 @@ def run_sweep(
             on_plan(len(tasks))
         if pool is None:
             for m, n in tasks:
-                p = pooled_point([simulate(sc, m, n, assets=assets, hooks=hooks, seed=sc.scenario.seed + i)
+                p = pooled_point([simulate(sc, m, n, assets=assets, seed=sc.scenario.seed + i)
                                   for i in range(seeds)])
                 res.points[m][n] = p
                 if on_point:

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wisp.sim.hooks import DEFAULT_HOOKS, ServiceHooks
 from wisp.sim.scenario import Scenario, with_overrides
 from wisp.sim.simulator import load_assets, simulate
 from wisp.sim.workload import RequestShape
@@ -190,7 +189,7 @@ def _cdf_check(real: list[float], sim: list[float]) -> dict[str, Any] | None:
     return {"points": out, "max_diff": max(p["diff"] for p in out)}
 
 
-def compare(sc: Scenario, mode: str, runs: list[BenchRun], *, hooks: ServiceHooks = DEFAULT_HOOKS,
+def compare(sc: Scenario, mode: str, runs: list[BenchRun], *,
             tolerance: float = 0.15, seeds: int = 3, timings: str = "run",
             replay_requests: bool = True) -> dict[str, Any]:
     """``timings = "run"``: component timings measured during each real run (its verifier
@@ -224,7 +223,7 @@ def compare(sc: Scenario, mode: str, runs: list[BenchRun], *, hooks: ServiceHook
                                         for p, o in run.shapes],
                         shapes_source=f"the real run's {len(run.shapes)} requests")
             workload = "run request lengths"
-        sims = [simulate(scr, mode, run.devices, assets=a, hooks=hooks, seed=scr.scenario.seed + i)
+        sims = [simulate(scr, mode, run.devices, assets=a, seed=scr.scenario.seed + i)
                 for i in range(seeds)]
         tpots = [r.summary["tpot_mean_ms"] for r in sims if _finite(r.summary["tpot_mean_ms"])]
         atts = [r.summary["slo_attainment"] for r in sims if _finite(r.summary["slo_attainment"])]
