@@ -15,15 +15,29 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from wisp.protocol import DeadLetter, ProtocolError, WireModel, decode
+from wisp.protocol import (
+    OUTPUT_ADAPTER,
+    DeadLetter,
+    DoneEvent,
+    ErrorEvent,
+    ProtocolError,
+    SessionState,
+    TokenEvent,
+    WireModel,
+    decode,
+)
+
+OutputEvent = TokenEvent | DoneEvent | ErrorEvent
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +147,13 @@ class Bus:
             stream, {FIELD: msg.encode()}, maxlen=maxlen or self.maxlen, approximate=True
         )
         return _s(entry_id)
+
+    async def publish_many(self, messages: list[tuple[str, WireModel]]) -> None:
+        """XADD several messages in one round trip (a verifier's verdicts and timing sample)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for stream, msg in messages:
+            pipe.xadd(stream, {FIELD: msg.encode()}, maxlen=self.maxlen, approximate=True)
+        await pipe.execute()
 
     # ------------------------------------------------------------------ groups
     async def ensure_group(self, stream: str, group: str, start: str = "0") -> None:
@@ -252,6 +273,12 @@ class Bus:
                 await self.redis.xack(stream, group, eid)
         return out
 
+    def reread_pending(self, stream: str, group: str, consumer: str) -> None:
+        """The next ``read`` of ``consumer`` starts again from its own pending entries (one whose
+        handler failed is delivered again, and counted: XREADGROUP of history bumps its
+        delivery count)."""
+        self._pending_drained.discard((stream, group, consumer))
+
     def after_outage(self) -> None:
         """After a broker error, re-read our own pending entries first: a message whose output
         write failed was never acked and must be processed again."""
@@ -284,6 +311,21 @@ class Bus:
                 reason=reason, payload=payload[:65_536], ts=time.time(),
             ),
         )
+
+    # ------------------------------------------------------------------ plain values
+    async def set_value(self, key: str, value: str | bytes, ttl_ms: int | None = None) -> None:
+        """A published value (the estimator's model, the scheduler's load snapshot)."""
+        await self.redis.set(key, value, px=ttl_ms)
+
+    async def get_values(self, *keys: str) -> list[bytes | None]:
+        return list(await self.redis.mget(keys))
+
+    async def exists_many(self, keys: list[str]) -> list[bool]:
+        """Which of ``keys`` exist (one round trip)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for k in keys:
+            pipe.exists(k)
+        return [bool(x) for x in await pipe.execute()]
 
     # ------------------------------------------------------------------ heartbeats
     async def heartbeat(self, role: str, name: str, info: dict[str, Any], ttl_s: float) -> None:
@@ -328,6 +370,164 @@ class Bus:
         cur = await self.redis.get(key)
         if cur is not None and _s(cur) == holder:
             await self.redis.delete(key)
+
+
+_SAVE_IF_OWNER = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local ok, rec = pcall(cjson.decode, cur)
+  if ok and rec['device'] ~= ARGV[2] then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[3]))
+return 1
+"""
+
+
+class SessionStore:
+    """The session records (``wisp:sess:<request>``), each the whole truth of one session: the
+    drafter that owns it saves it after every applied verdict, a verifier that lacks the KV
+    cache reads the committed prefix from it, and a drafter that takes over a dead one's
+    sessions adopts them from it."""
+
+    def __init__(self, bus: Bus, ttl_s: int) -> None:
+        self.bus = bus
+        self.ttl_s = ttl_s
+
+    def key(self, request_id: str) -> str:
+        return self.bus.keys.session(request_id)
+
+    async def get(self, request_id: str) -> SessionState | None:
+        """The record, or None when there is none (finished, expired) or it does not parse
+        (logged: a corrupt record must not take its reader down)."""
+        raw = await self.bus.redis.get(self.key(request_id))
+        if raw is None:
+            return None
+        try:
+            return decode(SessionState, raw)
+        except ProtocolError as err:
+            log.warning("session %s unreadable: %s", request_id, err.reason)
+            return None
+
+    async def exists(self, request_id: str) -> bool:
+        return bool(await self.bus.redis.exists(self.key(request_id)))
+
+    async def save_if_owner(self, state: SessionState) -> bool:
+        """Write ``state`` unless the stored record names another drafter (atomically): False
+        means the session was adopted elsewhere and ``state.device`` must stop serving it."""
+        key = self.key(state.request.request_id)
+        return bool(await self.bus.redis.eval(_SAVE_IF_OWNER, 1, key, state.encode(), state.device,
+                                              self.ttl_s))
+
+    async def adopt(self, state: SessionState) -> None:
+        """Write ``state`` whoever owned the record (a drafter taking the session over)."""
+        await self.bus.redis.set(self.key(state.request.request_id), state.encode(), ex=self.ttl_s)
+
+    async def lock_adoption(self, request_id: str, who: str, ms: int = 30_000) -> bool:
+        """One adopter per session: True for the first caller within ``ms``."""
+        return bool(await self.bus.redis.set(self.key(request_id) + ":adopt", who, nx=True, px=ms))
+
+    async def delete(self, request_id: str) -> None:
+        await self.bus.redis.delete(self.key(request_id))
+
+    async def all(self) -> AsyncIterator[SessionState]:
+        """Every readable record (a scan: for adoption, not for a hot path)."""
+        async for key in self.bus.redis.scan_iter(match=self.bus.keys.session("*"), count=500):
+            k = _s(key)
+            if k.endswith(":adopt"):
+                continue
+            st = await self.get(k.rsplit(":", 1)[-1])
+            if st is not None:
+                yield st
+
+
+class RequestFailed(RuntimeError):
+    """The system answered with an error event, or never answered."""
+
+
+class OutputStream:
+    """Each request's output (``wisp:out:<request>``): the drafter emits committed tokens and
+    the final event, the client follows it from its start, so nothing is missed however late it
+    starts reading. The request id is random (128 bits): the stream is readable only by someone
+    who knows it."""
+
+    def __init__(self, bus: Bus, ttl_s: int = 3600) -> None:
+        self.bus = bus
+        self.ttl_s = ttl_s
+
+    async def emit(self, request_id: str, event: WireModel) -> None:
+        stream = self.bus.keys.output(request_id)
+        await self.bus.publish(stream, event, maxlen=100_000)
+        await self.bus.redis.expire(stream, self.ttl_s)
+
+    async def progress(self, request_id: str) -> tuple[int, bool]:
+        """How many generated tokens the stream already holds, and whether it is finished (a
+        drafter that adopts a session re-emits only what is missing)."""
+        entries = await self.bus.redis.xrevrange(self.bus.keys.output(request_id), count=50)
+        for _eid, fields in entries:
+            try:
+                ev = OUTPUT_ADAPTER.validate_json(fields.get(FIELD) or fields.get(_s(FIELD)))
+            except ValueError:
+                continue
+            if isinstance(ev, DoneEvent):
+                return len(ev.token_ids), True
+            if isinstance(ev, ErrorEvent):
+                return 0, True
+            if isinstance(ev, TokenEvent):
+                return ev.index + len(ev.token_ids), False
+        return 0, False
+
+    async def delete(self, request_id: str) -> None:
+        await self.bus.redis.delete(self.bus.keys.output(request_id))
+
+    async def follow(
+        self,
+        request_id: str,
+        *,
+        on_event: Callable[[OutputEvent], Awaitable[None] | None] | None = None,
+        idle_timeout_s: float = 600.0,
+    ) -> DoneEvent:
+        """Read the stream from its start until the DoneEvent (returned) or an ErrorEvent
+        (``RequestFailed``), calling ``on_event`` on each event. Tokens re-emitted after a
+        drafter takeover are delivered once. Survives broker restarts (keeps its place)."""
+        out = self.bus.keys.output(request_id)
+        last_id = "0-0"
+        received = 0
+        last_seen = time.monotonic()
+        delay = 0.1
+        while True:
+            try:
+                resp = await self.bus.redis.xread({out: last_id}, count=256, block=500)
+                delay = 0.1
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                if time.monotonic() - last_seen > idle_timeout_s:
+                    raise RequestFailed("lost the connection to Redis and it did not come back") from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            if not resp:
+                if time.monotonic() - last_seen > idle_timeout_s:
+                    raise RequestFailed(
+                        f"no answer for {idle_timeout_s:.0f}s: are the verifier and scheduler "
+                        "running? (`wisp-cli status`)"
+                    )
+                continue
+            last_seen = time.monotonic()
+            for _stream, entries in resp:
+                for entry_id, fields in entries:
+                    last_id = _s(entry_id)
+                    event = OUTPUT_ADAPTER.validate_json(fields.get(FIELD) or fields.get(_s(FIELD)))
+                    if isinstance(event, TokenEvent):
+                        if event.index + len(event.token_ids) <= received:
+                            continue  # already delivered (re-emitted after a drafter takeover)
+                        received = event.index + len(event.token_ids)
+                    if on_event is not None:
+                        r = on_event(event)
+                        if r is not None:
+                            await r
+                    if isinstance(event, ErrorEvent):
+                        raise RequestFailed(event.error)
+                    if isinstance(event, DoneEvent):
+                        return event
 
 
 def _render_fields(fields: Any) -> str:

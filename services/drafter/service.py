@@ -17,7 +17,7 @@ from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from wisp.bus import Bus, Entry
+from wisp.bus import Bus, Entry, OutputStream, SessionStore
 from wisp.policy.controller import DraftLengthPolicy, FixedLength, SessionSpecStats, default_policy
 from wisp.policy.learned_estimator import PublishedModel, default_estimator
 from wisp.policy.session import SpecSession, expected_commit
@@ -27,17 +27,15 @@ from wisp.protocol import (
     DraftBlock,
     ErrorEvent,
     GenerateRequest,
-    ProtocolError,
     SessionState,
     TokenEvent,
     Verdict,
     WireDist,
     WireFeatures,
     WireModel,
-    decode,
     digest_ids,
 )
-from wisp.service import Service, Sweep, now
+from wisp.service import Consumer, Service, now
 from wisp.settings import Mode, Settings
 from wisp.specdec import round_generator
 
@@ -55,15 +53,6 @@ class SessionLost(RuntimeError):
     """Another drafter adopted this session (we were presumed dead); stop serving it."""
 
 
-_SAVE_IF_OWNER = """
-local cur = redis.call('GET', KEYS[1])
-if cur then
-  local ok, rec = pcall(cjson.decode, cur)
-  if ok and rec['device'] ~= ARGV[2] then return 0 end
-end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[3]))
-return 1
-"""
 
 
 @dataclass
@@ -149,6 +138,8 @@ class DrafterService(Service):
         # one the scheduler batches with); until one is published, the one this target ships
         self.published_model = PublishedModel(default_estimator(settings))
         self.sessions: dict[str, _Session] = {}
+        self.store = SessionStore(bus, settings.output_ttl_s)
+        self.output = OutputStream(bus, settings.output_ttl_s)
         self.tokenizer: Any = None
         self.engine: Any = None
         self.eos: frozenset[int] = frozenset()
@@ -170,9 +161,6 @@ class DrafterService(Service):
             model = await self.in_worker(models.load_model, s.draft_model, s)
             self.engine = DraftEngine(model, max_sessions=s.draft_sessions)
             await self.in_worker(self._warm_up)
-        await self.bus.ensure_group(self.keys.requests, REQUEST_GROUP)
-        await self.bus.ensure_group(self.keys.device_requests(self.name), REQUEST_GROUP)
-        await self.bus.ensure_group(self.keys.verdict(self.name), VERDICT_GROUP)
 
     def _warm_up(self) -> None:
         """One small draft so the first request does not pay for paging the weights in."""
@@ -182,9 +170,20 @@ class DrafterService(Service):
     def heartbeat_info(self) -> dict[str, Any]:
         return {**super().heartbeat_info(), "sessions": len(self.sessions)}
 
+    def consumers(self) -> list[Consumer]:
+        """Requests for any drafter (a shared group: one a dead drafter took is swept to a
+        live one), requests for this device, and this device's verdicts, read together so
+        their next rounds are drafted in one batched forward."""
+        return [
+            Consumer(self.keys.requests, REQUEST_GROUP, GenerateRequest, self.on_request, count=1,
+                     reclaim=True),
+            Consumer(self.keys.device_requests(self.name), REQUEST_GROUP, GenerateRequest,
+                     self.on_request, count=1),
+            Consumer(self.keys.verdict(self.name), VERDICT_GROUP, Verdict, batch=self.on_verdicts),
+        ]
+
     def loops(self) -> list:
-        return [self.shared_requests_loop, self.device_requests_loop, self.verdicts_loop,
-                self.adopt_loop]
+        return [self.adopt_loop]
 
     # ------------------------------------------------------------------ resume
     async def adopt_loop(self) -> None:
@@ -192,19 +191,11 @@ class DrafterService(Service):
         those of a drafter whose heartbeat expired (one adopter per session, by a lock)."""
         while not self.stopping.is_set():
             live = set(await self.bus.live("drafter")) | {self.name}
-            async for key in self.bus.redis.scan_iter(match=self.keys.session("*"), count=500):
-                raw = await self.bus.redis.get(key)
-                if raw is None:
-                    continue
-                try:
-                    st = decode(SessionState, raw)
-                except ProtocolError:
-                    continue
+            async for st in self.store.all():
                 rid = st.request.request_id
                 if rid in self.sessions or (st.device in live and st.device != self.name):
                     continue
-                lock = self.keys.session(rid) + ":adopt"
-                if not await self.bus.redis.set(lock, self.name, nx=True, px=30_000):
+                if not await self.store.lock_adoption(rid, self.name):
                     continue
                 try:
                     await self.resume(st)
@@ -217,9 +208,9 @@ class DrafterService(Service):
         """Take over a session from its record: re-emit committed tokens the client never got,
         then re-draft the round that was in flight (its verdict went to the old drafter)."""
         rid = st.request.request_id
-        emitted, done = await self._emitted(rid)
+        emitted, done = await self.output.progress(rid)
         if done:
-            await self.bus.redis.delete(self.keys.session(rid))
+            await self.store.delete(rid)
             return
         st = st.model_copy(update={"ttft_slo_ms": st.ttft_slo_ms or self.settings.ttft_slo_ms,
                                    "tpot_slo_ms": st.tpot_slo_ms or self.settings.tpot_slo_ms})
@@ -233,62 +224,20 @@ class DrafterService(Service):
         self.count("resumed")
         await self._continue(sess)  # re-emit what the client lacks, re-draft the open round
 
-    async def _emitted(self, request_id: str) -> tuple[int, bool]:
-        """How many generated tokens the client's stream already has, and whether it is done."""
-        from wisp.protocol import OUTPUT_ADAPTER
-
-        entries = await self.bus.redis.xrevrange(self.keys.output(request_id), count=50)
-        for _eid, fields in entries:
+    # ------------------------------------------------------------------ verdicts
+    async def on_verdicts(self, entries: list[Entry[Verdict]]) -> None:
+        """Apply every verdict read together first, then draft all their next rounds in one
+        batched call; the verdicts are acked (by the base) only after their rounds are
+        published (one re-delivered after a crash re-publishes its round: ``on_verdict`` is
+        idempotent)."""
+        pending: list[_Session] = []
+        for e in self._in_draft_order(entries):
             try:
-                ev = OUTPUT_ADAPTER.validate_json(fields.get(b"d") or fields.get("d"))
-            except ValueError:
-                continue
-            if isinstance(ev, DoneEvent | ErrorEvent):
-                return len(getattr(ev, "token_ids", [])), True
-            if isinstance(ev, TokenEvent):
-                return ev.index + len(ev.token_ids), False
-        return 0, False
-
-    def sweeps(self) -> list[Sweep]:
-        """Requests another drafter took from the shared stream but never answered."""
-        return [Sweep(self.keys.requests, REQUEST_GROUP, GenerateRequest, self.on_request)]
-
-    # ------------------------------------------------------------------ loops
-    async def shared_requests_loop(self) -> None:
-        await self._requests_loop(self.keys.requests)
-
-    async def device_requests_loop(self) -> None:
-        await self._requests_loop(self.keys.device_requests(self.name))
-
-    async def _requests_loop(self, stream: str) -> None:
-        while not self.stopping.is_set():
-            entries = await self.bus.read(
-                stream, REQUEST_GROUP, self.name, GenerateRequest, count=1,
-                block_ms=self.settings.block_ms,
-            )
-            for e in entries:
-                await self.on_request(e)
-
-    async def verdicts_loop(self) -> None:
-        stream = self.keys.verdict(self.name)
-        while not self.stopping.is_set():
-            entries = await self.bus.read(
-                stream, VERDICT_GROUP, self.name, Verdict, count=64,
-                block_ms=self.settings.block_ms,
-            )
-            # Apply every verdict read together first, then draft all their next rounds in one
-            # batched call; the verdicts are acked only after their rounds are published (one
-            # re-delivered after a crash re-publishes its round: ``on_verdict`` is idempotent).
-            pending: list[_Session] = []
-            for e in self._in_draft_order(entries):
-                try:
-                    await self.on_verdict(e, pending)
-                except SessionLost as err:
-                    log.warning("%s", err)
-                    self.count("sessions_lost")
-            await self._next_rounds(pending)
-            for e in entries:
-                await self.bus.ack(stream, VERDICT_GROUP, e.entry_id)
+                await self.on_verdict(e, pending)
+            except SessionLost as err:
+                log.warning("%s", err)
+                self.count("sessions_lost")
+        await self._next_rounds(pending)
 
     def _in_draft_order(self, entries: list[Entry[Verdict]]) -> list[Entry[Verdict]]:
         """wisp mode: the verdicts read together, in the order their sessions' next rounds should
@@ -324,7 +273,7 @@ class DrafterService(Service):
         try:
             if rid in self.sessions:  # re-delivered after a failure: finish what it started
                 await self._continue(self.sessions[rid])
-            elif not await self.bus.redis.exists(self.keys.session(rid)):
+            elif not await self.store.exists(rid):
                 sess = await self._open(req)
                 self.sessions[rid] = sess
                 await self._save(sess)
@@ -345,7 +294,6 @@ class DrafterService(Service):
             self.sessions.pop(rid, None)
             await self._emit(rid, ErrorEvent(request_id=rid, error=f"internal error: {err}",
                                              code="internal"))
-        await self.bus.ack(entry.stream, REQUEST_GROUP, entry.entry_id)
 
     def _tokenize(self, req: GenerateRequest) -> list[int]:
         from wisp.tokens import encode_prompt
@@ -395,7 +343,7 @@ class DrafterService(Service):
 
         from wisp.policy.slo import AdmissionController, VerifierLoad
 
-        raw, model = await self.bus.redis.mget(self.keys.load, self.keys.estimator_model)
+        raw, model = await self.bus.get_values(self.keys.load, self.keys.estimator_model)
         if raw is None:
             return None
         try:
@@ -442,11 +390,9 @@ class DrafterService(Service):
             "draft_ms": sp.draft_ms, "wasted_draft_ms": sp.wasted_ms,
             "verify_ms": sess.state.verify_ms + verify_ms,
         })
-        key = self.keys.session(st.request.request_id)
         if adopt:
-            await self.bus.redis.set(key, st.encode(), ex=self.settings.output_ttl_s)
-        elif not await self.bus.redis.eval(_SAVE_IF_OWNER, 1, key, st.encode(), self.name,
-                                           self.settings.output_ttl_s):
+            await self.store.adopt(st)
+        elif not await self.store.save_if_owner(st):
             self.sessions.pop(st.request.request_id, None)
             raise SessionLost(f"session {st.request.request_id} was adopted by another drafter")
         sess.state, sess.spec = st, sp
@@ -648,7 +594,7 @@ class DrafterService(Service):
         )
         await self._emit(rid, done)
         _observe_done(done)
-        await self.bus.redis.delete(self.keys.session(rid))
+        await self.store.delete(rid)
         self.sessions.pop(rid, None)
         sess.finished = True
         if self.engine is not None:
@@ -656,9 +602,7 @@ class DrafterService(Service):
         self.count("finished")
 
     async def _emit(self, request_id: str, event: WireModel) -> None:
-        stream = self.keys.output(request_id)
-        await self.bus.publish(stream, event, maxlen=100_000)
-        await self.bus.redis.expire(stream, self.settings.output_ttl_s)
+        await self.output.emit(request_id, event)
         self.count("events")
 
 

@@ -11,7 +11,7 @@ from wisp.bus import Bus, Entry
 from wisp.policy.estimator import BatchShape, SpeedNormalizer, VerifyTimeEstimator
 from wisp.policy.learned_estimator import default_estimator
 from wisp.protocol import AnnotatedBlock, DraftBlock, TimingSample
-from wisp.service import Service, Sweep, now
+from wisp.service import Consumer, Service, now
 from wisp.settings import Settings
 from wisp.telemetry import ESTIMATOR_ERROR
 
@@ -46,21 +46,13 @@ class EstimatorService(Service):
     def heartbeat_info(self) -> dict[str, Any]:
         return {**super().heartbeat_info(), "model_version": self.estimator.version}
 
-    async def setup(self) -> None:
-        await self.bus.ensure_group(self.keys.draft, GROUP)
-        await self.bus.ensure_group(self.keys.stats, GROUP, start="$")
-
-    def loops(self) -> list:
-        return [self.drafts_loop, self.stats_loop]
-
-    async def drafts_loop(self) -> None:
-        while not self.stopping.is_set():
-            entries = await self.bus.read(
-                self.keys.draft, GROUP, self.name, DraftBlock, count=64,
-                block_ms=self.settings.block_ms,
-            )
-            for e in entries:
-                await self.annotate(e)
+    def consumers(self) -> list[Consumer]:
+        return [
+            Consumer(self.keys.draft, GROUP, DraftBlock, self.annotate, reclaim=True),
+            # timings of batches verified before this group existed are not replayed ("$")
+            Consumer(self.keys.stats, GROUP, TimingSample, batch=self.learn_all, start="$",
+                     reclaim=True),
+        ]
 
     async def annotate(self, e: Entry[DraftBlock]) -> None:
         ab = AnnotatedBlock(
@@ -70,21 +62,16 @@ class EstimatorService(Service):
             annotated_ts=now(),
         )
         await self.bus.publish(self.keys.annotated, ab)
-        await self.bus.ack(e.stream, GROUP, e.entry_id)
 
-    async def stats_loop(self) -> None:
-        while not self.stopping.is_set():
-            entries = await self.bus.read(
-                self.keys.stats, GROUP, self.name, TimingSample, count=64,
-                block_ms=self.settings.block_ms,
-            )
-            for e in entries:
-                await self.learn(e)
-            if self.estimator.version != self.published_version:
-                await self.bus.redis.set(self.keys.estimator_model, self.estimator.to_json())
-                self.published_version = self.estimator.version
+    async def learn_all(self, entries: list[Entry[TimingSample]]) -> None:
+        """Learn from every timing read, then publish the model once if it changed."""
+        for e in entries:
+            self.learn(e)
+        if self.estimator.version != self.published_version:
+            await self.bus.set_value(self.keys.estimator_model, self.estimator.to_json())
+            self.published_version = self.estimator.version
 
-    async def learn(self, e: Entry[TimingSample]) -> None:
+    def learn(self, e: Entry[TimingSample]) -> None:
         s = e.msg
         if s.new_tokens:
             shape = BatchShape.of(s.new_tokens, s.context_lens)
@@ -98,11 +85,6 @@ class EstimatorService(Service):
                 ESTIMATOR_ERROR.observe(err)
                 del self.abs_pct_errors[:-1000]
             self.estimator.observe(shape, measured)
-        await self.bus.ack(e.stream, GROUP, e.entry_id)
-
-    def sweeps(self) -> list[Sweep]:
-        return [Sweep(self.keys.draft, GROUP, DraftBlock, self.annotate),
-                Sweep(self.keys.stats, GROUP, TimingSample, self.learn)]
 
     @property
     def mape(self) -> float:

@@ -22,7 +22,7 @@ from wisp.policy.learned_estimator import PublishedModel, default_estimator
 from wisp.policy.scheduler import BatchPolicy, RoundInfo, SchedulerCore
 from wisp.policy.slo import batch_policy, deadline_at
 from wisp.protocol import AnnotatedBlock, TimingSample, VerifyBatch
-from wisp.service import Service, Sweep, now
+from wisp.service import Consumer, Service, now
 from wisp.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class SchedulerService(Service):
         self.blocks: dict[str, AnnotatedBlock] = {}
         self.entry_ids: dict[str, str] = {}
         self.wake = asyncio.Event()
-        self.leader = False
+        self.leader = False  # until the lease is ours (lease_loop)
         self.batches_sent = 0
         self._slo_seen: dict[str, float] = {}
         self.health = VerifierHealth(degraded_ratio=s.slow_verifier_ratio,
@@ -90,13 +90,21 @@ class SchedulerService(Service):
             "batches": self.batches_sent,
         }
 
-    async def setup(self) -> None:
-        await self.bus.ensure_group(self.keys.annotated, GROUP)
-        await self.bus.ensure_group(self.keys.stats, GROUP, start="$")
+    def consumers(self) -> list[Consumer]:
+        """Rounds and batch completions, read (and swept from a dead scheduler) by the active
+        scheduler only. A round's entry is acked only once the batch holding it was written
+        (``_dispatch``), so a scheduler that dies holding rounds in memory loses none. The
+        completions group is shared: a standby reading it would steal completions of batches
+        only the leader knows about (the leader would re-queue them and verify them twice)."""
+        return [
+            Consumer(self.keys.annotated, GROUP, AnnotatedBlock, self.take, leader_only=True,
+                     ack=False, reclaim=True),
+            Consumer(self.keys.stats, GROUP, TimingSample, batch=self.on_stats_batch, start="$",
+                     leader_only=True, reclaim=True),
+        ]
 
     def loops(self) -> list:
-        loops = [self.lease_loop, self.rounds_loop, self.stats_loop, self.verifiers_loop,
-                 self.tick_loop, self.housekeeping_loop]
+        loops = [self.lease_loop, self.verifiers_loop, self.tick_loop, self.housekeeping_loop]
         return [*loops, self.model_loop] if self.reload_estimator else loops
 
     async def teardown(self) -> None:
@@ -111,25 +119,19 @@ class SchedulerService(Service):
             self.leader = await self.bus.acquire_lease(LEASE, self.name, ttl)
             if self.leader != was:
                 log.info("%s is %s", self.name, "the active scheduler" if self.leader else "standby")
-            await self._sleep(ttl / 3)
-
-    async def rounds_loop(self) -> None:
-        while not self.stopping.is_set():
-            if not self.leader:
-                await self._sleep(0.1)
-                continue
-            entries = await self.bus.read(
-                self.keys.annotated, GROUP, self.name, AnnotatedBlock, count=64,
-                block_ms=self.settings.block_ms,
-            )
-            for e in entries:
-                await self.take(e)
+            await self._pause(ttl / 3)
 
     async def take(self, e: Entry[AnnotatedBlock]) -> None:
-        """Queue one annotated round (from the group or reclaimed from a dead scheduler)."""
+        """Queue one annotated round (from the group or reclaimed from a dead scheduler). Its
+        entry stays pending until the batch holding it is written. The same entry delivered
+        again while we hold it (our pending list re-read after an outage or a failed handler,
+        or swept back to us) is left pending: acking it would lose the round if we died before
+        sending it. Another entry of a round we hold (re-published by its drafter) is acked:
+        the held entry, or the written batch, keeps the round."""
         info = round_info(e.msg, now())
-        if info.key in self.blocks:  # duplicate delivery of a round we hold
-            await self.bus.ack(e.stream, GROUP, e.entry_id)
+        if info.key in self.blocks:
+            if self.entry_ids.get(info.key) != e.entry_id:
+                await self.bus.ack(e.stream, GROUP, e.entry_id)
             return
         self.blocks[info.key] = e.msg
         self.entry_ids[info.key] = e.entry_id
@@ -138,32 +140,12 @@ class SchedulerService(Service):
             await self._forget(old)
         self.wake.set()
 
-    def sweeps(self) -> list[Sweep]:
-        """Only the active scheduler adopts rounds (and completions) a dead scheduler had
-        read; asked on every sweep pass, so a standby starts sweeping when it takes over."""
-        if not self.leader:
-            return []
-        return [Sweep(self.keys.annotated, GROUP, AnnotatedBlock, self.take),
-                Sweep(self.keys.stats, GROUP, TimingSample, self.on_stats)]
+    async def on_stats_batch(self, entries: list[Entry[TimingSample]]) -> None:
+        for e in entries:
+            self.on_stats(e)
+        self.wake.set()
 
-    async def stats_loop(self) -> None:
-        """Batch completions, read by the active scheduler only: the group is shared, so a
-        standby reading it would steal completions of batches only the leader knows about
-        (the leader would then re-queue them as overdue and verify them twice)."""
-        while not self.stopping.is_set():
-            if not self.leader:
-                await self._sleep(0.1)
-                continue
-            entries = await self.bus.read(
-                self.keys.stats, GROUP, self.name, TimingSample, count=64,
-                block_ms=self.settings.block_ms,
-            )
-            for e in entries:
-                await self.on_stats(e)
-            if entries:
-                self.wake.set()
-
-    async def on_stats(self, e: Entry[TimingSample]) -> None:
+    def on_stats(self, e: Entry[TimingSample]) -> None:
         s = e.msg
         plan = self.core.complete(s.batch_id)
         if plan is not None:
@@ -176,7 +158,6 @@ class SchedulerService(Service):
             if s.new_tokens and not s.cache_misses:
                 shape = BatchShape.of(s.new_tokens, s.context_lens)
                 self.health.observe(s.verifier, self.estimator.predict(shape), s.measured_ms)
-        await self.bus.ack(e.stream, GROUP, e.entry_id)
 
     async def verifiers_loop(self) -> None:
         while not self.stopping.is_set():
@@ -198,7 +179,7 @@ class SchedulerService(Service):
             if requeued:
                 log.warning("re-queued %d rounds from vanished verifiers", len(requeued))
                 self.wake.set()
-            await self._sleep(min(0.5, self.settings.heartbeat_s))
+            await self._pause(min(0.5, self.settings.heartbeat_s))
 
     async def tick_loop(self) -> None:
         while not self.stopping.is_set():
@@ -225,10 +206,11 @@ class SchedulerService(Service):
         """Reload the verify-time model whenever the estimator service publishes a new one
         (``wisp:estimator:model``, polled every second; a bad one is logged and skipped)."""
         while not self.stopping.is_set():
-            if self.published_model.update(await self.bus.redis.get(self.keys.estimator_model)):
+            raw, = await self.bus.get_values(self.keys.estimator_model)
+            if self.published_model.update(raw):
                 self.estimator = self.core.estimator = self.published_model.current
                 self.wake.set()
-            await self._sleep(1.0)
+            await self._pause(1.0)
 
     async def housekeeping_loop(self) -> None:
         """Forget finished sessions (the drafter deletes a session's record when it ends) and
@@ -241,20 +223,18 @@ class SchedulerService(Service):
                 active |= {r.request_id for r in self.core.inflight_rounds.values()}
                 idle = [rid for rid in self.core.affinity if rid not in active]
                 if idle:
-                    pipe = self.bus.redis.pipeline(transaction=False)
-                    for rid in idle:
-                        pipe.exists(self.keys.session(rid))
-                    for rid, alive in zip(idle, await pipe.execute(), strict=True):
+                    alive_list = await self.bus.exists_many([self.keys.session(r) for r in idle])
+                    for rid, alive in zip(idle, alive_list, strict=True):
                         if not alive:
                             self.core.finish_request(rid)
                             self._slo_seen.pop(rid, None)
                 loads = [vars(x) for x in snapshot(self.core, now(), self._tpot_slo_of)]
-                await self.bus.redis.set(
+                await self.bus.set_value(
                     self.keys.load,
                     json.dumps({"ts": now(), "scheduler": self.name, "verifiers": loads}),
-                    px=int(self.settings.heartbeat_ttl_s * 1000),
+                    ttl_ms=int(self.settings.heartbeat_ttl_s * 1000),
                 )
-            await self._sleep(0.5)
+            await self._pause(0.5)
 
     def _tpot_slo_of(self, request_id: str) -> float | None:
         for ab in self.blocks.values():
@@ -285,7 +265,3 @@ class SchedulerService(Service):
         eid = self.entry_ids.pop(key, None)
         if eid is not None:
             await self.bus.ack(self.keys.annotated, GROUP, eid)
-
-    async def _sleep(self, s: float) -> None:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.stopping.wait(), s)

@@ -14,18 +14,9 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from wisp.bus import Bus, Entry
-from wisp.protocol import (
-    DraftBlock,
-    ProtocolError,
-    SessionState,
-    TimingSample,
-    Verdict,
-    VerifyBatch,
-    decode,
-    digest_ids,
-)
-from wisp.service import Service, now
+from wisp.bus import Bus, Entry, SessionStore
+from wisp.protocol import DraftBlock, TimingSample, Verdict, VerifyBatch, WireModel, digest_ids
+from wisp.service import Consumer, Service, now
 from wisp.settings import Settings
 from wisp.specdec import SparseDist, round_generator
 
@@ -45,6 +36,7 @@ class VerifierService(Service):
         self.batches = 0
         self.slowdown_s = settings.fault_delay_ms / 1000.0
         """Extra seconds slept per batch: fault injection for tests of slow verifiers."""
+        self.store = SessionStore(bus, settings.output_ttl_s)
 
     async def setup(self) -> None:
         from wisp import models
@@ -55,7 +47,6 @@ class VerifierService(Service):
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.engine = VerifierEngine(model, max_sessions=s.kv_sessions)
         await self.in_worker(self._warm_up)
-        await self.bus.ensure_group(self.keys.batch(self.name), GROUP)
 
     def _warm_up(self) -> None:
         """One small forward so the first real batch does not pay one-off costs."""
@@ -67,18 +58,10 @@ class VerifierService(Service):
     def heartbeat_info(self) -> dict[str, Any]:
         return {**super().heartbeat_info(), "batches": self.batches}
 
-    def loops(self) -> list:
-        return [self.batches_loop]
-
-    async def batches_loop(self) -> None:
-        stream = self.keys.batch(self.name)
-        while not self.stopping.is_set():
-            entries = await self.bus.read(
-                stream, GROUP, self.name, VerifyBatch, count=1, block_ms=self.settings.block_ms
-            )
-            for e in entries:
-                await self.on_batch(e)
-                await self.bus.ack(stream, GROUP, e.entry_id)
+    def consumers(self) -> list[Consumer]:
+        """This verifier's own batch stream, one batch at a time, acked after its verdicts and
+        timing sample are written."""
+        return [Consumer(self.keys.batch(self.name), GROUP, VerifyBatch, self.on_batch, count=1)]
 
     # ------------------------------------------------------------------ one batch
     async def _committed(self, b: DraftBlock) -> list[int] | None:
@@ -87,13 +70,8 @@ class VerifierService(Service):
         if m is not None and len(m) == b.base_committed_len and digest_ids(m) == b.committed_digest:
             self.mirror.move_to_end(b.request_id)
             return m
-        raw = await self.bus.redis.get(self.keys.session(b.request_id))
-        if raw is None:
-            return None
-        try:
-            state = decode(SessionState, raw)
-        except ProtocolError as err:
-            log.warning("session %s unreadable: %s", b.request_id, err.reason)
+        state = await self.store.get(b.request_id)
+        if state is None:
             return None
         c = state.committed
         if len(c) != b.base_committed_len or digest_ids(c) != b.committed_digest:
@@ -161,7 +139,7 @@ class VerifierService(Service):
             if self.slowdown_s:
                 await asyncio.sleep(self.slowdown_s)
             measured_ms = (time.perf_counter() - t0) * 1000.0
-        pipe = self.bus.redis.pipeline(transaction=False)
+        out: list[tuple[str, WireModel]] = []
         for b, item, res in zip(blocks, items, results, strict=True):
             verdict = Verdict(
                 request_id=b.request_id,
@@ -177,8 +155,7 @@ class VerifierService(Service):
                 queue_ms=max(0.0, (started - b.sent_ts) * 1000.0),
                 cache_hit=res.cache_hit,
             )
-            pipe.xadd(self.keys.verdict(b.device), {"d": verdict.encode()},
-                      maxlen=self.settings.stream_maxlen, approximate=True)
+            out.append((self.keys.verdict(b.device), verdict))
             self._remember(b.request_id, list(item.committed) + list(res.tokens))
         sample = TimingSample(
             verifier=self.name,
@@ -191,9 +168,8 @@ class VerifierService(Service):
             cache_misses=sum(0 if r.cache_hit else 1 for r in results),
             ts=now(),
         )
-        pipe.xadd(self.keys.stats, {"d": sample.encode()},
-                  maxlen=self.settings.stream_maxlen, approximate=True)
-        await pipe.execute()
+        out.append((self.keys.stats, sample))
+        await self.bus.publish_many(out)
         self.batches += 1
         self.count("rounds", len(items))
         _observe(blocks, results, measured_ms)
