@@ -1,7 +1,8 @@
 """Assembling and running services: the embedded broker, the Redis URL, signal handling.
 
 Used by ``wisp-cli up`` (all four services in one process), ``wisp-cli serve ROLE`` (one service
-per process) and the tests.
+per process), every command that runs work on a system of its own (``with_services``: ``demo``,
+``bench``, ``trace record``, ``sim validate``) and the tests.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from wisp.bus import Bus, Keys, redact, wait_for_redis
@@ -27,10 +30,16 @@ from wisp.settings import Settings
 log = logging.getLogger(__name__)
 
 ROLES = ("drafter", "verifier", "scheduler", "estimator")
+ALL_ROLES: tuple[str, ...] = ("estimator", "scheduler", "verifier", "drafter")
+"""The whole pipeline in one process, consumers set up before the producers that feed them."""
 
 
 class BrokerUnavailable(RuntimeError):
     """No Redis URL could be found or reached; the message says what to do."""
+
+
+class ServicesStopped(RuntimeError):
+    """The services ended while work ran on them: one failed, or SIGINT/SIGTERM stopped them."""
 
 
 def _ephemeral_low() -> int:
@@ -185,6 +194,16 @@ async def connect(settings: Settings, url: str, timeout_s: float = 10.0) -> Bus:
     return Bus(redis, Keys(settings.namespace), settings.stream_maxlen)
 
 
+@contextlib.asynccontextmanager
+async def connected(settings: Settings, url: str, timeout_s: float = 10.0) -> AsyncIterator[Bus]:
+    """A ``Bus`` on ``url`` for the length of a block; its connection is closed after."""
+    bus = await connect(settings, url, timeout_s)
+    try:
+        yield bus
+    finally:
+        await bus.redis.aclose()
+
+
 # ---------------------------------------------------------------------- services
 def build(role: str, settings: Settings, bus: Bus, name: str | None = None) -> Service:
     if role == "drafter":
@@ -280,3 +299,82 @@ async def _export_lag(bus: Bus, stop: asyncio.Event, period_s: float = 5.0) -> N
                     STREAM_PENDING.labels(short, g["group"]).set(g["pending"])
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), period_s)
+
+
+@dataclass(frozen=True)
+class System:
+    """A running set of services, as ``with_services`` hands it to the work done on it."""
+
+    url: str
+    settings: Settings
+    """The settings the services run with (``redis_url`` is ``url``)."""
+    bus: Bus
+    """A connection of the caller's own (the services each have theirs)."""
+    services: list[Service]
+
+
+@contextlib.asynccontextmanager
+async def with_services(
+    settings: Settings, roles: Sequence[str] = ALL_ROLES, *, redis_url: str | None = None,
+) -> AsyncIterator[System]:
+    """Run ``roles`` in this event loop for the length of a block: on a private embedded
+    redis-server unless ``redis_url`` is given, entered once every service is ready, and
+    stopped (services drained, connections closed, the embedded server removed) on the way out.
+
+    Why one harness: every command that answers prompts on a system of its own (``demo``,
+    ``bench``, ``trace record``, ``sim validate``) needs exactly this, and each used to spell it
+    out with callbacks and a result dict. If the services end while the block runs (a service
+    failed, or SIGINT/SIGTERM), the block is cancelled and ``ServicesStopped`` raised, rather
+    than the block waiting forever for answers no one will send."""
+    embedded = None
+    if redis_url is None:
+        embedded = EmbeddedRedis().start()
+        redis_url = embedded.url
+    url = redis_url
+    settings = settings.model_copy(update={"redis_url": url})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[list[Service]] = loop.create_future()
+
+    async def on_ready(services: list[Service]) -> None:
+        if not ready.done():
+            ready.set_result(services)
+
+    task = asyncio.create_task(run_services(list(roles), settings, url, on_ready=on_ready, stop=stop))
+    closing = False
+    bus: Bus | None = None
+    try:
+        await asyncio.wait([ready, task], return_when=asyncio.FIRST_COMPLETED)
+        if not ready.done():
+            task.result()  # a service that failed to start raises here
+            raise ServicesStopped("the services stopped before they were ready")
+        bus = await connect(settings, url)
+        body = asyncio.current_task()
+        assert body is not None
+
+        def services_ended(_t: asyncio.Task[None]) -> None:
+            if not closing:
+                body.cancel()
+
+        task.add_done_callback(services_ended)
+        try:
+            yield System(url, settings, bus, ready.result())
+        except asyncio.CancelledError:
+            if closing or not task.done():
+                raise
+            body.uncancel()
+            err = None if task.cancelled() else task.exception()
+            if err is not None:
+                raise ServicesStopped(f"a service failed while the work ran: {err}") from err
+            raise ServicesStopped("the services were stopped (SIGINT/SIGTERM) before the work was "
+                                  "done") from None
+    finally:
+        closing = True
+        stop.set()
+        if not ready.done():
+            ready.cancel()
+        await asyncio.gather(task, return_exceptions=True)  # its error, if any, was raised above
+        if bus is not None:
+            await bus.redis.aclose()
+        if embedded is not None:
+            embedded.cleanup()

@@ -11,14 +11,25 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from wisp.bus import Bus
+from pydantic import BaseModel
+
+from wisp.bus import FIELD, Bus
 from wisp.client import RequestFailed, submit
 from wisp.metrics import RequestRecord, Summary, percentile, summarize
-from wisp.protocol import DoneEvent, TokenEvent
+from wisp.protocol import (
+    AnnotatedBlock,
+    DoneEvent,
+    DraftBlock,
+    ProtocolError,
+    TokenEvent,
+    Verdict,
+    VerifyBatch,
+    decode,
+)
 
 
 @dataclass(frozen=True)
@@ -207,3 +218,142 @@ def table_rows(rows: list[dict[str, Any]], with_run: bool = False) -> tuple[list
                 line.append(str(v))
         body.append(line)
     return header, body
+
+
+# ---------------------------------------------------------------------- the pipeline's own cost
+PIPELINE_HOPS = 4
+"""Stream hops of one round: drafter -> estimator (``wisp:draft``) -> scheduler
+(``wisp:annotated``) -> verifier (``wisp:batch:<v>``) -> drafter (``wisp:verdict:<d>``)."""
+
+SEGMENTS = ("drafter->estimator", "estimator->scheduler->batch", "batch->verifier",
+            "verifier->drafter->next block")
+"""A round's period cut at the timestamps the messages carry (``DraftBlock.sent_ts``,
+``AnnotatedBlock.annotated_ts``, ``VerifyBatch.created_ts``, the verifier's start
+``sent_ts + Verdict.queue_ms``, the next block's ``sent_ts``); the four add up to the period."""
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def stream_messages(bus: Bus, stream: str, model: type[M], since: float = 0.0,
+                          page: int = 5000) -> list[M]:
+    """Every message of ``model`` in ``stream`` added since unix time ``since`` (XRANGE, paged;
+    entries that do not parse are skipped: they are not the benchmark's)."""
+    start = f"{int(since * 1000)}-0"
+    out: list[M] = []
+    while True:
+        entries = await bus.redis.xrange(stream, min=start, max="+", count=page)
+        for _eid, fields in entries:
+            try:
+                out.append(decode(model, fields.get(FIELD) or fields.get(FIELD.decode())))
+            except ProtocolError:
+                continue
+        if len(entries) < page:
+            return out
+        last = entries[-1][0]
+        start = "(" + (last.decode() if isinstance(last, bytes) else str(last))
+
+
+def _first_of_each_round(blocks: Iterable[DraftBlock]) -> dict[tuple[str, int], DraftBlock]:
+    """One block per (request, round): the first published (a re-published round after a
+    failure would otherwise count twice)."""
+    out: dict[tuple[str, int], DraftBlock] = {}
+    for b in sorted(blocks, key=lambda b: b.sent_ts):
+        out.setdefault((b.request_id, b.round), b)
+    return out
+
+
+def round_overheads(blocks: Iterable[DraftBlock],
+                    verify_ms: Mapping[tuple[str, int], float] | None = None) -> list[float]:
+    """Per-round pipeline overhead in ms, one value per round whose next round was published.
+
+    A round's period runs from the drafter publishing its block (``sent_ts``) to the drafter
+    publishing the session's next block: the four stream hops there and back, every service's
+    handling, the scheduler's batching, and the drafter applying the verdict (saving the session,
+    streaming the tokens). Engine time is taken out: the next round's drafting (its
+    ``draft_ms``) and the round's verification (``verify_ms[(request, round)]``; leave it out for
+    the null engines, whose verification is nothing, so the verifier service's own handling
+    stays in the overhead). Both ends are stamped by the same drafter clock."""
+    rounds = _first_of_each_round(blocks)
+    out = []
+    for (rid, r), a in rounds.items():
+        b = rounds.get((rid, r + 1))
+        if b is None:
+            continue
+        engine = b.draft_ms + (verify_ms or {}).get((rid, r), 0.0)
+        out.append((b.sent_ts - a.sent_ts) * 1000.0 - engine)
+    return out
+
+
+def round_segments(blocks: Iterable[DraftBlock], annotated: Iterable[AnnotatedBlock],
+                   batches: Iterable[VerifyBatch], verdicts: Iterable[Verdict]) -> dict[str, list[float]]:
+    """Each round's period cut into ``SEGMENTS`` (ms), for the rounds every timestamp was found
+    for: where the pipeline's time goes."""
+    rounds = _first_of_each_round(blocks)
+    ann = {(a.block.request_id, a.block.round): a.annotated_ts for a in annotated}
+    made = {(i.block.request_id, i.block.round): b.created_ts for b in batches for i in b.items}
+    queued = {(v.request_id, v.round): v.queue_ms for v in verdicts}
+    out: dict[str, list[float]] = {s: [] for s in SEGMENTS}
+    for key, a in rounds.items():
+        nxt = rounds.get((key[0], key[1] + 1))
+        if nxt is None or key not in ann or key not in made or key not in queued:
+            continue
+        started = a.sent_ts + queued[key] / 1000.0
+        cuts = (a.sent_ts, ann[key], made[key], started, nxt.sent_ts - nxt.draft_ms / 1000.0)
+        for name, t0, t1 in zip(SEGMENTS, cuts[:-1], cuts[1:], strict=True):
+            out[name].append((t1 - t0) * 1000.0)
+    return out
+
+
+async def raw_hop_chain(url: str, prefix: str, *, devices: int, duration_s: float,
+                        hops: int = PIPELINE_HOPS, warmup_s: float = 0.5, payload_bytes: int = 600,
+                        count: int = 64) -> list[float]:
+    """The floor under a round: ``devices`` messages circulating through a ring of ``hops``
+    bare Redis stream hops (each XADD -> XREADGROUP -> XACK, one consumer group and one
+    connection per stage, as the services have), measured the way ``round_overheads`` measures
+    the pipeline: ms between two sends of the same device's message. Stage 0 plays the drafter
+    (it holds every device), the others relay; each publishes before it acks, as the services do.
+    Keys are under ``prefix`` and deleted afterwards."""
+    import redis.asyncio as aioredis
+
+    streams = [f"{prefix}:hop{i}" for i in range(hops)]
+    group = "g"
+    clients = [aioredis.from_url(url) for _ in range(hops)]
+    for s in streams:
+        await clients[0].xgroup_create(s, group, id="0", mkstream=True)
+    payload = b"x" * payload_bytes
+    periods: list[float] = []
+    last_sent: dict[bytes, float] = {}
+    start = time.perf_counter()
+    measure_from = start + warmup_s
+    stop_at = measure_from + duration_s
+
+    async def send(r: aioredis.Redis, stream: str, dev: bytes) -> None:
+        await r.xadd(stream, {b"i": dev, FIELD: payload}, maxlen=10_000, approximate=True)
+
+    async def stage(i: int) -> None:
+        r, src = clients[i], streams[i - 1]  # stage 0 reads the last stream: the ring closes
+        dst = streams[i]
+        while time.perf_counter() < stop_at:
+            resp = await r.xreadgroup(group, f"c{i}", {src: ">"}, count=count, block=100)
+            for _stream, entries in resp or []:
+                for eid, fields in entries:
+                    dev = fields[b"i"]
+                    if i == 0:  # stamped before the send, as DraftBlock.sent_ts
+                        now = time.perf_counter()
+                        if now >= measure_from:
+                            periods.append((now - last_sent[dev]) * 1000.0)
+                        last_sent[dev] = now
+                    await send(r, dst, dev)
+                    await r.xack(src, group, eid)
+
+    try:
+        for d in range(devices):
+            dev = str(d).encode()
+            last_sent[dev] = time.perf_counter()
+            await send(clients[0], streams[0], dev)
+        await asyncio.gather(*(stage(i) for i in range(hops)))
+    finally:
+        await clients[0].delete(*streams)
+        for c in clients:
+            await c.aclose()
+    return periods

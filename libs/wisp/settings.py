@@ -58,6 +58,12 @@ class Settings(BaseSettings):
     device: str = Field(default="cpu", description="torch device of the models (cpu, cuda, cuda:1).")
     dtype: str = Field(default="auto", description="auto = float32 on CPU, bfloat16 on GPU.")
     torch_threads: int = Field(default=0, ge=0, description="0 = torch's default.")
+    null_models: bool = Field(
+        default=False,
+        description="Load no model: the drafter drafts a fixed few tokens and the verifier accepts "
+        "them at once (`wisp-cli bench --null-models`), so what is left of a round's time is the "
+        "pipeline's own cost (broker hops, services, scheduling).",
+    )
 
     # --- requests ---------------------------------------------------------------------------
     max_new_tokens_default: int = Field(default=128, ge=1)

@@ -46,6 +46,14 @@ class EstimatorService(Service):
     def heartbeat_info(self) -> dict[str, Any]:
         return {**super().heartbeat_info(), "model_version": self.estimator.version}
 
+    async def setup(self) -> None:
+        await self._publish_if_changed()  # the starting model, for the scheduler and admission
+
+    async def _publish_if_changed(self) -> None:
+        if self.estimator.version != self.published_version:
+            await self.bus.set_value(self.keys.estimator_model, self.estimator.to_json())
+            self.published_version = self.estimator.version
+
     def consumers(self) -> list[Consumer]:
         return [
             Consumer(self.keys.draft, GROUP, DraftBlock, self.annotate, reclaim=True),
@@ -67,9 +75,7 @@ class EstimatorService(Service):
         """Learn from every timing read, then publish the model once if it changed."""
         for e in entries:
             self.learn(e)
-        if self.estimator.version != self.published_version:
-            await self.bus.set_value(self.keys.estimator_model, self.estimator.to_json())
-            self.published_version = self.estimator.version
+        await self._publish_if_changed()
 
     def learn(self, e: Entry[TimingSample]) -> None:
         s = e.msg

@@ -43,6 +43,11 @@ class VerifierService(Service):
         from wisp.services.verifier.engine import VerifierEngine
 
         s = self.settings
+        if s.null_models:  # `wisp-cli bench --null-models`: the pipeline's own cost, no model
+            from wisp.services.verifier.null_engine import null_verifier
+
+            self.vocab_size, self.engine = null_verifier()
+            return
         model = await self.in_worker(models.load_model, s.target_model, s)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.engine = VerifierEngine(model, max_sessions=s.kv_sessions)

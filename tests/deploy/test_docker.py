@@ -110,7 +110,7 @@ def test_dockerignore_keeps_the_code_and_drops_the_rest() -> None:
         "README.md",
         "libs/wisp/settings.py",
         "libs/wisp/data/x.json",
-        "services/cli.py",
+        "services/cli/main.py",
     ):
         assert not _ignored(needed, patterns), needed
     for dropped in (

@@ -20,20 +20,20 @@ def _drafter(bus: Bus) -> DrafterService:
 
 
 async def test_no_snapshot_admits(bus: Bus) -> None:
-    assert await _drafter(bus)._refusal(40, 10_000, 1_000) is None
+    assert await _drafter(bus).admission.refusal(40, 10_000, 1_000) is None
 
 
 async def test_empty_snapshot_refuses_only_when_no_verifier_is_ready(bus: Bus) -> None:
     d = _drafter(bus)
     await bus.redis.set(bus.keys.load, json.dumps({"ts": 0, "scheduler": "s", "verifiers": []}))
-    reason = await d._refusal(40, 10_000, 1_000)
+    reason = await d.admission.refusal(40, 10_000, 1_000)
     assert reason is not None and "no live verifier" in reason
     # a verifier that is live but not ready (still loading its model) does not count
     await bus.heartbeat("verifier", "v-loading", {"ready": False}, ttl_s=30)
-    assert await d._refusal(40, 10_000, 1_000) is not None
+    assert await d.admission.refusal(40, 10_000, 1_000) is not None
     # a ready verifier the scheduler has not registered yet: the snapshot lags, admit
     await bus.heartbeat("verifier", "v-ready", {"ready": True}, ttl_s=30)
-    assert await d._refusal(40, 10_000, 1_000) is None
+    assert await d.admission.refusal(40, 10_000, 1_000) is None
 
 
 def _published(ms: float) -> str:
@@ -58,18 +58,18 @@ async def test_admission_predicts_with_the_published_model(bus: Bus) -> None:
     d = _drafter(bus)
     await _one_idle_verifier(bus)
     await bus.redis.set(bus.keys.estimator_model, _published(60_000.0))
-    reason = await d._refusal(40, 10_000, 100_000)
+    reason = await d.admission.refusal(40, 10_000, 100_000)
     assert reason is not None and "time to first token" in reason, reason
     assert isinstance(d.published_model.current, le.LearnedEstimator)
     await bus.redis.set(bus.keys.estimator_model, _published(50.0))
-    assert await d._refusal(40, 10_000, 100_000) is None
+    assert await d.admission.refusal(40, 10_000, 100_000) is None
 
 
 async def test_a_corrupt_published_model_keeps_the_last_good_one(bus: Bus) -> None:
     d = _drafter(bus)
     await _one_idle_verifier(bus)
     await bus.redis.set(bus.keys.estimator_model, _published(60_000.0))
-    assert await d._refusal(40, 10_000, 100_000) is not None
+    assert await d.admission.refusal(40, 10_000, 100_000) is not None
     await bus.redis.set(bus.keys.estimator_model, b'{"kind": "learned", "schema": 99}')
-    assert await d._refusal(40, 10_000, 100_000) is not None  # still the slow model
+    assert await d.admission.refusal(40, 10_000, 100_000) is not None  # still the slow model
     assert d.published_model.error is not None

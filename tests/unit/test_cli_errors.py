@@ -22,6 +22,8 @@ ENV = {k: v for k, v in os.environ.items() if not k.startswith("WISP_")}
      1, "unknown model 'qwen-coder-7b'"),
     (["serve", "verifier", "--mode", "turbo"], 2, "--mode"),
     (["bench", "--mode", "wisp,fast"], 2, "unknown mode"),
+    (["bench", "--devices", "1,0"], 2, "--devices"),
+    (["bench", "--null-models", "--redis-url", "redis://127.0.0.1:1"], 2, "--redis-url"),
     (["models", "prepare", "llama-70b"], 1, "unknown model alias"),
 ])
 def test_refused_with_one_line(args: list[str], code: int, needle: str) -> None:

@@ -352,7 +352,7 @@ def test_shipped_qwen_controller_loads() -> None:
 # ---------------------------------------------------------------------- lossless on tiny models
 def test_greedy_loop_with_controller_is_lossless(tiny_pair: tuple[Path, Path]) -> None:
     from transformers import AutoModelForCausalLM
-    from wisp.services.cli_controller import greedy_loop
+    from wisp.services.cli.controller import greedy_loop
     from wisp.services.drafter.engine import DraftEngine
     from wisp.services.verifier.engine import VerifierEngine
 

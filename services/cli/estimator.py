@@ -19,17 +19,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from wisp.services.cli.common import fail, make_settings, output_path, preflight_models, require_file
 
 profile_app = typer.Typer(help="Measure the real verifier over a grid of batch shapes.",
                           no_args_is_help=True)
 estimator_app = typer.Typer(help="Fit and evaluate the verification-time estimator.",
                             no_args_is_help=True)
-
-
-def _cli() -> Any:
-    from wisp.services import cli  # late: cli imports this module
-
-    return cli
 
 
 def _ints(text: str, flag: str, low: int) -> tuple[int, ...]:
@@ -102,7 +97,6 @@ def profile_verifier(
 ) -> None:
     """Time ONE batched verify per grid shape on the real target (cache-hit rounds: every row's
     session holds its context before timing) and write the samples with the hardware."""
-    cli = _cli()
     from wisp.profile import GridSpec, hardware_info, plan_grid, run_profile
 
     try:
@@ -110,9 +104,10 @@ def profile_verifier(
                         _ints(contexts, "--contexts", 1), repeats, mixed, max_batch_tokens, seed)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
-    settings = cli.make_settings(target_model=target_model, device=torch_device,
-                                 torch_threads=threads or None)
-    cli._preflight_models(settings, ["verifier"])
+    settings = make_settings(target_model=target_model, device=torch_device,
+                             torch_threads=threads or None)
+    preflight_models(settings, ["verifier"])
+    output_path(out)
     import torch
     from rich.console import Console
     from rich.progress import (
@@ -170,11 +165,11 @@ def profile_verifier(
 def _load_profile(path: Path) -> Any:
     from wisp.profile import Profile
 
+    require_file(path, "the profile", "wisp-cli profile verifier --out PATH")
     try:
         return Profile.load(path)
     except (OSError, ValueError) as err:
-        _cli().fail(f"cannot read profile {path}: {err}")
-        raise
+        fail(f"cannot read profile {path}: {err}")
 
 
 MaxContention = Annotated[float | None, typer.Option(
@@ -185,7 +180,7 @@ MaxContention = Annotated[float | None, typer.Option(
 def _pairs(prof: Any, max_contention: float | None) -> list:
     pairs = prof.pairs(max_contention=max_contention)
     if len(pairs) < 8:
-        _cli().fail(f"only {len(pairs)} usable batches in the profile (--max-contention too strict?)")
+        fail(f"only {len(pairs)} usable batches in the profile (--max-contention too strict?)")
     return pairs
 
 
@@ -217,6 +212,7 @@ def estimator_fit(
 
     prof = _load_profile(profile)
     pairs = _pairs(prof, max_contention)
+    output_path(out)
     cfg = le.FitConfig(n_trees=trees, depth=depth, seed=seed)
     train, test = le.split_by_shape(pairs, heldout, seed) if heldout > 0 else (pairs, [])
     meta = {"target_model": prof.target_model, "hardware": prof.hardware,
@@ -227,8 +223,7 @@ def estimator_fit(
     try:
         est = le.fit(train, cfg, meta={**meta, "split": split})
     except ValueError as err:
-        _cli().fail(str(err))
-        raise
+        fail(str(err))
     report = {"heldout": le.error_summary(le.abs_pct_errors(est, test)),
               "train": le.error_summary(le.abs_pct_errors(est, train)),
               "linear_heldout": le.error_summary(le.abs_pct_errors(le.fit_linear(train), test)),
@@ -236,7 +231,6 @@ def estimator_fit(
     if all_samples:
         est = le.fit(pairs, cfg, meta={**meta, "split": None})
     est.meta["eval"] = report
-    out.parent.mkdir(parents=True, exist_ok=True)
     est.save(out)
     h = report["heldout"]
     print(f"fitted on {est.meta['n_train']} batches ({'all' if all_samples else 'train split'}); "
@@ -272,17 +266,19 @@ def estimator_eval(
 
     prof = _load_profile(profile)
     pairs = _pairs(prof, max_contention)
+    if json_out is not None:
+        output_path(json_out)
     result: dict[str, Any] = {"profile": str(profile), "profile_samples": len(pairs),
                               "max_contention": max_contention, "hardware": prof.hardware,
                               "load_avg": prof.notes.get("load_avg_before"),
                               "mean_contention": prof.notes.get("mean_contention")}
     if model is not None:
+        require_file(model, "the estimator model", "wisp-cli estimator fit PROFILE --out PATH")
         try:
             est = le.load_estimator(model.read_text())
         except (OSError, ValueError) as err:
-            _cli().fail(f"cannot read model {model}: {err}")
-            raise
-        meta = getattr(est, "meta", {}) or {}
+            fail(f"cannot read model {model}: {err}")
+        meta = est.meta if isinstance(est, le.LearnedEstimator) else {}  # a linear model has none
         same = (meta.get("profile") or {}).get("id") == _profile_id(prof)
         split = meta.get("split")
         if same and split:
@@ -332,7 +328,6 @@ def estimator_eval(
         _by_group(test, errs, lambda s: f"{s.rounds:02d}").items())}
     text = json.dumps(result, indent=2, default=float)
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(text + "\n")
     if as_json:
         print(text)

@@ -12,43 +12,38 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
-import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from wisp.services.cli.common import (
+    PromptSet,
+    fail,
+    fmt,
+    make_settings,
+    output_path,
+    preflight_models,
+    preflight_prompts,
+    quiet_logging,
+    require_file,
+    run_async,
+    say,
+)
+from wisp.services.runner import ALL_ROLES, connected, with_services
+from wisp.settings import Settings
+
+if TYPE_CHECKING:
+    from wisp.policy.controller import LearnedController
 
 trace_app = typer.Typer(help="Record (draft features, verdict) traces from the live system.",
                         no_args_is_help=True)
 controller_app = typer.Typer(help="Train and evaluate the learned speculation controller.",
                              no_args_is_help=True)
-
-PromptSet = Annotated[str, typer.Option(
-    "--source", help="mixed (humaneval/mtbench/sharegpt round-robin) | humaneval | mtbench | sharegpt")]
-
-
-def _cli() -> Any:
-    from wisp.services import cli  # late: cli imports this module
-
-    return cli
-
-
-def _prompts(source: str, n: int, offset: int) -> list[Any]:
-    from wisp.data import load_prompts, mixed_prompts
-
-    try:
-        if source == "mixed":
-            return mixed_prompts(n, offset)
-        return load_prompts(source, n, offset)  # type: ignore[arg-type]
-    except (ValueError, RuntimeError, OSError) as err:
-        _cli().fail(f"cannot load prompts: {err}")
-        raise
-
 
 # ====================================================================== trace record
 @trace_app.command("record")
@@ -71,13 +66,15 @@ def trace_record(
 ) -> None:
     """Run prompts through the live system with a fixed draft length and tracing on, and write
     one row per judged drafted token (features, position, recent acceptance, label)."""
-    cli = _cli()
-    cli.setup_logging(False)
-    logging.getLogger().setLevel(logging.WARNING)
-    settings = cli.make_settings(mode="sled", draft_k=k, trace=True, draft_model=draft_model,
-                                 target_model=target_model, max_wait_ms=1.0)
-    items = _prompts(source, prompts, offset)
     from dataclasses import asdict
+
+    quiet_logging()
+    settings = make_settings(mode="sled", draft_k=k, trace=True, draft_model=draft_model,
+                             target_model=target_model, max_wait_ms=1.0)
+    items = preflight_prompts(source, prompts, offset)
+    if redis_url is None:
+        preflight_models(settings, ALL_ROLES)
+    output_path(out)
 
     from wisp.trace import meta_path
 
@@ -91,7 +88,6 @@ def trace_record(
         "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "complete": False, "rows": 0, "requests": [],
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("")
 
     def save(rows: list[dict[str, Any]], req: Any) -> None:
@@ -105,7 +101,7 @@ def trace_record(
         meta["wall_s"] = round(time.time() - started, 1)
         meta_path(out).write_text(json.dumps(meta, indent=1))
 
-    _rows, reqs = asyncio.run(_record(settings, items, k, max_new_tokens, offset, redis_url, save))
+    _rows, reqs = run_async(_record(settings, items, k, max_new_tokens, offset, redis_url, save))
     meta["complete"] = True
     meta_path(out).write_text(json.dumps(meta, indent=1))
     drafted = sum(r.drafted for r in reqs)
@@ -116,12 +112,12 @@ def trace_record(
 
 
 async def _record(settings: Any, items: list[Any], k: int, max_new: int, offset: int,
-                  redis_url: str | None, save: Any) -> tuple[list[dict[str, Any]], list[Any]]:
+                  redis_url: str | None, save: Callable[[list[dict[str, Any]], Any], None],
+                  ) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Record on the running system at ``redis_url``, else on an in-process one of its own."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from wisp.services.runner import EmbeddedRedis, connect, run_services
     from wisp.trace import record
 
-    cli = _cli()
     stats = {"rows": 0, "drafted": 0, "accepted": 0}
     progress = Progress(TextColumn("[bold]trace[/bold] {task.description}"), BarColumn(),
                         MofNCompleteColumn(), TimeElapsedColumn(), transient=False)
@@ -139,48 +135,23 @@ async def _record(settings: Any, items: list[Any], k: int, max_new: int, offset:
                 progress.update(task, advance=1,
                                 description=f"{stats['rows']} rows, acceptance {rate:.2f}")
                 if not sys.stderr.isatty():
-                    print(f"trace: {_j + 1}/{len(items)} prompts, {stats['rows']} rows, "
-                          f"acceptance {rate:.2f}", file=sys.stderr, flush=True)
+                    say(f"trace: {_j + 1}/{len(items)} prompts, {stats['rows']} rows, acceptance {rate:.2f}")
 
-            return await record(bus, items, k=k, max_new_tokens=max_new, first_index=offset,
-                                on_request=tick)
+            try:
+                return await record(bus, items, k=k, max_new_tokens=max_new, first_index=offset,
+                                    on_request=tick)
+            except RuntimeError as err:
+                fail(str(err))
 
     if redis_url:
-        bus = await connect(settings, redis_url)
-        try:
+        async with connected(settings, redis_url) as bus:
             if not await bus.live("drafter"):
-                cli.fail("no drafter is running on that Redis")
-            try:
-                return await run(bus)
-            except RuntimeError as err:
-                cli.fail(str(err))
-                raise
-        finally:
-            await bus.redis.aclose()
-
-    roles = ["estimator", "scheduler", "verifier", "drafter"]
-    cli._preflight_models(settings, roles)
-    result: dict[str, Any] = {}
-    print(f"starting an in-process system (sled, k={k}, tracing on; loading "
-          f"{settings.draft_model} + {settings.target_model}) ...", file=sys.stderr, flush=True)
-    with EmbeddedRedis() as redis:
-        stop = asyncio.Event()
-
-        async def ready(_services: list[Any]) -> None:
-            bus = await connect(settings, redis.url)
-            try:
-                result["res"] = await run(bus)
-            except Exception as err:  # noqa: BLE001 - reported below
-                result["error"] = f"{type(err).__name__}: {err}"
-            finally:
-                await bus.redis.aclose()
-                stop.set()
-
-        await run_services(roles, settings.model_copy(update={"redis_url": redis.url}), redis.url,
-                           on_ready=ready, stop=stop)
-    if "error" in result:
-        cli.fail(result["error"])
-    return result["res"]
+                fail("no drafter is running on that Redis: start `wisp-cli up` or `wisp-cli serve drafter`")
+            return await run(bus)
+    say(f"starting an in-process system (sled, k={k}, tracing on; loading "
+        f"{settings.draft_model} + {settings.target_model}) ...")
+    async with with_services(settings) as system:
+        return await run(system.bus)
 
 
 # ====================================================================== the greedy loop
@@ -303,8 +274,7 @@ def _oracle_for(requests: list[dict[str, Any]], draft_model: str, settings: Any,
             return [OracleSequence(**{**s, "raw4": [tuple(x) for x in s["raw4"]]}) for s in obj["seqs"]]
     from wisp.models import load_model
 
-    print(f"teacher-forcing {draft_model} over {len(requests)} recorded outputs ...", file=sys.stderr,
-          flush=True)
+    say(f"teacher-forcing {draft_model} over {len(requests)} recorded outputs ...")
     model = load_model(draft_model, settings)
     seqs = oracle_sequences(model, requests, max_new)
     del model
@@ -344,7 +314,6 @@ def controller_train(
     from wisp.policy.controller import FEATURE_FUNCS, AffineVerifyCost
     from wisp.trace import read_traces
 
-    cli = _cli()
     if kind not in ("logistic", "mlp"):
         raise typer.BadParameter("use logistic or mlp", param_hint="--kind")
     feats = tuple(f.strip() for f in features.split(",")) if features else ct.DEFAULT_FEATURES
@@ -352,13 +321,14 @@ def controller_train(
     if bad:
         raise typer.BadParameter(f"unknown feature(s) {bad}; known: {', '.join(FEATURE_FUNCS)}",
                                  param_hint="--features")
+    require_file(traces, "the trace file", "wisp-cli trace record")
+    output_path(out)
     try:
         ts = read_traces(traces)
     except (OSError, ValueError) as err:
-        cli.fail(str(err))
-        raise
+        fail(str(err))
     if not ts.rows:
-        cli.fail(f"{traces} holds no trace rows")
+        fail(f"{traces} holds no trace rows; record some with `wisp-cli trace record`")
     meta = ts.meta
     if objective not in ("balanced", "max_round"):
         raise typer.BadParameter("use balanced or max_round", param_hint="--objective")
@@ -368,15 +338,15 @@ def controller_train(
     seqs = None
     if tune:
         if not ts.requests:
-            cli.fail(f"--tune needs {traces.stem}.meta.json with the recorded requests "
+            fail(f"--tune needs {traces.stem}.meta.json with the recorded requests "
                      "(or pass --no-tune)")
-        settings = cli.make_settings()
+        settings = make_settings()
         dm = draft_model or meta.get("draft_model") or settings.draft_model
         try:
             seqs = _oracle_for(ts.requests, dm, settings, int(meta.get("max_new_tokens", 64)),
                                _oracle_cache_path(traces))
         except (OSError, ValueError) as err:
-            cli.fail(f"cannot load the draft model for replay: {err}")
+            fail(f"cannot load the draft model for replay: {err}")
     import sklearn
 
     md = {
@@ -391,17 +361,10 @@ def controller_train(
     try:
         ctl, report = train_controller(ts.rows, cfg, seqs=seqs, metadata=md)
     except ValueError as err:
-        cli.fail(str(err))
-        raise
+        fail(str(err))
     ctl.save(out)
     _print_train_report(report)
     print(f"controller written to {out}")
-
-
-def _fmt(x: Any, nd: int = 3) -> str:
-    if isinstance(x, float):
-        return "nan" if x != x else f"{x:.{nd}f}"
-    return str(x)
 
 
 def _print_train_report(rep: dict[str, Any]) -> None:
@@ -416,8 +379,9 @@ def _print_train_report(rep: dict[str, Any]) -> None:
         t.add_column(col, justify="right")
     for label, m in (("false-stop target", h["at_false_stop_target"]),
                      ("shipped", h["at_shipped_threshold"])):
-        t.add_row(f"{label} {m['threshold']:.3f}", _fmt(m["auc"]), _fmt(m["precision"]),
-                  _fmt(m["recall"]), _fmt(m["false_stop_rate"]), str(m["n"]))
+        t.add_row(f"{label} {m['threshold']:.3f}",
+                  *(fmt(m[k], "{:.3f}") for k in ("auc", "precision", "recall", "false_stop_rate")),
+                  str(m["n"]))
     con.print(t)
     s = rep["stop"]
     print(f"stop rule: threshold={s['threshold']:.3f} max_k={s['max_k']} min_k={s['min_k']} "
@@ -433,6 +397,21 @@ def _print_train_report(rep: dict[str, Any]) -> None:
 
 
 # ====================================================================== controller eval
+def _controller(path: Path | None, settings: Settings) -> tuple[Path, LearnedController]:
+    """The controller file given, else the one shipped for the draft model, loaded; a missing or
+    bad one is one line."""
+    from wisp.policy.controller import load_controller, shipped_controller_path
+
+    path = path or shipped_controller_path(settings.draft_model, settings.target_model)
+    if path is None:
+        fail(f"no controller shipped for {settings.draft_model!r}: pass one (make one with "
+             "`wisp-cli controller train`)")
+    try:
+        return path, load_controller(path)
+    except (OSError, ValueError) as err:
+        fail(f"{path}: {err}")
+
+
 def _training_range(ctl: Any) -> tuple[str, int, int] | None:
     p = ((ctl.metadata.get("trained_on") or {}).get("prompts")) or {}
     try:
@@ -465,45 +444,36 @@ def controller_eval(
     round, wasted drafted tokens per committed token and draft passes per committed token."""
     from dataclasses import asdict
 
-    import torch
-    from wisp import models, tokens
     from wisp.controller_train import classify_metrics, simulate
-    from wisp.policy.controller import (
-        FixedLength,
-        drafting_rule,
-        load_controller,
-        shipped_controller_path,
-    )
+    from wisp.policy.controller import FixedLength, drafting_rule
 
-    cli = _cli()
-    cli.setup_logging(False)
-    logging.getLogger().setLevel(logging.WARNING)
-    settings = cli.make_settings(draft_model=draft_model, target_model=target_model)
-    if threads:
-        torch.set_num_threads(threads)
-    path = controller or shipped_controller_path(settings.draft_model, settings.target_model)
-    if path is None:
-        cli.fail(f"no controller shipped for {settings.draft_model!r}: pass --controller")
-    try:
-        ctl = load_controller(path)
-    except (OSError, ValueError) as err:
-        cli.fail(f"{path}: {err}")
-        raise
+    quiet_logging()
+    settings = make_settings(draft_model=draft_model, target_model=target_model)
+    path, ctl = _controller(controller, settings)
     rng = _training_range(ctl)
     if rng is not None and not allow_overlap:
         src, lo, hi = rng
         if src == source and not (offset + prompts - 1 < lo or offset > hi):
-            cli.fail(f"prompts {offset}..{offset + prompts - 1} overlap the controller's training "
-                     f"prompts {lo}..{hi} ({src}); evaluate on held-out prompts or pass --allow-overlap")
-    cli._preflight_models(settings, ["drafter", "verifier"])
-    items = _prompts(source, prompts, offset)
+            fail(f"prompts {offset}..{offset + prompts - 1} overlap the controller's training "
+                 f"prompts {lo}..{hi} ({src}); evaluate on held-out prompts or pass --allow-overlap")
+    # every prerequisite before the models load (minutes): the models, the prompts, the output
+    # folder (the checkpoint is appended to after the first prompt)
+    preflight_models(settings, ["drafter", "verifier"])
+    items = preflight_prompts(source, prompts, offset)
+    output_path(out)
+
+    import torch
+    from wisp import models, tokens
+
+    if threads:
+        torch.set_num_threads(threads)
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from wisp.controller_train import OracleSequence, oracle_sequences
     from wisp.services.drafter.engine import DraftEngine
     from wisp.services.verifier.engine import VerifierEngine
 
-    print(f"loading {settings.draft_model} + {settings.target_model} ...", file=sys.stderr, flush=True)
+    say(f"loading {settings.draft_model} + {settings.target_model} ...")
     tok = models.load_tokenizer(settings.target_model, settings)
     eos = set(tokens.eos_token_ids(settings.target_model, settings))
     dmodel = models.load_model(settings.draft_model, settings)
@@ -527,7 +497,7 @@ def controller_eval(
             rec = json.loads(line)
             if rec.get("key") == ckpt_key:
                 done[int(rec["prompt"]["prompt_index"])] = rec
-        print(f"resuming: {len(done)} prompts already evaluated in {ckpt}", file=sys.stderr)
+        say(f"resuming: {len(done)} prompts already evaluated in {ckpt}")
     elif ckpt.exists():
         ckpt.unlink()
     started = time.time()
@@ -601,14 +571,13 @@ def controller_eval(
         "lossless": lossless, "replay_on_heldout": replay, "per_prompt": per_prompt,
         "wall_s": round(wall, 1),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     _print_eval(report, policies[0][0])
-    print(f"results written to {out}", file=sys.stderr)
+    say(f"results written to {out}")
     if not lossless:
         bad = [p["prompt_index"] for p in per_prompt
                if not (p["outputs_equal"] and p["target_greedy"]["ok"])]
-        cli.fail(f"NOT lossless on prompts {bad}: outputs differ between policies or from the "
+        fail(f"NOT lossless on prompts {bad}: outputs differ between policies or from the "
                  f"target's greedy output (details in {out})")
 
 
@@ -634,8 +603,8 @@ def _print_eval(rep: dict[str, Any], base_name: str) -> None:
                 "false-stop rate"):
         q.add_column(col, justify="right")
     for name, m in rep["predictor"].items():
-        q.add_row(name, str(m["n"]), _fmt(m["reject_rate"]), _fmt(m["auc"]), _fmt(m["precision"]),
-                  _fmt(m["recall"]), _fmt(m["false_stop_rate"]))
+        q.add_row(name, str(m["n"]), *(fmt(m[k], "{:.3f}") for k in
+                                       ("reject_rate", "auc", "precision", "recall", "false_stop_rate")))
     con.print(q)
     wc, rc = rep["waste_cut_vs_baseline"], rep["committed_per_round_change"]
     print(f"waste cut vs {base_name}: {wc:.1%} (target >= 40%: {'met' if wc >= 0.40 else 'NOT met'}); "
@@ -652,18 +621,7 @@ def controller_show(
     draft_model: Annotated[str | None, typer.Option("--draft-model")] = None,
 ) -> None:
     """Validate a controller file and print its stop rule, features and stored evaluation."""
-    from wisp.policy.controller import load_controller, shipped_controller_path
-
-    cli = _cli()
-    settings = cli.make_settings(draft_model=draft_model)
-    path = path or shipped_controller_path(settings.draft_model, settings.target_model)
-    if path is None:
-        cli.fail(f"no controller shipped for {settings.draft_model!r}")
-    try:
-        ctl = load_controller(path)
-    except (OSError, ValueError) as err:
-        cli.fail(f"{path}: {err}")
-        raise
+    path, ctl = _controller(path, make_settings(draft_model=draft_model))
     d = ctl.to_dict()
     print(json.dumps({"path": str(path), "model": {k: d["model"][k] for k in ("kind", "features")},
                       "threshold": d["threshold"], "stop": d["stop"], "cost": d["cost"],

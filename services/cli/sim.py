@@ -8,12 +8,24 @@ simulated round is formed, prioritised and batched exactly as the real services 
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from wisp.services.cli.bench import bench_fresh
+from wisp.services.cli.common import (
+    fail,
+    fmt,
+    make_settings,
+    output_dir,
+    output_path,
+    preflight_models,
+    preflight_prompts,
+    run_async,
+    say,
+)
+from wisp.services.runner import ALL_ROLES
 
 sim_app = typer.Typer(
     help="Simulate WISP / SLED / centralized serving at scale on a virtual clock, with the "
@@ -25,16 +37,6 @@ ScenarioOpt = Annotated[str, typer.Option(
     "--scenario", help="A packaged scenario name (paper, local, tiny ...) or a .toml path.")]
 SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", help="Override a scenario value, e.g. --set server.verifiers=2 (repeatable).")]
-
-
-class SimCliError(Exception):
-    pass
-
-
-def _fail(msg: str) -> None:
-    from wisp.services.cli import CliError
-
-    raise CliError(msg)
 
 
 def _load(scenario: str, overrides: list[str] | None, seed: int | None = None,
@@ -49,7 +51,7 @@ def _load(scenario: str, overrides: list[str] | None, seed: int | None = None,
     try:
         return load_scenario(scenario, ov)
     except ScenarioError as err:
-        _fail(str(err))
+        fail(str(err))
 
 
 def _quiet_logs() -> None:
@@ -103,30 +105,20 @@ def run(
         raise typer.BadParameter(f"{mode!r}: use {', '.join(MODES)}", param_hint="--mode")
     _quiet_logs()
     sc = _load(scenario, overrides, seed, duration)
+    if out is not None:
+        output_path(out)
     try:
         res = simulate(sc, mode, devices)
     except ScenarioError as err:
-        _fail(str(err))
-        return
+        fail(str(err))
     data = clean_json(res.as_dict(records=records))
     data["scenario"] = {"name": sc.name, "path": sc.source_path, "digest": sc.digest()}
     text = json.dumps(data, indent=1)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
     if not as_json:
         _print_run_table(data, sc)
     print(text)
-
-
-def _fmt(v: Any, fmt: str) -> str:
-    if v is None:
-        return "n/a"
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return str(v)
-    return "n/a" if math.isnan(f) else fmt.format(f)
 
 
 def _print_run_table(d: dict[str, Any], sc: Any) -> None:
@@ -139,17 +131,17 @@ def _print_run_table(d: dict[str, Any], sc: Any) -> None:
     t.add_column("value", justify="right")
     rows = [
         ("requests (failed)", f"{d['requests']} ({d['failed']})"),
-        ("SLO attainment", _fmt(d["slo_attainment"], "{:.3f}")),
-        ("goodput tok/s", _fmt(d["goodput_tokens_per_s"], "{:.1f}")),
-        ("throughput tok/s", _fmt(d["throughput_tokens_per_s"], "{:.1f}")),
-        ("TTFT p50 / p90 ms", f"{_fmt(d['ttft_p50_ms'], '{:.0f}')} / {_fmt(d['ttft_p90_ms'], '{:.0f}')}"),
-        ("TPOT mean / p90 ms", f"{_fmt(d['tpot_mean_ms'], '{:.1f}')} / {_fmt(d['tpot_p90_ms'], '{:.1f}')}"),
-        ("acceptance rate", _fmt(d["acceptance_rate"], "{:.3f}")),
-        ("accepted / round", _fmt(d["mean_accepted_per_round"], "{:.2f}")),
-        ("wasted drafting ms / request", _fmt(d["wasted_draft_ms_per_request"], "{:.0f}")),
-        ("verifier utilisation", _fmt(d["verifier_utilisation"], "{:.3f}")),
+        ("SLO attainment", fmt(d["slo_attainment"], "{:.3f}")),
+        ("goodput tok/s", fmt(d["goodput_tokens_per_s"], "{:.1f}")),
+        ("throughput tok/s", fmt(d["throughput_tokens_per_s"], "{:.1f}")),
+        ("TTFT p50 / p90 ms", f"{fmt(d['ttft_p50_ms'], '{:.0f}')} / {fmt(d['ttft_p90_ms'], '{:.0f}')}"),
+        ("TPOT mean / p90 ms", f"{fmt(d['tpot_mean_ms'], '{:.1f}')} / {fmt(d['tpot_p90_ms'], '{:.1f}')}"),
+        ("acceptance rate", fmt(d["acceptance_rate"], "{:.3f}")),
+        ("accepted / round", fmt(d["mean_accepted_per_round"], "{:.2f}")),
+        ("wasted drafting ms / request", fmt(d["wasted_draft_ms_per_request"], "{:.0f}")),
+        ("verifier utilisation", fmt(d["verifier_utilisation"], "{:.3f}")),
         ("round: drafting / network / queue / verify ms",
-         " / ".join(_fmt(d["breakdown"][k], "{:.1f}") for k in
+         " / ".join(fmt(d["breakdown"][k], "{:.1f}") for k in
                     ("drafting_ms", "network_ms", "queueing_ms", "verification_ms"))),
         ("refused (admission)", str(d["info"]["refused"])),
         ("draft policy", str(d["info"]["draft_policy"])),
@@ -187,12 +179,12 @@ def sweep(
     counts = _parse_counts(devices)
     _quiet_logs()
     sc = _load(scenario, overrides, seed, duration)
+    output_dir(out)
     command = "wisp-cli sim " + " ".join(sys.argv[sys.argv.index("sweep"):]) if "sweep" in sys.argv else ""
     try:
         assets = load_assets(sc)
     except ScenarioError as err:
-        _fail(str(err))
-        return
+        fail(str(err))
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TextColumn("{task.fields[last]}")) as progress:
         task = progress.add_task(f"sim sweep {sc.name}", total=0, last="")
@@ -202,8 +194,8 @@ def sweep(
 
         def done(mode: str, n: int, p: dict[str, Any]) -> None:
             progress.update(task, advance=1,
-                            last=f"{mode} @ {n}: attainment {_fmt(p['slo_attainment'], '{:.2f}')}, "
-                                 f"goodput {_fmt(p['goodput_tokens_per_s'], '{:.0f}')} tok/s")
+                            last=f"{mode} @ {n}: attainment {fmt(p['slo_attainment'], '{:.2f}')}, "
+                                 f"goodput {fmt(p['goodput_tokens_per_s'], '{:.0f}')} tok/s")
 
         res = run_sweep(sc, mode_list, counts, assets=assets, jobs=jobs,
                         refine=refine, seeds=seeds, on_point=done, on_plan=planned, command=command)
@@ -225,15 +217,15 @@ def _print_sweep_table(summary: dict[str, Any]) -> None:
     gd = summary.get("goodput_ratio_devices")
     for mode, m in summary["modes"].items():
         g = m["goodput_tokens_per_s"].get(str(gd)) if gd else None
-        t.add_row(mode, str(m["capacity_devices"]), _fmt(g, "{:.1f}"),
-                  _fmt(m["mean_wasted_draft_ms_per_request"], "{:.0f}"),
-                  _fmt(m["mean_verifier_utilisation"], "{:.2f}"))
+        t.add_row(mode, str(m["capacity_devices"]), fmt(g, "{:.1f}"),
+                  fmt(m["mean_wasted_draft_ms_per_request"], "{:.0f}"),
+                  fmt(m["mean_verifier_utilisation"], "{:.2f}"))
     Console().print(t)
     r = Table(title="ratios (paper targets)")
     for c in ("ratio", "measured", "paper", "meets"):
         r.add_column(c, justify="right")
     for k, v in summary["paper_targets"].items():
-        r.add_row(k, _fmt(summary.get(k), "{:.2f}"), f"{v}",
+        r.add_row(k, fmt(summary.get(k), "{:.2f}"), f"{v}",
                   "yes" if summary["meets_paper_targets"].get(k) else "no")
     Console().print(r)
 
@@ -273,40 +265,42 @@ def validate(
     counts = _parse_counts(devices) or [2, 4, 8]
     if timings not in ("run", "scenario"):
         raise typer.BadParameter(f"{timings!r}: use run or scenario", param_hint="--timings")
+    if mode not in ("wisp", "sled", "centralized"):
+        raise typer.BadParameter(f"{mode!r}: use wisp, sled or centralized", param_hint="--mode")
     _quiet_logs()
     sc = _load(scenario, overrides)
-    out.mkdir(parents=True, exist_ok=True)
     runs: dict[int, BenchRun] = {}
     for p in bench_json or []:
         try:
             for r in load_bench_json(p, mode):
                 runs[r.devices] = r
         except (OSError, ValueError) as err:
-            _fail(f"{p}: {err}")
+            fail(f"{p}: {err}")
+    if any(n not in runs for n in counts):  # real runs ahead: every prerequisite first
+        preflight_prompts("mixed", prompts)
+        preflight_models(make_settings(mode=mode, draft_model=draft_model, target_model=target_model),
+                         ALL_ROLES)
+    output_dir(out)
     for n in counts:
         if n in runs:
             continue
-        print(f"[real] {mode}: {n} devices x {duration:.0f} s ...", file=sys.stderr, flush=True)
-        try:
-            runs[n] = run_real_bench(mode, n, duration, max_new_tokens=max_new_tokens, prompts=prompts,
-                                     ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms,
-                                     draft_model=draft_model, target_model=target_model,
-                                     out=out / f"bench-{mode}-{n}.json")
-        except Exception as err:  # noqa: BLE001 - reported as one line
-            _fail(f"the real benchmark at {n} devices failed: {err}")
+        say(f"[real] {mode}: {n} devices x {duration:.0f} s ...")
+        runs[n] = run_real_bench(mode, n, duration, max_new_tokens=max_new_tokens, prompts=prompts,
+                                 ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms,
+                                 draft_model=draft_model, target_model=target_model,
+                                 out=out / f"bench-{mode}-{n}.json")
     try:
         report = compare(sc, mode, [runs[n] for n in counts if n in runs],
                          tolerance=tolerance, seeds=seeds, timings=timings)
     except ScenarioError as err:
-        _fail(str(err))
-        return
+        fail(str(err))
     (out / "validate.json").write_text(json.dumps(report, indent=1))
     text = render_validation(report)
     (out / "validate.md").write_text(text)
     print(text)
     print(f"written: {out / 'validate.json'}, {out / 'validate.md'}", file=sys.stderr)
     if not report["agree"]:
-        _fail(f"simulator and real system disagree by more than {tolerance:.0%} (see {out / 'validate.md'})")
+        fail(f"simulator and real system disagree by more than {tolerance:.0%} (see {out / 'validate.md'})")
 
 
 def run_real_bench(mode: str, devices: int, duration: float, *, max_new_tokens: int = 64,
@@ -317,21 +311,22 @@ def run_real_bench(mode: str, devices: int, duration: float, *, max_new_tokens: 
     """Run ``wisp-cli bench``'s own code path (a fresh embedded system, the same prompts) and
     write its JSON plus what the simulator needs: per-request records, the request shapes
     (prompt and output token counts) and the mean TPOT."""
-    import asyncio
     import logging
 
     from wisp.bench import BenchConfig, record_of
-    from wisp.data import mixed_prompts
-    from wisp.services.cli import make_settings
     from wisp.sim.validate import load_bench_json
 
     logging.getLogger().setLevel(logging.WARNING)
-    texts = tuple(p.text for p in mixed_prompts(prompts))
+    texts = tuple(p.text for p in preflight_prompts("mixed", prompts))
     cfg = BenchConfig(devices=devices, duration_s=duration, max_new_tokens=max_new_tokens,
                       ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms, think_s=0.0, prompts=texts)
     settings = make_settings(mode=mode, draft_model=draft_model, target_model=target_model,
                              trace=trace or None, **(settings_overrides or {}))
-    res, timings, trace_rows = asyncio.run(_bench_collect(settings, cfg, mode))
+    preflight_models(settings, ALL_ROLES)
+    path = output_path(out or Path(f"out/validate/bench-{mode}-{devices}.json"))
+    res, collected = run_async(bench_fresh(settings, cfg, mode, _collect))
+    assert collected is not None
+    timings, trace_rows = collected
     ok = [record_of(d) for d in res.done]
     data = {
         "config": {k: v for k, v in cfg.__dict__.items() if k != "prompts"},
@@ -355,80 +350,27 @@ def run_real_bench(mode: str, devices: int, duration: float, *, max_new_tokens: 
                       "accepted": d.accepted_tokens} for d in res.done],
         "trace_rows": trace_rows,
     }
-    path = out or Path(f"out/validate/bench-{mode}-{devices}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1, default=str))
     return load_bench_json(path, mode)[0]
 
 
-async def _bench_collect(settings: Any, cfg: Any, mode: str) -> tuple[Any, list[Any], list[Any]]:
-    """``wisp-cli bench``'s embedded run (the same services, warm-up and load generator as
-    ``_bench_mode``), plus the verifier's timing samples of the measured part and, with
-    ``settings.trace``, the drafter's trace rows of the measured requests."""
-    import time
+async def _collect(bus: Any, t0: float, res: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """What the simulator replays besides the requests, read from the streams after the run:
+    the verifier's timing sample of every batch of the measured part and, with tracing on, the
+    drafter's trace rows of the measured requests."""
+    from wisp.bench import stream_messages
+    from wisp.protocol import TimingSample
+    from wisp.protocol.trace import TraceRow
 
-    from wisp.bench import run_bench
-    from wisp.bus import FIELD
-    from wisp.client import submit as do_submit
-    from wisp.protocol import ProtocolError, TimingSample, decode
-    from wisp.services.cli import _preflight_models
-    from wisp.services.runner import EmbeddedRedis, connect, run_services
-
-    roles = ["estimator", "scheduler", "verifier", "drafter"]
-    _preflight_models(settings, roles)
-    result: dict[str, Any] = {}
-    with EmbeddedRedis() as redis:
-        stop = asyncio_event()
-
-        async def ready(_services: list[Any]) -> None:
-            bus = await connect(settings, redis.url)
-            try:
-                await do_submit(bus, cfg.prompts[0], max_new_tokens=4)  # warm-up, not measured
-                t0 = time.time()
-                result["res"] = await run_bench(bus, mode, cfg)
-                samples = []
-                for _eid, fields in await bus.redis.xrange(bus.keys.stats, "-", "+"):
-                    try:
-                        ts = decode(TimingSample, fields.get(FIELD) or fields.get(FIELD.decode()))
-                    except ProtocolError:
-                        continue
-                    if ts.ts >= t0 and ts.new_tokens:
-                        samples.append({"new_tokens": ts.new_tokens, "context_lens": ts.context_lens,
-                                        "measured_ms": ts.measured_ms, "predicted_ms": ts.predicted_ms,
-                                        "cache_misses": ts.cache_misses})
-                result["timings"] = samples
-                if settings.trace:
-                    from wisp.protocol.trace import TraceRow
-
-                    mine = {d.request_id for d in result["res"].done}
-                    rows = []
-                    for _eid, fields in await bus.redis.xrange(bus.keys.trace, "-", "+"):
-                        try:
-                            row = decode(TraceRow, fields.get(FIELD) or fields.get(FIELD.decode()))
-                        except ProtocolError:
-                            continue
-                        if row.request_id in mine:
-                            rows.append(row.model_dump(exclude={"version", "kind"}))
-                    result["trace_rows"] = rows
-            except Exception as err:  # noqa: BLE001 - reported below
-                result["error"] = str(err)
-            finally:
-                await bus.redis.aclose()
-                stop.set()
-
-        await run_services(roles, settings.model_copy(update={"redis_url": redis.url}), redis.url,
-                           on_ready=ready, stop=stop)
-    if "error" in result:
-        raise RuntimeError(result["error"])
-    if "res" not in result:
-        raise RuntimeError("the services stopped before the benchmark ran")
-    return result["res"], result.get("timings", []), result.get("trace_rows", [])
-
-
-def asyncio_event() -> Any:
-    import asyncio
-
-    return asyncio.Event()
+    samples = [{"new_tokens": ts.new_tokens, "context_lens": ts.context_lens,
+                "measured_ms": ts.measured_ms, "predicted_ms": ts.predicted_ms,
+                "cache_misses": ts.cache_misses}
+               for ts in await stream_messages(bus, bus.keys.stats, TimingSample, t0)
+               if ts.ts >= t0 and ts.new_tokens]
+    mine = {d.request_id for d in res.done}
+    rows = [row.model_dump(exclude={"version", "kind"})
+            for row in await stream_messages(bus, bus.keys.trace, TraceRow, t0) if row.request_id in mine]
+    return samples, rows
 
 
 def drafter_fit(done: list[Any]) -> dict[str, Any] | None:
@@ -646,10 +588,9 @@ def calibrate(
 ) -> None:
     """Measure this machine's drafting speed (ms per draft forward, prefill tokens/s) with the
     real DraftEngine, for the `local` scenario's device class; optionally a verifier profile."""
-    from wisp.services.cli import make_settings
-
     s = make_settings(draft_model=draft_model, target_model=target_model)
-    out.mkdir(parents=True, exist_ok=True)
+    preflight_models(s, ["drafter", "verifier"] if verifier or contention else ["drafter"])
+    output_dir(out)
     d = measure_drafter(s.draft_model, s)
     (out / "drafter.json").write_text(json.dumps(d, indent=1))
     print(f"drafter {s.draft_model}: {d['ms_per_forward']:.1f} ms per forward "

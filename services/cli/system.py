@@ -1,0 +1,243 @@
+"""wisp-cli up / serve / submit / status / demo: run the services and talk to them."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Any
+
+import typer
+from wisp.services.cli.common import (
+    SAMPLE_PROMPT,
+    DraftKOpt,
+    DraftOpt,
+    ModeOpt,
+    RedisUrl,
+    TargetOpt,
+    TorchDeviceOpt,
+    Verbose,
+    broker_url,
+    fail,
+    make_settings,
+    preflight_models,
+    quiet_logging,
+    run_async,
+    say,
+    setup_logging,
+)
+from wisp.services.runner import (
+    ALL_ROLES,
+    ROLES,
+    EmbeddedRedis,
+    clear_recorded_url,
+    connected,
+    record_url,
+    run_services,
+    with_services,
+)
+
+app = typer.Typer()
+
+
+@app.command()
+def up(
+    redis_url: RedisUrl = None,
+    mode: ModeOpt = None,
+    draft_model: DraftOpt = None,
+    target_model: TargetOpt = None,
+    torch_device: TorchDeviceOpt = None,
+    draft_k: DraftKOpt = None,
+    verbose: Verbose = False,
+) -> None:
+    """Start all four services in this process (embedded Redis unless a URL is given) and
+    stay up until Ctrl-C. The URL is recorded so `wisp-cli submit` finds it with no flags."""
+    setup_logging(verbose)
+    settings = make_settings(redis_url=redis_url, mode=mode, draft_model=draft_model,
+                             target_model=target_model, device=torch_device, draft_k=draft_k)
+    preflight_models(settings, ALL_ROLES)
+    embedded = None
+    url = settings.redis_url
+    if url is None:
+        embedded = EmbeddedRedis().start()
+        url = embedded.url
+
+    async def ready(_services: list[Any]) -> None:
+        record_url(settings, url)
+        print(f"WISP is up ({settings.mode} mode) on {url}", flush=True)
+        print("  submit from another terminal:  wisp-cli submit \"PROMPT\"", flush=True)
+        print("  stop with Ctrl-C", flush=True)
+
+    print(f"starting {', '.join(ALL_ROLES)} on {url} (loading models...)", flush=True)
+    try:
+        run_async(run_services(list(ALL_ROLES), settings, url, on_ready=ready))
+    finally:
+        clear_recorded_url(settings, url)
+        if embedded is not None:
+            embedded.cleanup()
+
+
+@app.command()
+def serve(
+    role: Annotated[str, typer.Argument(help="drafter | verifier | scheduler | estimator")],
+    redis_url: RedisUrl = None,
+    mode: ModeOpt = None,
+    draft_model: DraftOpt = None,
+    target_model: TargetOpt = None,
+    torch_device: TorchDeviceOpt = None,
+    draft_k: DraftKOpt = None,
+    name: Annotated[str | None,
+                    typer.Option("--name", help="Consumer / device name (env WISP_NAME).")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Run one service as its own process; start any number of drafters and verifiers
+    against one Redis."""
+    if role not in ROLES:
+        raise typer.BadParameter(f"{role!r} is not a service; choose one of {', '.join(ROLES)}",
+                                 param_hint="ROLE")
+    setup_logging(verbose)
+    settings = make_settings(redis_url=redis_url, mode=mode, draft_model=draft_model,
+                             target_model=target_model, device=torch_device, draft_k=draft_k,
+                             name=name)
+    preflight_models(settings, [role])
+    run_async(run_services([role], settings, broker_url(settings, redis_url)))
+
+
+@app.command()
+def submit(
+    prompt: Annotated[str, typer.Argument(help="The prompt (use - to read it from stdin).")],
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate at most.")] = 128,
+    temperature: Annotated[float, typer.Option(min=0.0, max=100.0, help="0 = greedy.")] = 0.0,
+    seed: Annotated[int | None, typer.Option(min=0, help="Seed for sampling (reproducible).")] = None,
+    no_chat_template: Annotated[
+        bool, typer.Option("--no-chat-template", help="Tokenize the prompt as plain text.")
+    ] = False,
+    ttft_slo_ms: Annotated[float | None, typer.Option(min=1.0, max=86_400_000.0,
+                                                      help="Time-to-first-token SLO.")] = None,
+    tpot_slo_ms: Annotated[float | None, typer.Option(min=1.0, max=86_400_000.0,
+                                                      help="Time-per-output-token SLO.")] = None,
+    speculation: Annotated[str, typer.Option(
+        help="auto (the mode's policy) | off (the target decodes alone) | N (fixed draft length)")] = "auto",
+    device: Annotated[str | None,
+                      typer.Option("--device", help="Send to this edge device (drafter name).")] = None,
+    redis_url: RedisUrl = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end.")] = False,
+    timeout: Annotated[float, typer.Option(min=1.0, help="Give up after this many idle seconds.")] = 600.0,
+) -> None:
+    """Submit a prompt and stream the committed tokens as they are verified."""
+    from wisp.client import RequestFailed
+    from wisp.client import submit as do_submit
+    from wisp.protocol import DoneEvent, TokenEvent
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise typer.BadParameter("the prompt is empty: give some text", param_hint="PROMPT")
+    spec: Any = speculation
+    if speculation not in ("auto", "off"):
+        try:
+            spec = int(speculation)
+        except ValueError:
+            raise typer.BadParameter(f"{speculation!r}: use auto, off or a number",
+                                     param_hint="--speculation") from None
+        if not 0 <= spec <= 64:
+            raise typer.BadParameter("a fixed draft length must be 0..64", param_hint="--speculation")
+    settings = make_settings()
+    tty = sys.stdout.isatty()
+
+    def show(ev: Any) -> None:
+        if not as_json and isinstance(ev, TokenEvent) and ev.text:
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+
+    async def run() -> DoneEvent:
+        async with connected(settings, broker_url(settings, redis_url), timeout_s=3.0) as bus:
+            try:
+                return await do_submit(
+                    bus, prompt, device=device, on_event=show, idle_timeout_s=timeout,
+                    max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                    chat_template=not no_chat_template, ttft_slo_ms=ttft_slo_ms,
+                    tpot_slo_ms=tpot_slo_ms, speculation=spec,
+                )
+            except RequestFailed as err:
+                if not as_json and tty:
+                    sys.stdout.write("\n")
+                fail(str(err))
+            except ValueError as err:  # request validation (pydantic)
+                fail(f"bad request: {err}")
+
+    done = run_async(run())
+    if as_json:
+        print(json.dumps(done.model_dump(exclude={"version", "kind"})))
+        return
+    sys.stdout.write("\n")
+    rate = done.accepted_tokens / done.drafted_tokens if done.drafted_tokens else float("nan")
+    print(f"[{len(done.token_ids)} tokens · {done.mode} · TTFT {done.ttft_ms:.0f} ms · "
+          f"TPOT {done.tpot_ms:.0f} ms · {done.rounds} rounds · acceptance {rate:.2f} · "
+          f"{done.finish_reason}]", file=sys.stderr)
+
+
+@app.command()
+def status(
+    redis_url: RedisUrl = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Streams (length, each group's lag and pending entries) and live services. Exits
+    non-zero when Redis cannot be reached."""
+    from wisp.status import collect, render
+
+    settings = make_settings()
+
+    async def run() -> dict[str, Any]:
+        async with connected(settings, broker_url(settings, redis_url), timeout_s=3.0) as bus:
+            return await collect(bus)
+
+    info = run_async(run())
+    if as_json:
+        print(json.dumps(info, indent=2))
+    else:
+        render(info)
+
+
+@app.command()
+def demo(
+    prompt: Annotated[str, typer.Argument(help="The prompt to answer.")] = SAMPLE_PROMPT,
+    mode: ModeOpt = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 96,
+    draft_model: DraftOpt = None,
+    target_model: TargetOpt = None,
+) -> None:
+    """The main job on a fresh machine: prepare the packaged model pair, start all four
+    services on an embedded Redis, answer a sample prompt with streaming output, stop."""
+    from wisp.client import RequestFailed
+    from wisp.client import submit as do_submit
+    from wisp.models import REGISTRY, prepare
+    from wisp.protocol import DoneEvent, TokenEvent
+
+    quiet_logging()
+    settings = make_settings(mode=mode, draft_model=draft_model, target_model=target_model)
+    wanted = [m for m in (settings.draft_model, settings.target_model) if m in REGISTRY]
+    if wanted:
+        try:
+            prepare(sorted(set(wanted)), settings.model_cache, progress=say)
+        except (ValueError, RuntimeError, OSError) as err:
+            fail(str(err))
+    preflight_models(settings, ALL_ROLES)
+
+    def show(ev: Any) -> None:
+        if isinstance(ev, TokenEvent) and ev.text:
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+
+    async def run() -> DoneEvent:
+        async with with_services(settings) as system:
+            say(f"embedded Redis on {system.url}; {', '.join(ALL_ROLES)} ready ({settings.mode} mode)")
+            print(f"\n> {prompt}\n", flush=True)
+            try:
+                return await do_submit(system.bus, prompt, on_event=show, max_new_tokens=max_new_tokens)
+            except RequestFailed as err:
+                fail(str(err))
+
+    d = run_async(run())
+    rate = d.accepted_tokens / d.drafted_tokens if d.drafted_tokens else float("nan")
+    print(f"\n\n[{len(d.token_ids)} tokens in {d.e2e_ms / 1000:.1f} s · TTFT {d.ttft_ms:.0f} ms · "
+          f"TPOT {d.tpot_ms:.0f} ms · {d.rounds} rounds · acceptance {rate:.2f} · {d.mode} mode]")

@@ -1,0 +1,77 @@
+"""Whether the drafter takes a request: checks of the request itself (a bad prompt or limit is
+refused with what to fix) and, in wisp mode, admission control against the system's load."""
+
+from __future__ import annotations
+
+import json
+
+from wisp.bus import Bus
+from wisp.policy.learned_estimator import PublishedModel
+from wisp.policy.slo import AdmissionController, VerifierLoad
+from wisp.protocol import GenerateRequest
+from wisp.settings import Settings
+
+
+class RequestRefused(ValueError):
+    """A request the drafter will not serve; the message says what to fix."""
+
+
+def check_request(req: GenerateRequest, s: Settings) -> None:
+    """Refuse a request that no load could make servable (before tokenising it)."""
+    if not req.prompt.strip():
+        raise RequestRefused("the prompt is empty or only whitespace: give some text")
+    if len(req.prompt) > s.max_prompt_chars:
+        raise RequestRefused(
+            f"the prompt has {len(req.prompt)} characters; the limit is {s.max_prompt_chars}:"
+            " shorten it"
+        )
+    if req.max_new_tokens > s.max_new_tokens_limit:
+        raise RequestRefused(
+            f"max_new_tokens={req.max_new_tokens} is over this server's limit of "
+            f"{s.max_new_tokens_limit}: lower --max-new-tokens"
+        )
+
+
+def check_prompt_ids(ids: list[int], req: GenerateRequest, s: Settings) -> None:
+    """Refuse a prompt whose tokens leave no room for the answer."""
+    if not ids:
+        raise RequestRefused("the prompt tokenises to nothing: give some text")
+    if len(ids) + req.max_new_tokens > s.context_limit:
+        raise RequestRefused(
+            f"the prompt is {len(ids)} tokens and max_new_tokens is {req.max_new_tokens}: "
+            f"together over the context limit of {s.context_limit} tokens; shorten the "
+            "prompt or lower --max-new-tokens"
+        )
+
+
+class Admission:
+    """Admission control (wisp mode): refuse, with the reason, a request whose SLO the system
+    cannot meet at its current load (the scheduler's snapshot in ``wisp:load``), predicted with
+    the verify-time model the estimator service publishes (the one the scheduler batches with)."""
+
+    def __init__(self, settings: Settings, bus: Bus, published: PublishedModel) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.published = published
+
+    async def refusal(self, prompt_len: int, ttft_slo_ms: float, tpot_slo_ms: float) -> str | None:
+        """Why the request is refused, or None to admit it. Without a snapshot (no scheduler
+        yet) the request is admitted."""
+        keys = self.bus.keys
+        raw, model = await self.bus.get_values(keys.load, keys.estimator_model)
+        if raw is None:
+            return None
+        try:
+            loads = [VerifierLoad(**v) for v in json.loads(raw)["verifiers"]]
+        except (ValueError, KeyError, TypeError):
+            return None
+        if not loads and any(i.get("ready") for i in (await self.bus.live("verifier")).values()):
+            # the snapshot lags a verifier that just became ready (the scheduler registers it
+            # on its next pass): admit rather than refuse the first requests after a start
+            return None
+        self.published.update(model)
+        decision = AdmissionController(
+            self.published.current, max_batch_size=self.settings.max_batch_size,
+            draft_len=max(self.settings.draft_k, 1),
+        ).decide(loads, ttft_slo_ms, tpot_slo_ms, prompt_len=prompt_len)
+        return None if decision.admit else decision.reason

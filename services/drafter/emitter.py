@@ -1,0 +1,89 @@
+"""What the client sees of a session: committed tokens as text deltas, then one final event
+with the request's figures (TTFT, TPOT, speculation statistics), on its output stream."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from wisp.bus import OutputStream
+from wisp.protocol import DoneEvent, ErrorEvent, TokenEvent
+from wisp.service import Service, now
+from wisp.services.drafter.session import ServedSession
+
+
+class Emitter:
+    """Writes a drafter's sessions' output streams (``tokenizer`` detokenises)."""
+
+    def __init__(self, service: Service, output: OutputStream, tokenizer: Any) -> None:
+        self.service = service
+        self.output = output
+        self.tokenizer = tokenizer
+
+    async def catch_up(self, sess: ServedSession) -> None:
+        """Send the committed tokens the client has not been sent. The text delta waits while
+        the text ends in a partial character (a multi-byte character split across tokens),
+        unless the session is over."""
+        sp = sess.spec
+        generated = sp.generated
+        if sess.emitted >= len(generated):
+            return
+        text = self.tokenizer.decode(generated, skip_special_tokens=True)
+        delta = ""
+        if not text.endswith("\ufffd") or sp.done:
+            delta, sess.text = text[len(sess.text):], text
+        rid = sess.request_id
+        await self._emit(rid, TokenEvent(request_id=rid, index=sess.emitted,
+                                         token_ids=generated[sess.emitted:], text=delta,
+                                         ts=sp.last_token_ts or now()))
+        sess.emitted = len(generated)
+
+    async def done(self, sess: ServedSession) -> DoneEvent:
+        """The final event: the whole output and the request's figures."""
+        st, sp = sess.state, sess.spec
+        rid = sess.request_id
+        t0 = sess.req.submitted_ts
+        first = sp.first_token_ts or now()
+        last = sp.last_token_ts or first
+        n = len(sp.generated)
+        done = DoneEvent(
+            request_id=rid,
+            text=self.tokenizer.decode(sp.generated, skip_special_tokens=True),
+            token_ids=list(sp.generated),
+            prompt_token_ids=st.prompt_token_ids,
+            finish_reason="stop" if sp.finish == "stop" else "length",
+            mode=st.mode,
+            ttft_ms=(first - t0) * 1000.0,
+            tpot_ms=((last - first) / (n - 1) * 1000.0) if n > 1 else 0.0,
+            e2e_ms=(last - t0) * 1000.0,
+            rounds=sp.stats.rounds,
+            drafted_tokens=sp.stats.drafted,
+            accepted_tokens=sp.stats.accepted,
+            draft_ms_total=sp.draft_ms,
+            wasted_draft_ms=sp.wasted_ms,
+            verify_ms_total=st.verify_ms,
+            overhead_ms=max(0.0, (last - t0) * 1000.0 - sp.draft_ms - st.verify_ms),
+            ttft_slo_ms=sess.ttft_slo_ms,
+            tpot_slo_ms=sess.tpot_slo_ms,
+            device=self.service.name,
+        )
+        await self._emit(rid, done)
+        _observe_done(done)
+        return done
+
+    async def error(self, request_id: str, error: str, code: str = "bad_request") -> None:
+        await self._emit(request_id, ErrorEvent(request_id=request_id, error=error, code=code))
+
+    async def _emit(self, request_id: str, event: TokenEvent | DoneEvent | ErrorEvent) -> None:
+        await self.output.emit(request_id, event)
+        self.service.count("events")
+
+
+def _observe_done(done: DoneEvent) -> None:
+    from wisp.telemetry import REQUESTS_FINISHED, SLO_ATTAINED, TPOT_SECONDS, TTFT_SECONDS
+
+    TTFT_SECONDS.observe(done.ttft_ms / 1000.0)
+    if len(done.token_ids) > 1:
+        TPOT_SECONDS.observe(done.tpot_ms / 1000.0)
+    REQUESTS_FINISHED.inc()
+    if done.ttft_ms <= done.ttft_slo_ms and done.tpot_ms <= done.tpot_slo_ms:
+        SLO_ATTAINED.inc()

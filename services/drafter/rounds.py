@@ -1,0 +1,148 @@
+"""The round drafter: turns sessions' planned rounds into published draft blocks.
+
+Several sessions' rounds are drafted together (one batched forward per token step,
+``DraftEngine.draft_many``) on the service's torch thread; each round is published the moment
+its row of the batch stops (the engine hands it over from its thread), not when the batch's
+longest round is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from wisp.bus import Bus
+from wisp.policy.controller import DraftLengthPolicy
+from wisp.policy.session import expected_commit
+from wisp.protocol import DraftBlock, WireDist, WireFeatures, digest_ids
+from wisp.service import Service, now
+from wisp.services.drafter.session import ServedSession
+from wisp.settings import Settings
+from wisp.specdec import round_generator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundPlan:
+    """A round about to be drafted: the session, the ids it builds on, the engine call."""
+
+    sess: ServedSession
+    committed: list[int]
+    call: Any
+    """The engine's ``DraftCall`` (None: nothing to draft; the round goes out at once)."""
+    prefill: bool
+    """A draft-less first round whose draft-model prefill runs in the background."""
+
+
+class RoundDrafter:
+    """Plans, drafts and publishes rounds for one drafter service (``engine`` None: this
+    drafter never drafts, as in centralized serving)."""
+
+    def __init__(self, service: Service, settings: Settings, bus: Bus, engine: Any) -> None:
+        self.service = service
+        self.settings = settings
+        self.bus = bus
+        self.engine = engine
+
+    def plan(self, sess: ServedSession, policy: DraftLengthPolicy) -> RoundPlan:
+        """This round's drafting call, as ``sess.spec`` plans it with ``policy``."""
+        committed = sess.committed
+        plan = sess.spec.plan(policy, can_draft=self.engine is not None)
+        call = None
+        if plan.max_k > 0:
+            from wisp.services.drafter.engine import DraftCall  # torch: only where drafting happens
+
+            req = sess.req
+            gen = (round_generator(req.seed, req.request_id, plan.round, "draft")
+                   if req.temperature > 0 else None)
+            call = DraftCall(req.request_id, committed, plan.max_k, req.temperature,
+                             self.settings.draft_top_k, gen, plan.stop)
+        return RoundPlan(sess, committed, call, plan.prefill)
+
+    async def run(self, plans: list[RoundPlan]) -> None:
+        """Draft these rounds, together when there are several, and publish each block."""
+        drafting = [p for p in plans if p.call is not None]
+        for p in plans:  # nothing to draft (prefill rounds, centralized): send at once
+            if p.call is None:
+                await self.publish(p, None)
+        if not drafting:
+            return
+        # None, queued after every hand-over, says the call has returned (or failed)
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Queue[tuple[int, Any] | None] = asyncio.Queue()
+
+        def run() -> None:
+            try:
+                self.engine.draft_many([p.call for p in drafting], 0,
+                                       lambda i, out: loop.call_soon_threadsafe(ready.put_nowait, (i, out)))
+            finally:
+                loop.call_soon_threadsafe(ready.put_nowait, None)
+
+        work = asyncio.ensure_future(self.service.in_worker(run))
+        if len(drafting) > 1:
+            self.service.count("batched_drafts")
+        while (item := await ready.get()) is not None:
+            await self.publish(drafting[item[0]], item[1])
+        await work  # re-raise a failure of the batch
+
+    async def publish(self, p: RoundPlan, out: Any) -> None:
+        """Record the round's drafting in its session and publish its block."""
+        sess, sp = p.sess, p.sess.spec
+        tokens: list[int] = []
+        dists: list[WireDist] | None = None
+        feats: list[WireFeatures] = []
+        draft_ms, passes = 0.0, 0
+        if out is not None:
+            tokens = list(out.tokens)
+            draft_ms, passes = out.draft_ms, out.forward_passes
+            if out.dists is not None:
+                dists = [WireDist(token_ids=list(d.token_ids), probs=list(d.probs)) for d in out.dists]
+            feats = [
+                WireFeatures(top1_prob=f.top1_prob, entropy=f.entropy, margin=f.margin,
+                             logit_spread=f.logit_spread)
+                for f in out.features[: len(tokens)]
+            ]
+        sp.drafted(draft_ms, passes)
+        sess.last_features = feats
+        req = sess.req
+        block = DraftBlock(
+            request_id=req.request_id,
+            device=self.service.name,
+            round=sp.round,
+            base_committed_len=len(p.committed),
+            prompt_len=sp.prompt_len,
+            committed_digest=digest_ids(p.committed),
+            draft_tokens=tokens,
+            draft_dists=dists,
+            features=feats,
+            temperature=req.temperature,
+            seed=req.seed,
+            mode=str(self.settings.mode),
+            draft_ms=draft_ms,
+            request_ts=req.submitted_ts,
+            sent_ts=now(),
+            ttft_slo_ms=sess.ttft_slo_ms,
+            tpot_slo_ms=sess.tpot_slo_ms,
+            generated_len=len(sp.generated),
+            max_new_tokens=sp.max_new,
+            first_token_ts=sp.first_token_ts,
+            expected_commit=expected_commit(f.top1_prob for f in feats),
+        )
+        await self.bus.publish(self.bus.keys.draft, block)
+        sess.published_round = sp.round
+        self.service.count("blocks")
+        if p.prefill:
+            # a prefill round: the server's prefill makes the first token while we prefill the
+            # draft model here (queued on the one torch worker, so the next draft waits for it)
+            task = asyncio.ensure_future(self.service.in_worker(self.engine.prefill, req.request_id,
+                                                                p.committed))
+            task.add_done_callback(_log_failure)
+
+
+def _log_failure(task: asyncio.Future) -> None:
+    """A background prefill that failed only costs the next draft a prefill; say so."""
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("background draft prefill failed: %r", task.exception())
