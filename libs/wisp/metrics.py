@@ -41,7 +41,7 @@ class RequestRecord:
 
 def wasted_tokens(drafted: int, accepted: int) -> int:
     """Drafted tokens thrown away in a round: all that the target did not accept (the first
-    rejected one included, as in REFERENCE's fixed-k frontier figures)."""
+    rejected one included, as in the fixed-k frontier measured on the packaged pair)."""
     return max(0, drafted - accepted)
 
 

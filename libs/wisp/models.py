@@ -258,7 +258,7 @@ def _convert(gguf: Path, out: Path) -> None:
     """Dequantise ``gguf`` with transformers and save safetensors + tokenizer into ``out``.
 
     Saved in float32: the dequantised Q4 values are not exactly representable in bfloat16, so a
-    bf16 copy would drift from the GGUF model (and from REFERENCE's measured numbers), and fp32
+    bf16 copy would drift from the GGUF model (and from the numbers measured on it), and fp32
     loads are a plain mmap with no upcast pass.
     """
     import torch

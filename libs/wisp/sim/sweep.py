@@ -25,7 +25,7 @@ PAPER_TARGETS = {
     "goodput_ratio_vs_centralized": 1.94,
     "goodput_ratio_vs_sled": 3.7,
 }
-"""The WISP paper's headline numbers (REFERENCE section 6)."""
+"""The WISP paper's headline numbers (Li et al., arXiv 2601.11652, abstract)."""
 
 POINT_KEYS = (
     "requests", "failed", "slo_attainment", "goodput_tokens_per_s", "goodput_requests_per_s",

@@ -186,7 +186,7 @@ def synthetic_sequences(cfg: AcceptanceCfg, seed: int = 0) -> list[AcceptanceSeq
     the state and the verdict (so a controller has something real to read). The defaults give
     a fixed-k frontier (tokens per target pass / wasted drafted tokens per committed token) of
     k1 1.81/0.10, k2 2.44/0.23, k4 3.39/0.47, k6 4.00/0.75, fitted to the Qwen2.5-Coder
-    0.5B -> 1.5B pair's measured frontier (REFERENCE section 7: 1.79/0.11, 2.47/0.20,
+    0.5B -> 1.5B pair's measured frontier (measured greedy, 12 prompts, 64 new tokens: 1.79/0.11, 2.47/0.20,
     3.35/0.44, 3.92/0.70)."""
     rng = random.Random(f"{seed}:synthetic-acceptance")
     pe, ph, stay, share = (cfg.synthetic_easy_accept, cfg.synthetic_hard_accept, cfg.synthetic_stay,
@@ -370,7 +370,7 @@ def load_shapes(cfg: WorkloadCfg, bank: AcceptanceBank, seed: int = 0) -> tuple[
 def fixed_k_frontier(bank: AcceptanceBank,
                      ks: Sequence[int] = (1, 2, 3, 4, 5, 6)) -> dict[int, tuple[float, float]]:
     """Replay every sequence with a fixed draft length ``k``: (committed tokens per target
-    pass, wasted drafted tokens per committed token), the frontier of REFERENCE section 7
+    pass, wasted drafted tokens per committed token), the measured frontier of the packaged pair
     (a wasted token is a drafted one that was not accepted)."""
     out = {}
     for k in ks:
