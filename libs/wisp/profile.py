@@ -183,21 +183,14 @@ def hardware_info(device: str = "cpu", dtype: str = "", threads: int | None = No
         "cpu": cpu_model(), "cores": os.cpu_count(), "machine": platform.machine(),
         "python": platform.python_version(), "device": device, "dtype": dtype,
     }
-    try:
-        import torch
+    import torch
+    import transformers
 
-        info["torch"] = torch.__version__
-        info["threads"] = threads if threads is not None else torch.get_num_threads()
-        if device.startswith("cuda") and torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    except ImportError:
-        info["threads"] = threads
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
+    info["torch"] = torch.__version__
+    info["threads"] = threads if threads is not None else torch.get_num_threads()
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    info["transformers"] = transformers.__version__
     try:
         mem = Path("/proc/meminfo").read_text().split("\n", 1)[0].split()
         info["mem_gib"] = round(int(mem[1]) / 2**20, 1)

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from wisp.specdec import TokenFeatures
 
 if TYPE_CHECKING:
-    from wisp.policy.estimator import LinearEstimator
+    from wisp.policy.estimator import VerifyTimeEstimator
     from wisp.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -301,7 +301,7 @@ class AffineVerifyCost:
                 "per_ctx_ms": self.per_ctx_ms}
 
 
-def estimator_cost(est: LinearEstimator) -> VerifyCost:
+def estimator_cost(est: VerifyTimeEstimator) -> VerifyCost:
     """A verify-time estimator as the controller's cost function (a batch of this one round)."""
     from wisp.policy.estimator import BatchShape
 
@@ -357,7 +357,7 @@ class LearnedController:
         min_k: int = 1,
         cum_threshold: float | None = None,
         goodput: bool = True,
-        verify_ms: VerifyCost | LinearEstimator | None = None,
+        verify_ms: VerifyCost | VerifyTimeEstimator | None = None,
         draft_ms_per_token: float = 141.0,
         prefill_round: bool = False,
         metadata: Mapping[str, Any] | None = None,
@@ -387,14 +387,15 @@ class LearnedController:
         self._cost_dict: dict[str, Any] | None
         if verify_ms is None:
             verify_ms = AffineVerifyCost()
-        if hasattr(verify_ms, "predict"):  # a LinearEstimator
-            self._cost_dict = {"kind": "linear_estimator",
-                               "model": json.loads(verify_ms.to_json())}  # type: ignore[union-attr]
-            verify_ms = estimator_cost(verify_ms)  # type: ignore[arg-type]
-        else:
-            to_dict = getattr(verify_ms, "to_dict", None)
-            self._cost_dict = to_dict() if callable(to_dict) else None
-        self.verify_ms: VerifyCost = verify_ms  # type: ignore[assignment]
+        if isinstance(verify_ms, AffineVerifyCost):
+            self._cost_dict = verify_ms.to_dict()
+            self.verify_ms: VerifyCost = verify_ms
+        elif callable(verify_ms):  # a plain cost function: usable, not saveable
+            self._cost_dict = None
+            self.verify_ms = verify_ms
+        else:  # an estimator (estimators are objects with predict(), never callables)
+            self._cost_dict = {"kind": "linear_estimator", "model": json.loads(verify_ms.to_json())}
+            self.verify_ms = estimator_cost(verify_ms)
 
     def replace(self, **changes: Any) -> LearnedController:
         """A copy with some stop parameters changed (``threshold``, ``max_k`` ...)."""

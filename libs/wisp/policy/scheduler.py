@@ -86,6 +86,8 @@ class Selection:
 
 class BatchPolicy(Protocol):
     name: str
+    max_batch_size: int
+    """Rounds per batch at most (the core also uses it to predict a verifier's backlog)."""
 
     def select(
         self, queue: list[RoundInfo], verifier: str, now: float, estimator: VerifyTimeEstimator
@@ -322,11 +324,11 @@ class SchedulerCore:
 
     def _work_ms(self, name: str, shapes: Sequence[tuple[int, int]]) -> float:
         """Predicted ms to verify rounds of these (new_tokens, context_len) shapes on ``name``,
-        cut into batches of the policy's ``max_batch_size`` (if it has one)."""
+        cut into batches of the policy's ``max_batch_size``."""
         if not shapes:
             return 0.0
         est = self.estimator_of(name)
-        size = max(1, int(getattr(self.policy, "max_batch_size", 0) or len(shapes)))
+        size = max(1, self.policy.max_batch_size)
         total = 0.0
         for i in range(0, len(shapes), size):
             chunk = shapes[i:i + size]
