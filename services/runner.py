@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from wisp.bus import Bus, Keys, redact, wait_for_redis
+from wisp.bus import MAX_CONNECTIONS, Bus, Keys, redact, wait_for_redis
 from wisp.service import Service
 from wisp.settings import Settings
 
@@ -189,7 +189,8 @@ async def connect(settings: Settings, url: str, timeout_s: float = 10.0) -> Bus:
         await redis.aclose()
         import redis.asyncio as aioredis
 
-        redis = aioredis.from_url(url, password=settings.redis_password)
+        redis = aioredis.from_url(url, password=settings.redis_password,
+                                  max_connections=MAX_CONNECTIONS)
         await redis.ping()
     return Bus(redis, Keys(settings.namespace), settings.stream_maxlen)
 

@@ -15,7 +15,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 FIELD = b"d"
 """The single field of every stream entry; its value is the JSON message."""
+OUTPUT_MAXLEN = 100_000
+"""Entries kept in a request's output stream (``wisp:out:<request>``)."""
 
 
 class Keys:
@@ -175,31 +177,50 @@ class Bus:
         model: type[M],
         count: int = 16,
         block_ms: int | None = 200,
+        ack: Sequence[str] = (),
     ) -> list[Entry[M]]:
         """Read entries for ``consumer``: its own pending ones first (after a restart), then new.
 
         Unparseable entries are dead-lettered (with the reason) and acked here; the caller only
-        ever sees valid messages, and must ``ack`` each after writing what it produced.
+        ever sees valid messages, and must ack each after writing what it produced: with
+        ``Bus.ack``, or by passing the ids to its next read (``ack``: acked in that read's round
+        trip, before the read).
         """
         await self.ensure_group(stream, group)
         tag = (stream, group, consumer)
         if tag not in self._pending_drained:
-            out, got = await self._read_once(stream, group, consumer, model, "0", count, None)
+            out, got = await self._read_once(stream, group, consumer, model, "0", count, None, ack)
+            ack = ()
             if got < count:
                 self._pending_drained.add(tag)
             if got:
                 return out
-        out, _ = await self._read_once(stream, group, consumer, model, ">", count, block_ms)
+        out, _ = await self._read_once(stream, group, consumer, model, ">", count, block_ms, ack)
         return out
+
+    async def _xreadgroup(self, stream: str, group: str, consumer: str, start: str, count: int,
+                          block_ms: int | None, ack: Sequence[str]) -> Any:
+        """XREADGROUP, preceded by XACK of ``ack`` in the same round trip when there are any
+        (a consumer acks what it handled as part of its next read: one round trip per read
+        instead of two; Redis runs the two in order, so the ack precedes the read)."""
+        if not ack:
+            return await self.redis.xreadgroup(group, consumer, {stream: start}, count=count,
+                                               block=block_ms)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xack(stream, group, *ack)
+        pipe.xreadgroup(group, consumer, {stream: start}, count=count, block=block_ms)
+        acked, resp = await pipe.execute(raise_on_error=False)
+        for res in (acked, resp):
+            if isinstance(res, Exception):
+                raise res
+        return resp
 
     async def _read_once(
         self, stream: str, group: str, consumer: str, model: type[M], start: str, count: int,
-        block_ms: int | None,
+        block_ms: int | None, ack: Sequence[str] = (),
     ) -> tuple[list[Entry[M]], int]:
         try:
-            resp = await self.redis.xreadgroup(
-                group, consumer, {stream: start}, count=count, block=block_ms
-            )
+            resp = await self._xreadgroup(stream, group, consumer, start, count, block_ms, ack)
         except ResponseError as err:
             if "NOGROUP" in str(err):  # stream or group deleted under us: recreate, retry later
                 self._groups.discard((stream, group))
@@ -379,6 +400,10 @@ if cur then
   if ok and rec['device'] ~= ARGV[2] then return 0 end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[3]))
+if KEYS[2] then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', ARGV[6], ARGV[4])
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
+end
 return 1
 """
 
@@ -392,6 +417,7 @@ class SessionStore:
     def __init__(self, bus: Bus, ttl_s: int) -> None:
         self.bus = bus
         self.ttl_s = ttl_s
+        """Seconds a record (and the output stream written with it) lives unless written again."""
 
     def key(self, request_id: str) -> str:
         return self.bus.keys.session(request_id)
@@ -411,12 +437,36 @@ class SessionStore:
     async def exists(self, request_id: str) -> bool:
         return bool(await self.bus.redis.exists(self.key(request_id)))
 
-    async def save_if_owner(self, state: SessionState) -> bool:
+    async def save_if_owner(self, state: SessionState, emit: WireModel | None = None) -> bool:
         """Write ``state`` unless the stored record names another drafter (atomically): False
-        means the session was adopted elsewhere and ``state.device`` must stop serving it."""
-        key = self.key(state.request.request_id)
-        return bool(await self.bus.redis.eval(_SAVE_IF_OWNER, 1, key, state.encode(), state.device,
-                                              self.ttl_s))
+        means the session was adopted elsewhere and ``state.device`` must stop serving it.
+
+        ``emit``: an event for the session's output stream (``OutputStream.emit``), written in
+        the same script right after the record, so the record is durable before the client
+        sees the tokens it holds, and a drafter that lost the session emits nothing; one round
+        trip instead of three (the drafter saves and streams once per round)."""
+        # EVAL, not EVALSHA: the drafter's ACL user (deploy/redis-acl.conf) may run only EVAL
+        return bool(await self.bus.redis.eval(_SAVE_IF_OWNER, *self._save_args(state, emit)))
+
+    async def save_many_if_owner(self, saves: Sequence[tuple[SessionState, WireModel | None]],
+                                 ) -> list[bool]:
+        """``save_if_owner`` of several sessions in one round trip (the verdicts a drafter read
+        together), run by Redis in the given order; whether each was saved."""
+        if len(saves) == 1:
+            return [await self.save_if_owner(*saves[0])]
+        pipe = self.bus.redis.pipeline(transaction=False)
+        for state, emit in saves:
+            pipe.eval(_SAVE_IF_OWNER, *self._save_args(state, emit))
+        return [bool(x) for x in await pipe.execute()]
+
+    def _save_args(self, state: SessionState, emit: WireModel | None) -> list[Any]:
+        """``_SAVE_IF_OWNER``'s key count, keys and arguments."""
+        rid = state.request.request_id
+        keys = [self.key(rid)] if emit is None else [self.key(rid), self.bus.keys.output(rid)]
+        args: list[Any] = [state.encode(), state.device, self.ttl_s]
+        if emit is not None:
+            args += [emit.encode(), OUTPUT_MAXLEN, FIELD]
+        return [len(keys), *keys, *args]
 
     async def adopt(self, state: SessionState) -> None:
         """Write ``state`` whoever owned the record (a drafter taking the session over)."""
@@ -455,9 +505,13 @@ class OutputStream:
         self.ttl_s = ttl_s
 
     async def emit(self, request_id: str, event: WireModel) -> None:
+        """Append ``event`` and renew the stream's TTL (one round trip; not a MULTI, which the
+        drafter's ACL user may not run, and the TTL needs no atomicity)."""
         stream = self.bus.keys.output(request_id)
-        await self.bus.publish(stream, event, maxlen=100_000)
-        await self.bus.redis.expire(stream, self.ttl_s)
+        pipe = self.bus.redis.pipeline(transaction=False)
+        pipe.xadd(stream, {FIELD: event.encode()}, maxlen=OUTPUT_MAXLEN, approximate=True)
+        pipe.expire(stream, self.ttl_s)
+        await pipe.execute()
 
     async def progress(self, request_id: str) -> tuple[int, bool]:
         """How many generated tokens the stream already holds, and whether it is finished (a
@@ -543,13 +597,25 @@ def _render_fields(fields: Any) -> str:
     return json.dumps(parts)
 
 
-async def wait_for_redis(url: str, timeout_s: float = 10.0) -> aioredis.Redis:
-    """Connect and PING, retrying with backoff; raise ``ConnectionError`` with a clear message."""
+MAX_CONNECTIONS = 10_000
+"""Connections one client may open. Every blocking read (XREADGROUP/XREAD with BLOCK) holds a
+connection until it returns, so a client shared by N concurrent readers needs N: the benchmark's
+load generator follows one output stream per simulated device on one client (up to 4096), where
+redis-py's default of 100 raised MaxConnectionsError at the 101st device. Connections are opened
+only when needed, so the limit costs nothing below it (Redis itself accepts 10,000 clients by
+default)."""
+
+
+async def wait_for_redis(url: str, timeout_s: float = 10.0, *,
+                         max_connections: int = MAX_CONNECTIONS) -> aioredis.Redis:
+    """Connect and PING, retrying with backoff; raise ``ConnectionError`` with a clear message.
+    ``max_connections``: see ``MAX_CONNECTIONS``."""
     deadline = time.monotonic() + timeout_s
     delay = 0.05
     last: Exception | None = None
     while True:
-        client = aioredis.from_url(url, socket_connect_timeout=2, health_check_interval=10)
+        client = aioredis.from_url(url, socket_connect_timeout=2, health_check_interval=10,
+                                   max_connections=max_connections)
         try:
             await client.ping()
             return client

@@ -3,12 +3,25 @@ with the request's figures (TTFT, TPOT, speculation statistics), on its output s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from wisp.bus import OutputStream
+from wisp.policy.session import SpecSession
 from wisp.protocol import DoneEvent, ErrorEvent, TokenEvent
 from wisp.service import Service, now
 from wisp.services.drafter.session import ServedSession
+
+
+@dataclass(frozen=True)
+class PendingTokens:
+    """A token event about to be written, and what the session will have sent once it is."""
+
+    event: TokenEvent
+    text: str
+    """The detokenised text sent so far, this event's delta included."""
+    emitted: int
+    """Generated tokens sent, this event's included."""
 
 
 class Emitter:
@@ -20,22 +33,33 @@ class Emitter:
         self.tokenizer = tokenizer
 
     async def catch_up(self, sess: ServedSession) -> None:
-        """Send the committed tokens the client has not been sent. The text delta waits while
-        the text ends in a partial character (a multi-byte character split across tokens),
-        unless the session is over."""
-        sp = sess.spec
+        """Send the committed tokens the client has not been sent."""
+        pending = self.pending(sess, sess.spec)
+        if pending is not None:
+            await self.output.emit(sess.request_id, pending.event)
+            self.sent(sess, pending)
+
+    def pending(self, sess: ServedSession, sp: SpecSession) -> PendingTokens | None:
+        """The event that brings the client up to ``sp`` (None: nothing new), not sent yet:
+        the drafter writes it together with the session record that holds those tokens, then
+        calls ``sent``. The text delta waits while the text ends in a partial character (a
+        multi-byte character split across tokens), unless the session is over."""
         generated = sp.generated
         if sess.emitted >= len(generated):
-            return
+            return None
         text = self.tokenizer.decode(generated, skip_special_tokens=True)
-        delta = ""
+        delta, new_text = "", sess.text
         if not text.endswith("\ufffd") or sp.done:
-            delta, sess.text = text[len(sess.text):], text
+            delta, new_text = text[len(sess.text):], text
         rid = sess.request_id
-        await self._emit(rid, TokenEvent(request_id=rid, index=sess.emitted,
-                                         token_ids=generated[sess.emitted:], text=delta,
-                                         ts=sp.last_token_ts or now()))
-        sess.emitted = len(generated)
+        event = TokenEvent(request_id=rid, index=sess.emitted, token_ids=generated[sess.emitted:],
+                           text=delta, ts=sp.last_token_ts or now())
+        return PendingTokens(event, new_text, len(generated))
+
+    def sent(self, sess: ServedSession, pending: PendingTokens) -> None:
+        """``pending`` is in the output stream: the client has been sent it."""
+        sess.text, sess.emitted = pending.text, pending.emitted
+        self.service.count("events")
 
     async def done(self, sess: ServedSession) -> DoneEvent:
         """The final event: the whole output and the request's figures."""

@@ -65,9 +65,9 @@ class RoundDrafter:
     async def run(self, plans: list[RoundPlan]) -> None:
         """Draft these rounds, together when there are several, and publish each block."""
         drafting = [p for p in plans if p.call is not None]
-        for p in plans:  # nothing to draft (prefill rounds, centralized): send at once
-            if p.call is None:
-                await self.publish(p, None)
+        undrafted = [(p, None) for p in plans if p.call is None]
+        if undrafted:  # nothing to draft (prefill rounds, centralized): send at once
+            await self.publish(undrafted)
         if not drafting:
             return
         # None, queued after every hand-over, says the call has returned (or failed)
@@ -84,12 +84,33 @@ class RoundDrafter:
         work = asyncio.ensure_future(self.service.in_worker(run))
         if len(drafting) > 1:
             self.service.count("batched_drafts")
-        while (item := await ready.get()) is not None:
-            await self.publish(drafting[item[0]], item[1])
+        finished = False
+        while not finished and (item := await ready.get()) is not None:
+            # rows that stopped while we were publishing are sent together (one round trip);
+            # none waits for a row still drafting
+            done = [item]
+            while not ready.empty():
+                nxt = ready.get_nowait()
+                if nxt is None:
+                    finished = True
+                    break
+                done.append(nxt)
+            await self.publish([(drafting[i], out) for i, out in done])
         await work  # re-raise a failure of the batch
 
-    async def publish(self, p: RoundPlan, out: Any) -> None:
-        """Record the round's drafting in its session and publish its block."""
+    async def publish(self, rounds: list[tuple[RoundPlan, Any]]) -> None:
+        """Record each round's drafting (``out``: the engine's output, None when nothing was
+        drafted) in its session and publish the rounds' blocks in one round trip."""
+        blocks = [self._block(p, out) for p, out in rounds]
+        if len(blocks) == 1:
+            await self.bus.publish(self.bus.keys.draft, blocks[0])
+        else:
+            await self.bus.publish_many([(self.bus.keys.draft, b) for b in blocks])
+        for p, _ in rounds:
+            self._published(p)
+
+    def _block(self, p: RoundPlan, out: Any) -> DraftBlock:
+        """Record the round's drafting in its session; the block that carries it."""
         sess, sp = p.sess, p.sess.spec
         tokens: list[int] = []
         dists: list[WireDist] | None = None
@@ -108,7 +129,7 @@ class RoundDrafter:
         sp.drafted(draft_ms, passes)
         sess.last_features = feats
         req = sess.req
-        block = DraftBlock(
+        return DraftBlock(
             request_id=req.request_id,
             device=self.service.name,
             round=sp.round,
@@ -131,8 +152,11 @@ class RoundDrafter:
             first_token_ts=sp.first_token_ts,
             expected_commit=expected_commit(f.top1_prob for f in feats),
         )
-        await self.bus.publish(self.bus.keys.draft, block)
-        sess.published_round = sp.round
+
+    def _published(self, p: RoundPlan) -> None:
+        """The round's block is in the stream."""
+        sess, req = p.sess, p.sess.req
+        sess.published_round = sess.spec.round
         self.service.count("blocks")
         if p.prefill:
             # a prefill round: the server's prefill makes the first token while we prefill the

@@ -164,27 +164,36 @@ class DrafterService(Service):
 
     # ------------------------------------------------------------------ verdicts
     async def on_verdicts(self, entries: list[Entry[Verdict]]) -> None:
-        """Apply every verdict read together first, then draft all their next rounds in one
-        batched call; the verdicts are acked (by the base) only after their rounds are
-        published (one re-delivered after a crash re-publishes its round: ``on_verdict`` is
-        idempotent)."""
+        """Apply every verdict read together first (their new states saved, and their tokens
+        streamed, in one round trip), then draft all their next rounds in one batched call; the
+        verdicts are acked (by the base) only after their rounds are published (one
+        re-delivered after a crash re-publishes its round: applying a verdict is idempotent)."""
         pending: list[ServedSession] = []
+        applied: list[tuple[ServedSession, SpecSession, Verdict]] = []
         for e in self._in_draft_order(entries):
-            try:
-                await self.on_verdict(e, pending)
-            except SessionLost as err:
-                log.warning("%s", err)
-                self.count("sessions_lost")
+            await self._apply(e, pending, applied)
+        await self._follow_up(await self._save_applied(applied), pending)
         await self._next_rounds(pending)
 
     async def on_verdict(self, entry: Entry[Verdict], pending: list[ServedSession] | None = None) -> None:
         """Apply a verdict: save the new state, stream its tokens, then draft the next round,
         or, given ``pending``, add the session to it for the caller to draft in a batch."""
+        applied: list[tuple[ServedSession, SpecSession, Verdict]] = []
+        await self._apply(entry, pending, applied)
+        await self._follow_up(await self._save_applied(applied), pending)
+
+    async def _apply(self, entry: Entry[Verdict], pending: list[ServedSession] | None,
+                     applied: list[tuple[ServedSession, SpecSession, Verdict]]) -> None:
+        """Check a verdict against its session and add the state it leads to to ``applied``
+        (saved by the caller). A verdict already applied (re-delivered after a failure) only
+        gets its follow-up; an unknown or stale one is counted and dropped."""
         v = entry.msg
         sess = self.sessions.get(v.request_id)
         if sess is None or sess.finished:
             self.count("verdicts_unknown")
             return
+        if any(s is sess for s, _, _ in applied):
+            return  # the same verdict twice in one read (a round verified twice): applied once
         sp = sess.spec
         if v.round == sp.round - 1 and sess.applied_base == v.base_committed_len:
             await self._continue(sess, pending)  # re-delivered after a failure: finish it
@@ -194,13 +203,43 @@ class DrafterService(Service):
             return
         if self.settings.trace and v.drafted:
             await self._publish_trace(sess, v)  # before apply(): rows carry the pre-round EMA
-        # 1. the new state becomes durable before anything is shown or sent
         new = sp.copy()
         new.apply(v.tokens, v.drafted, v.accepted, now())
-        await self._save(sess, spec=new, verify_ms=v.verify_ms)
-        sess.applied_base = v.base_committed_len
-        # 2. idempotent follow-up, re-run if this verdict is delivered again after a failure
-        await self._continue(sess, pending)
+        applied.append((sess, new, v))
+
+    async def _save_applied(self, applied: list[tuple[ServedSession, SpecSession, Verdict]],
+                            ) -> list[tuple[ServedSession, Verdict]]:
+        """1. The new states become durable before anything is shown or sent: each session's
+        record is saved (while it still names this drafter) with the committed tokens its
+        client lacks streamed in the same atomic script, all in one round trip. A session
+        adopted by another drafter is dropped here (logged, counted). Returns the saved ones."""
+        if not applied:
+            return []
+        records = [(record_of(sess, sp, self.name, v.verify_ms), self.emitter.pending(sess, sp))
+                   for sess, sp, v in applied]
+        oks = await self.store.save_many_if_owner(
+            [(st, p.event if p is not None else None) for st, p in records])
+        saved = []
+        for (sess, sp, v), (st, p), ok in zip(applied, records, oks, strict=True):
+            if not ok:
+                self.sessions.pop(sess.request_id, None)
+                log.warning("%s", SessionLost(f"session {sess.request_id} was adopted by another "
+                                              "drafter"))
+                self.count("sessions_lost")
+                continue
+            sess.state, sess.spec = st, sp
+            if p is not None:
+                self.emitter.sent(sess, p)
+            saved.append((sess, v))
+        return saved
+
+    async def _follow_up(self, saved: list[tuple[ServedSession, Verdict]],
+                         pending: list[ServedSession] | None) -> None:
+        """2. The idempotent follow-up of each saved verdict (finish the session, or draft its
+        next round), re-run if the verdict is delivered again after a failure."""
+        for sess, v in saved:
+            sess.applied_base = v.base_committed_len
+            await self._continue(sess, pending)
 
     def _in_draft_order(self, entries: list[Entry[Verdict]]) -> list[Entry[Verdict]]:
         """wisp mode: the verdicts read together, in the order their sessions' next rounds should
@@ -230,7 +269,8 @@ class DrafterService(Service):
         """Write the session record (the whole truth of the session): ``spec`` (by default the
         session's own) becomes the session's state once it is durable. Unless adopting, only
         while the record still names this drafter (atomic check-and-set): a drafter whose
-        session was adopted elsewhere raises ``SessionLost`` instead of emitting duplicates."""
+        session was adopted elsewhere raises ``SessionLost`` instead of emitting duplicates.
+        (Applying verdicts saves through ``_save_applied``.)"""
         sp = spec or sess.spec
         st = record_of(sess, sp, self.name, verify_ms)
         if adopt:

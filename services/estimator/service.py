@@ -56,20 +56,30 @@ class EstimatorService(Service):
 
     def consumers(self) -> list[Consumer]:
         return [
-            Consumer(self.keys.draft, GROUP, DraftBlock, self.annotate, reclaim=True),
+            Consumer(self.keys.draft, GROUP, DraftBlock, batch=self.annotate_all, reclaim=True),
             # timings of batches verified before this group existed are not replayed ("$")
             Consumer(self.keys.stats, GROUP, TimingSample, batch=self.learn_all, start="$",
                      reclaim=True),
         ]
 
-    async def annotate(self, e: Entry[DraftBlock]) -> None:
-        ab = AnnotatedBlock(
+    def annotated(self, e: Entry[DraftBlock]) -> AnnotatedBlock:
+        return AnnotatedBlock(
             block=e.msg,
             predicted_verify_ms=self.estimator.predict(block_shape(e.msg)),
             estimator_version=self.estimator.version,
             annotated_ts=now(),
         )
-        await self.bus.publish(self.keys.annotated, ab)
+
+    async def annotate(self, e: Entry[DraftBlock]) -> None:
+        await self.bus.publish(self.keys.annotated, self.annotated(e))
+
+    async def annotate_all(self, entries: list[Entry[DraftBlock]]) -> None:
+        """Annotate every block read together and publish them in one round trip (the base
+        retries a failed batch entry by entry)."""
+        if len(entries) == 1:
+            await self.annotate(entries[0])
+            return
+        await self.bus.publish_many([(self.keys.annotated, self.annotated(e)) for e in entries])
 
     async def learn_all(self, entries: list[Entry[TimingSample]]) -> None:
         """Learn from every timing read, then publish the model once if it changed."""

@@ -105,3 +105,84 @@ async def test_reclaim_takes_over_idle_entries_and_dead_letters_poison(bus: Bus)
     assert (await bus.redis.xpending(s, "g"))["pending"] == 0
     dead = [decode(DeadLetter, f[FIELD]) for _, f in await bus.redis.xrange(bus.keys.dead)]
     assert len(dead) == 1 and "without being acked" in dead[0].reason
+
+
+async def test_one_client_serves_more_blocking_readers_than_redis_py_default(bus: Bus) -> None:
+    """The load generator follows one output stream per simulated device on one client, each
+    follow a blocking XREAD holding a connection; redis-py's default pool (100) raised
+    MaxConnectionsError at the 101st. 150 concurrent blocking reads on the client that
+    ``wait_for_redis`` makes all get their entry."""
+    import asyncio
+
+    n = 150
+    streams = [f"{bus.keys.ns}:out:many-{i}" for i in range(n)]
+    readers = [asyncio.create_task(bus.redis.xread({s: "0-0"}, count=1, block=5000))
+               for s in streams]
+    await asyncio.sleep(0.3)  # every reader is blocked on its own connection
+    pipe = bus.redis.pipeline(transaction=False)
+    for s in streams:
+        pipe.xadd(s, {FIELD: b"x"})
+    await pipe.execute()
+    got = await asyncio.wait_for(asyncio.gather(*readers), 10)
+    assert all(r and r[0][1] for r in got)
+
+
+async def test_read_acks_the_given_entries_in_the_same_round_trip(bus: Bus) -> None:
+    s = bus.keys.draft
+    for i in range(2):
+        await bus.publish(s, _req(i))
+    first = await bus.read(s, "g", "c", GenerateRequest, count=1, block_ms=10)
+    assert (await bus.redis.xpending(s, "g"))["pending"] == 1
+    second = await bus.read(s, "g", "c", GenerateRequest, count=1, block_ms=10,
+                            ack=[first[0].entry_id])
+    assert [e.msg.request_id for e in first + second] == ["req-00000000", "req-00000001"]
+    pending = await bus.redis.xpending_range(s, "g", min="-", max="+", count=10)
+    assert [p["message_id"].decode() for p in pending] == [second[0].entry_id]
+    # a restarted consumer re-reads its pending entries: the acked one is not among them
+    again = Bus(bus.redis, bus.keys)
+    got = await again.read(s, "g", "c", GenerateRequest, block_ms=10, ack=[second[0].entry_id])
+    assert got == [] and (await bus.redis.xpending(s, "g"))["pending"] == 0
+
+
+async def test_session_save_with_an_event_emits_only_for_the_owner(bus: Bus) -> None:
+    """The drafter saves a session and streams its new tokens in one script: the record is
+    written first, and a drafter whose session was adopted elsewhere writes neither."""
+    from wisp.bus import OutputStream, SessionStore
+    from wisp.protocol import SessionState, TokenEvent
+
+    store, out = SessionStore(bus, ttl_s=60), OutputStream(bus, ttl_s=60)
+    req = _req(7)
+    st = SessionState(request=req, device="d1", prompt_token_ids=[1, 2], started_ts=1.0, mode="sled")
+    ev = TokenEvent(request_id=req.request_id, index=0, token_ids=[5, 6], text="ab", ts=2.0)
+    assert await store.save_if_owner(st.model_copy(update={"generated": [5, 6]}), ev)
+    saved = await store.get(req.request_id)
+    assert saved is not None and saved.generated == [5, 6] and saved.device == "d1"
+    assert await out.progress(req.request_id) == (2, False)
+    assert 0 < await bus.redis.ttl(bus.keys.output(req.request_id)) <= 60
+    # adopted by d2: d1's next save writes nothing, neither the record nor the event
+    await store.adopt(st.model_copy(update={"device": "d2", "generated": [5, 6]}))
+    ev2 = TokenEvent(request_id=req.request_id, index=2, token_ids=[7], text="c", ts=3.0)
+    assert not await store.save_if_owner(st.model_copy(update={"generated": [5, 6, 7]}), ev2)
+    assert await out.progress(req.request_id) == (2, False)
+    saved = await store.get(req.request_id)
+    assert saved is not None and saved.device == "d2" and saved.generated == [5, 6]
+
+
+async def test_sessions_saved_together_in_one_round_trip(bus: Bus) -> None:
+    """The verdicts a drafter read together are saved (and their tokens streamed) in one
+    pipeline, each session by its own check-and-set: one adopted elsewhere is not written."""
+    from wisp.bus import OutputStream, SessionStore
+    from wisp.protocol import SessionState, TokenEvent
+
+    store, out = SessionStore(bus, ttl_s=60), OutputStream(bus, ttl_s=60)
+    reqs = [_req(20), _req(21)]
+    states = [SessionState(request=r, device="d1", prompt_token_ids=[1], started_ts=1.0) for r in reqs]
+    await store.adopt(states[1].model_copy(update={"device": "d2"}))
+    events = [TokenEvent(request_id=r.request_id, index=0, token_ids=[9], text="x", ts=2.0) for r in reqs]
+    saved = await store.save_many_if_owner(
+        [(st.model_copy(update={"generated": [9]}), ev) for st, ev in zip(states, events, strict=True)])
+    assert saved == [True, False]
+    assert await out.progress(reqs[0].request_id) == (1, False)
+    assert await out.progress(reqs[1].request_id) == (0, False)
+    other = await store.get(reqs[1].request_id)
+    assert other is not None and other.device == "d2" and other.generated == []
