@@ -1,7 +1,11 @@
-"""The ground truth for losslessness: the target model's own `generate(do_sample=False)`."""
+"""The ground truth for losslessness: the target model's own `generate(do_sample=False)` on the
+prompt as a user would tokenize it (the HF tokenizer saved beside the target and its chat
+template), computed without any of WISP's code, so a tokenisation or template bug in WISP shows
+up as a mismatch instead of being fed to the reference too."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -15,6 +19,23 @@ def load_target(path: str | Path) -> Any:
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     model.eval()
     return model
+
+
+def chat_prompt_ids(model_dir: str | Path, prompt: str) -> list[int]:
+    """``prompt`` as a user turn in the target's chat template, with the assistant prefix, in
+    one `apply_chat_template` call (WISP's `wisp.tokens.encode_prompt` renders the text and
+    tokenizes it separately: a different path to the same ids)."""
+    tok = _tokenizer(str(model_dir))
+    out = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    ids = out["input_ids"] if isinstance(out, Mapping) or hasattr(out, "keys") else out
+    return [int(t) for t in ids]
+
+
+@lru_cache(maxsize=8)
+def _tokenizer(model_dir: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
 
 
 def greedy_reference(model: Any, prompt_ids: list[int], max_new_tokens: int) -> list[int]:

@@ -2,13 +2,17 @@
 
 - greedy losslessness: `wisp-cli submit --json` token ids equal the target's own
   `generate(do_sample=False)` for prompts from HumanEval, MT-Bench and ShareGPT, in sled and in
-  centralized mode;
-- two verifiers and three drafters complete 30 concurrent requests and leave nothing pending;
+  centralized mode; the reference prompt ids come from the HF tokenizer and chat template
+  directly (tests/reference.py), never from the ids the system reports, and the reported ids
+  must equal them;
+- two verifiers and three drafters complete 30 concurrent requests, every one equal to the
+  target's greedy output, and leave nothing pending;
 - bad prompts get a one-line error and a non-zero exit.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,7 +25,7 @@ from wisp.data import mixed_prompts
 from wisp.services.runner import free_port
 
 from tests.harness import Cluster, cli, collect, spawn_submit, submit_json
-from tests.reference import greedy_reference, load_target
+from tests.reference import chat_prompt_ids, greedy_reference, load_target
 
 ROLES = [("estimator", "est"), ("scheduler", "sch"), ("verifier", "v1"), ("verifier", "v2"),
          ("drafter", "d1"), ("drafter", "d2"), ("drafter", "d3")]
@@ -65,10 +69,15 @@ def reference(tiny_pair: tuple[Path, Path]) -> object:
     return load_target(tiny_pair[0])
 
 
-def _check_lossless(results: list[dict], ref_model: object, mode: str) -> None:
-    for res in results:
-        want = greedy_reference(ref_model, res["prompt_token_ids"], MAX_NEW)
-        assert res["token_ids"] == want, f"{mode}: output differs from target greedy"
+def _check_lossless(prompts: list[str], results: list[dict], ref_model: object, target: Path,
+                    mode: str, max_new: int = MAX_NEW) -> None:
+    """Every result equals the target's greedy output for its prompt, tokenized independently."""
+    assert len(results) == len(prompts)
+    for i, (prompt, res) in enumerate(zip(prompts, results, strict=True)):
+        ids = chat_prompt_ids(target, prompt)
+        assert res["prompt_token_ids"] == ids, f"{mode}: request {i} was tokenized differently"
+        want = greedy_reference(ref_model, ids, max_new)
+        assert res["token_ids"] == want, f"{mode}: request {i} differs from the target's greedy output"
         assert res["mode"] == mode
 
 
@@ -78,9 +87,10 @@ def _submit_all(prompts: list[str], env: dict[str, str], *args: str) -> list[dic
             lambda p: submit_json(p, env, "--max-new-tokens", str(MAX_NEW), *args), prompts))
 
 
-def test_sled_is_lossless_through_the_cli(cluster: Cluster, prompts: list[str], reference: object) -> None:
+def test_sled_is_lossless_through_the_cli(cluster: Cluster, prompts: list[str], reference: object,
+                                          tiny_pair: tuple[Path, Path]) -> None:
     results = _submit_all(prompts, cluster.env())
-    _check_lossless(results, reference, "sled")
+    _check_lossless(prompts, results, reference, tiny_pair[0], "sled")
     drafted = sum(r["drafted_tokens"] for r in results)
     accepted = sum(r["accepted_tokens"] for r in results)
     assert drafted > 0 and 0 < accepted < drafted  # speculation really happened, with rejections
@@ -89,12 +99,13 @@ def test_sled_is_lossless_through_the_cli(cluster: Cluster, prompts: list[str], 
             "drafted_tokens", "accepted_tokens", "mode"} <= set(results[0])
 
 
-def test_thirty_concurrent_requests_two_verifiers_three_drafters(cluster: Cluster) -> None:
+def test_thirty_concurrent_requests_two_verifiers_three_drafters(
+        cluster: Cluster, reference: object, tiny_pair: tuple[Path, Path]) -> None:
     env = cluster.env()
-    procs = [spawn_submit(f"Count to {i} in words, please.", env, "--max-new-tokens", "12")
-             for i in range(30)]
+    texts = [f"Count to {i} in words, please." for i in range(30)]
+    procs = [spawn_submit(t, env, "--max-new-tokens", "12") for t in texts]
     results = [collect(p) for p in procs]
-    assert len(results) == 30 and all(len(r["token_ids"]) >= 1 for r in results)
+    _check_lossless(texts, results, reference, tiny_pair[0], "sled", max_new=12)
     devices = {r["device"] for r in results}
     assert devices == {"d1", "d2", "d3"}  # every drafter served some
     verifiers = [cluster.log(v) for v in ("v1", "v2")]
@@ -104,8 +115,6 @@ def test_thirty_concurrent_requests_two_verifiers_three_drafters(cluster: Cluste
     for _ in range(50):
         res = cli(["status", "--json"], env)
         assert res.returncode == 0, res.stderr
-        import json
-
         status = json.loads(res.stdout)
         if status["pending_total"] == 0:
             break
@@ -114,7 +123,12 @@ def test_thirty_concurrent_requests_two_verifiers_three_drafters(cluster: Cluste
     batches = {s["name"]: s.get("batches", 0) for s in status["services"] if s["role"] == "verifier"}
     assert set(batches) == {"v1", "v2"} and all(b > 0 for b in batches.values()), batches
     human = cli(["status"], env)
-    assert human.returncode == 0 and "wisp:" not in human.stdout or "verifier" in human.stdout
+    assert human.returncode == 0, human.stderr
+    assert "0 entries pending in all groups" in human.stdout, human.stdout
+    rows = human.stdout.splitlines()  # the live-services table lists every service by role and name
+    for role, name in (("verifier", "v1"), ("verifier", "v2"), ("drafter", "d1"), ("drafter", "d2"),
+                       ("drafter", "d3")):
+        assert any(role in row and f" {name} " in row for row in rows), (role, name, human.stdout)
 
 
 def test_bad_prompts_get_one_line_errors(cluster: Cluster) -> None:
@@ -162,7 +176,7 @@ def test_centralized_is_lossless(redis_url: str, tiny_pair: tuple[Path, Path], p
                 c.start(role, name)
             c.wait_ready(["e", "s", "v", "d"])
             results = _submit_all(prompts, c.env())
-            _check_lossless(results, reference, "centralized")
+            _check_lossless(prompts, results, reference, target, "centralized")
             assert all(r["drafted_tokens"] == 0 and r["rounds"] == len(r["token_ids"])
                        for r in results)
     finally:

@@ -95,48 +95,108 @@ def system(redis_url: str, tiny_pair: tuple[Path, Path], tmp_path_factory: pytes
         r.delete(*keys)
 
 
-SENT: dict[str, int] = {}
+GROUPS = {"stats": 2}
+"""Consumer groups per stream: wisp:stats has two (estimator, scheduler), each dead-letters its
+own copy of a bad entry; every other stream has one."""
 
 
-@settings(max_examples=30, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(data=st.data())
-def test_every_consumer_dead_letters_bad_input_and_keeps_serving(system: Cluster, data: st.DataObject
-                                                                ) -> None:
+def _dead_mark(r: redis.Redis, ns: str) -> str:
+    """The id of the last dead letter so far (what came before belongs to other tests)."""
+    last = r.xrevrange(f"{ns}:dead", count=1)
+    return last[0][0].decode() if last else "0-0"
+
+
+def _dead_letters_for(r: redis.Redis, ns: str, sent: dict[tuple[str, str], str], mark: str,
+                      timeout_s: float = 60.0) -> dict[tuple[str, str], list[DeadLetter]]:
+    """The dead letters of exactly the entries this test wrote (``sent``: (stream, entry id) ->
+    short stream name), waiting until every group has dead-lettered its copy. Matching on the
+    entry id makes each test independent of what other tests put into wisp:dead; every dead
+    letter since ``mark`` must be one of them (bad input must not cause others)."""
+    want = {key: GROUPS.get(short, 1) for key, short in sent.items()}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        mine: dict[tuple[str, str], list[DeadLetter]] = {}
+        others = []
+        for _, f in r.xrange(f"{ns}:dead", min=f"({mark}"):
+            d = decode(DeadLetter, f[b"d"])
+            if (d.stream, d.entry_id) in sent:
+                mine.setdefault((d.stream, d.entry_id), []).append(d)
+            else:
+                others.append(d)
+        if all(len(mine.get(k, [])) >= n for k, n in want.items()) or time.monotonic() > deadline:
+            assert not others, f"dead letters for entries this test did not write: {others}"
+            return mine
+        time.sleep(0.2)
+
+
+def _check_dead(mine: dict[tuple[str, str], list[DeadLetter]], sent: dict[tuple[str, str], str]) -> None:
+    missing = {sent[k]: 0 for k in sent}
+    for key, short in sent.items():
+        got = mine.get(key, [])
+        if len(got) != GROUPS.get(short, 1):
+            missing[short] += 1
+        assert len({d.group for d in got}) == len(got), ("dead-lettered twice by one group", got)
+        assert all(d.reason and d.consumer for d in got), got
+    assert not any(missing.values()), f"bad entries not dead-lettered (per stream): {missing}"
+
+
+def _still_serving(system: Cluster) -> None:
+    out = submit_json("Name three colours.", system.env(), "--max-new-tokens", "8")
+    assert len(out["token_ids"]) == 8
+    for name in ("e", "s", "v", "d"):
+        assert system.procs[name].poll() is None, f"{name} died"
+        assert "Traceback" not in system.log(name), system.log(name)[-3000:]
+
+
+def test_every_consumer_dead_letters_bad_input_and_keeps_serving(system: Cluster) -> None:
     r = redis.Redis.from_url(system.redis_url)
-    for stream, (model, _) in VALID.items():
-        payload = data.draw(malformed(stream), label=stream)
-        try:
-            decode(model, payload)
-            continue  # the mutation happened to stay valid: not bad input
-        except ProtocolError:
-            pass
-        r.xadd(f"{system.namespace}:{stream}", {"d": payload})
-        SENT[stream] = SENT.get(stream, 0) + 1
+    ns = system.namespace
+    mark = _dead_mark(r, ns)
+    sent: dict[tuple[str, str], str] = {}
+
+    @settings(max_examples=30, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(data=st.data())
+    def throw(data: st.DataObject) -> None:
+        for stream, (model, _) in VALID.items():
+            payload = data.draw(malformed(stream), label=stream)
+            try:
+                decode(model, payload)
+                continue  # the mutation happened to stay valid: not bad input
+            except ProtocolError:
+                pass
+            eid = r.xadd(f"{ns}:{stream}", {"d": payload}).decode()
+            sent[(f"{ns}:{stream}", eid)] = stream
+
+    throw()
+    assert len(sent) >= 30  # hypothesis really sent bad input to the streams
+    assert set(sent.values()) == set(VALID)  # to every consumer
+    _check_dead(_dead_letters_for(r, ns, sent, mark), sent)
+    _still_serving(system)
 
 
 def test_dead_letters_have_reasons_and_good_traffic_flows(system: Cluster) -> None:
     r = redis.Redis.from_url(system.redis_url)
     ns = system.namespace
-    r.xadd(f"{ns}:draft", {"d": b"{" + b" " * (MAX_PAYLOAD_BYTES + 10) + b"}"})  # oversized
-    r.xadd(f"{ns}:req", {"wrong-field": b"x"})  # no payload field at all
-    # wisp:stats has two consumer groups (estimator, scheduler): each dead-letters its copy
-    expected = sum(SENT.values()) + SENT.get("stats", 0) + 2
-    assert sum(SENT.values()) >= 30  # hypothesis really sent bad input to the streams
-    deadline = time.monotonic() + 60
-    while r.xlen(f"{ns}:dead") < expected and time.monotonic() < deadline:
-        time.sleep(0.2)
-    dead = [decode(DeadLetter, f[b"d"]) for _, f in r.xrange(f"{ns}:dead")]
-    assert len(dead) == expected
-    assert all(d.reason and d.stream.startswith(ns) for d in dead)
-    by_stream = {s: sum(1 for d in dead if d.stream == f"{ns}:{s}") for s in VALID}
-    for s, n in SENT.items():
-        assert by_stream[s] == n * (2 if s == "stats" else 1) + (s in ("draft", "req")), (s, by_stream)
-    assert any("exceeds" in d.reason for d in dead)
-    assert any("unsupported protocol version" in d.reason for d in dead)
-    # every service is still alive and serving
-    out = submit_json("Name three colours.", system.env(), "--max-new-tokens", "8")
-    assert len(out["token_ids"]) == 8
-    for name in ("e", "s", "v", "d"):
-        assert system.procs[name].poll() is None
-        assert "Traceback" not in system.log(name)
+    mark = _dead_mark(r, ns)
+    cases = {  # what each bad entry is, and the reason its dead letter must give
+        "draft": (b"{" + b" " * (MAX_PAYLOAD_BYTES + 10) + b"}", "exceeds"),  # oversized
+        "stats": (json.dumps({**VALID["stats"][1], "version": 999}).encode(),
+                  "unsupported protocol version"),
+        "verdict:d": (b'{"kind": "verdict", "request_id": ', "json"),  # truncated
+    }
+    sent: dict[tuple[str, str], str] = {}
+    reasons: dict[tuple[str, str], str] = {}
+    for stream, (payload, reason) in cases.items():
+        eid = r.xadd(f"{ns}:{stream}", {"d": payload}).decode()
+        sent[(f"{ns}:{stream}", eid)] = stream
+        reasons[(f"{ns}:{stream}", eid)] = reason
+    eid = r.xadd(f"{ns}:req", {"wrong-field": b"x"}).decode()  # no payload field at all
+    sent[(f"{ns}:req", eid)] = "req"
+    reasons[(f"{ns}:req", eid)] = "missing payload"
+    mine = _dead_letters_for(r, ns, sent, mark)
+    _check_dead(mine, sent)
+    for key, reason in reasons.items():
+        assert all(reason in d.reason.lower() for d in mine[key]), (reason, mine[key])
+    assert all(d.stream.startswith(ns) for ds in mine.values() for d in ds)
+    _still_serving(system)
