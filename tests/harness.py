@@ -19,6 +19,15 @@ import redis
 CLI = [sys.executable, "-m", "wisp.services.cli"]
 
 
+def clean_namespace(redis_url: str, namespace: str) -> None:
+    """Delete every key under ``namespace`` (a test's own prefix; never anyone else's keys)."""
+    r = redis.Redis.from_url(redis_url)
+    keys = list(r.scan_iter(match=f"{namespace}:*", count=1000))
+    if keys:
+        r.delete(*keys)
+    r.close()
+
+
 def service_env(redis_url: str, namespace: str, **settings: Any) -> dict[str, str]:
     env = dict(os.environ)
     env.update({

@@ -44,12 +44,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 import torch
 
 from tests import sabotage
 from tests.e2e.sampling_stats import CellTree, model_conditional
-from tests.harness import Cluster
+from tests.harness import Cluster, clean_namespace
 
 PROMPT = "import numpy as np"
 TEMPERATURE = 0.25
@@ -82,14 +81,6 @@ def peaked_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     out = tmp_path_factory.mktemp("peaked")
     return make_tiny_pair(out, "qwen-coder-0.5b", seed=PAIR_SEED, noise=DRAFT_NOISE,
                           cache_dir=Settings().model_cache)
-
-
-def _clean(redis_url: str, ns: str) -> None:
-    r = redis.Redis.from_url(redis_url)
-    keys = list(r.scan_iter(match=f"{ns}:*", count=1000))
-    if keys:
-        r.delete(*keys)
-    r.close()
 
 
 def run_requests(redis_url: str, ns: str, n: int, concurrency: int, label: str,
@@ -195,7 +186,7 @@ def test_sampling_through_the_services_matches_the_target(
             elapsed = time.monotonic() - started
             logs = {n: c.log(n) for _, n in names}
     finally:
-        _clean(redis_url, ns)
+        clean_namespace(redis_url, ns)
     print(f"\n[{mode}] {len(done)} requests in {elapsed:.1f} s")
     assert all("Traceback" not in log for log in logs.values()), logs
     if mode == "wisp":  # the learned controller drafted (not a fixed-k fallback)

@@ -20,11 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import redis
 from wisp.data import mixed_prompts
 from wisp.services.runner import free_port
 
-from tests.harness import Cluster, cli, collect, spawn_submit, submit_json
+from tests.harness import Cluster, clean_namespace, cli, collect, spawn_submit, submit_json
 from tests.reference import chat_prompt_ids, greedy_reference, load_target
 
 ROLES = [("estimator", "est"), ("scheduler", "sch"), ("verifier", "v1"), ("verifier", "v2"),
@@ -32,14 +31,6 @@ ROLES = [("estimator", "est"), ("scheduler", "sch"), ("verifier", "v1"), ("verif
 PORTS = {name: free_port() for _, name in ROLES}
 MAX_NEW = 20
 N_PROMPTS = 24  # 8 from each of HumanEval, MT-Bench, ShareGPT
-
-
-def _clean(redis_url: str, ns: str) -> None:
-    r = redis.Redis.from_url(redis_url)
-    keys = list(r.scan_iter(match=f"{ns}:*", count=1000))
-    if keys:
-        r.delete(*keys)
-    r.close()
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +47,7 @@ def cluster(redis_url: str, tiny_pair: tuple[Path, Path], tmp_path_factory: pyte
             c.start(role, name, http_port=PORTS[name])
         c.wait_ready([name for _, name in ROLES])
         yield c
-    _clean(redis_url, ns)
+    clean_namespace(redis_url, ns)
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +171,7 @@ def test_centralized_is_lossless(redis_url: str, tiny_pair: tuple[Path, Path], p
             assert all(r["drafted_tokens"] == 0 and r["rounds"] == len(r["token_ids"])
                        for r in results)
     finally:
-        _clean(redis_url, ns)
+        clean_namespace(redis_url, ns)
 
 
 def _get(port: int, path: str) -> tuple[int, str]:

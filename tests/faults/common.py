@@ -83,8 +83,3 @@ def committed_tokens(r: redis.Redis, ns: str) -> int:
     return n
 
 
-def cleanup(url: str, ns: str) -> None:
-    r = redis.Redis.from_url(url)
-    keys = list(r.scan_iter(match=f"{ns}:*"))
-    if keys:
-        r.delete(*keys)

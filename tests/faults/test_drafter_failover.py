@@ -13,8 +13,8 @@ import pytest
 import redis
 from wisp.data import mixed_prompts
 
-from tests.faults.common import FAST, assert_lossless, cleanup, run_with_fault
-from tests.harness import Cluster
+from tests.faults.common import FAST, assert_lossless, run_with_fault
+from tests.harness import Cluster, clean_namespace
 
 
 @pytest.mark.parametrize("restart_same_name", [False, True], ids=["survivor-adopts", "restarted"])
@@ -51,6 +51,6 @@ def test_kill_drafter_mid_generation(redis_url: str, tiny_pair: tuple[Path, Path
             results = run_with_fault(redis_url, ns, prompts, kill_d1_once_it_serves)
             logs = c.log("d2") + (c.log("d1") if restart_same_name else "")
     finally:
-        cleanup(redis_url, ns)
+        clean_namespace(redis_url, ns)
     assert "resumed session" in logs
     assert_lossless(results, target)

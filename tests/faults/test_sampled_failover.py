@@ -28,8 +28,8 @@ import redis
 from wisp.client import new_request_id
 
 from tests import sabotage
-from tests.faults.common import FAST, cleanup
-from tests.harness import Cluster
+from tests.faults.common import FAST
+from tests.harness import Cluster, clean_namespace
 from tests.reference import greedy_reference, load_target
 
 PROMPT = "Write a haiku about Redis streams."
@@ -119,7 +119,7 @@ def test_sampled_request_survives_drafter_failover_with_the_same_output(
             d2_log = c.log("d2")
     finally:
         r.close()
-        cleanup(redis_url, ns)
+        clean_namespace(redis_url, ns)
     print(f"\nsabotage={sabotaged} killed d1 after {killed_at} of {MAX_NEW} tokens; "
           f"normal: {normal.accepted_tokens}/{normal.drafted_tokens} accepted, "
           f"failover: {failover.accepted_tokens}/{failover.drafted_tokens} accepted, "

@@ -16,13 +16,12 @@ from wisp.services.runner import EmbeddedRedis
 from tests.faults.common import (
     FAST,
     assert_lossless,
-    cleanup,
     committed_tokens,
     heartbeats,
     run_with_fault,
     wait_until,
 )
-from tests.harness import Cluster
+from tests.harness import Cluster, clean_namespace
 
 
 def test_kill_verifier_then_active_scheduler(redis_url: str, tiny_pair: tuple[Path, Path],
@@ -55,7 +54,7 @@ def test_kill_verifier_then_active_scheduler(redis_url: str, tiny_pair: tuple[Pa
             second = run_with_fault(redis_url, ns, [p.text for p in mixed_prompts(6, offset=70)],
                                     kill_scheduler)
     finally:
-        cleanup(redis_url, ns)
+        clean_namespace(redis_url, ns)
     assert_lossless(first + second, target)
 
 
@@ -119,7 +118,7 @@ def test_slow_verifier_is_benched(redis_url: str, tiny_pair: tuple[Path, Path], 
             sent_slow = [int(i.split(b"-")[0]) for i, _ in r.xrange(f"{ns}:batch:slow")]
             slog = c.log("s")
     finally:
-        cleanup(redis_url, ns)
+        clean_namespace(redis_url, ns)
     assert_lossless(results, target)
     # once benched (the scheduler logs it in the same step that drops the verifier from its set,
     # with no await between), the slow verifier was sent no new batch, while the fast one carried on
