@@ -61,17 +61,7 @@ def spec_of(st: SessionState, eos: frozenset[int]) -> SpecSession:
     max_new = st.request.max_new_tokens
     return SpecSession(len(st.prompt_token_ids), max_new, eos=eos, generated=list(st.generated),
                        round=st.round, stats=stats, draft_ms=st.draft_ms, wasted_ms=st.wasted_draft_ms,
-                       first_token_ts=st.first_token_ts, last_token_ts=st.last_token_ts,
-                       finish=finish_of(st.generated, max_new, eos))
-
-
-def finish_of(generated: list[int], max_new: int, eos: frozenset[int]) -> str | None:
-    """Why a saved session is over (None: it is not)."""
-    if generated and generated[-1] in eos:
-        return "stop"
-    if len(generated) >= max_new:
-        return "length"
-    return None
+                       first_token_ts=st.first_token_ts, last_token_ts=st.last_token_ts)
 
 
 def record_of(sess: ServedSession, spec: SpecSession, device: str, verify_ms: float = 0.0) -> SessionState:

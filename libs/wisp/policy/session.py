@@ -111,7 +111,6 @@ class SpecSession:
     """Drafting time of the round in flight (ms)."""
     first_token_ts: float | None = None
     last_token_ts: float | None = None
-    finish: str | None = None
 
     @property
     def context_len(self) -> int:
@@ -121,6 +120,17 @@ class SpecSession:
     def budget(self) -> int:
         """Tokens the next round may draft: the verifier adds one of its own."""
         return max(0, self.max_new - len(self.generated) - 1)
+
+    @property
+    def finish(self) -> str | None:
+        """Why the session is over, read off what it generated (so a session rebuilt from its
+        saved record knows it too): ``"stop"`` when its last token is an EOS, ``"length"`` when
+        it reached ``max_new``, else None."""
+        if self.generated and self.generated[-1] in self.eos:
+            return "stop"
+        if len(self.generated) >= self.max_new:
+            return "length"
+        return None
 
     @property
     def done(self) -> bool:
@@ -152,16 +162,10 @@ class SpecSession:
         """Apply the verdict of the round in flight: commit ``tokens`` up to the first EOS or
         the length limit, update the statistics and the waste, advance the round."""
         kept: list[int] = []
-        finish: str | None = None
         for t in tokens:
             kept.append(t)
-            if t in self.eos:
-                finish = "stop"
+            if t in self.eos or len(self.generated) + len(kept) >= self.max_new:
                 break
-            if len(self.generated) + len(kept) >= self.max_new:
-                break
-        if finish is None and len(self.generated) + len(kept) >= self.max_new:
-            finish = "length"
         wasted = wasted_draft_ms(drafted, accepted, self.last_draft_ms)
         self.stats.record(drafted, accepted)
         self.wasted_ms += wasted
@@ -171,8 +175,7 @@ class SpecSession:
             self.first_token_ts = now
         if kept:
             self.last_token_ts = now
-        self.finish = finish
-        return Applied(tuple(kept), finish, wasted)
+        return Applied(tuple(kept), self.finish, wasted)
 
     def copy(self) -> SpecSession:
         """A deep copy: the drafter applies a verdict to a copy, makes it durable, then keeps it."""
