@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -32,6 +33,7 @@ from wisp.protocol import (
     ErrorEvent,
     ProtocolError,
     SessionState,
+    SessionTerms,
     TokenEvent,
     WireModel,
     decode,
@@ -96,6 +98,10 @@ class Keys:
     def session(self, request_id: str) -> str:
         return f"{self.ns}:sess:{request_id}"
 
+    def terms(self, request_id: str) -> str:
+        """A session's constants (``SessionTerms``), written once when it opens."""
+        return f"{self.ns}:terms:{request_id}"
+
     def heartbeat(self, role: str, name: str) -> str:
         return f"{self.ns}:hb:{role}:{name}"
 
@@ -125,6 +131,16 @@ class Entry(Generic[M]):
     stream: str
     entry_id: str
     msg: M
+
+    def added_ts(self, now: float) -> float:
+        """When Redis added this entry (unix s, from the ``<ms>-<seq>`` id Redis stamps), never
+        later than ``now``: a writer may choose an id itself, but only a larger one than the
+        stream's last, so the earliest time this can give is the true one."""
+        try:
+            ms = int(self.entry_id.split("-", 1)[0])
+        except ValueError:
+            return now
+        return min(ms / 1000.0, now)
 
 
 def _s(x: bytes | str) -> str:
@@ -400,12 +416,55 @@ if cur then
   if ok and rec['device'] ~= ARGV[2] then return 0 end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[3]))
-if KEYS[2] then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', ARGV[6], ARGV[4])
+if ARGV[4] ~= '' then
+  redis.call('SET', KEYS[2], ARGV[4], 'EX', tonumber(ARGV[3]))
+else
   redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
+end
+if KEYS[3] then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', ARGV[7], ARGV[5])
+  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[3]))
 end
 return 1
 """
+"""Save a session record unless another drafter owns it; write its terms (when opening) or
+keep them alive as long as the record; append the output event that the record makes true."""
+
+
+class TermsCache:
+    """The terms of the sessions a scheduler or verifier is serving, read from Redis once per
+    session (and again after a failover, by whoever replaces the reader); bounded, least
+    recently used first out."""
+
+    def __init__(self, store: SessionStore, size: int = 65_536) -> None:
+        self.store = store
+        self.size = size
+        self._terms: OrderedDict[str, SessionTerms] = OrderedDict()
+
+    async def get_many(self, request_ids: Sequence[str]) -> dict[str, SessionTerms]:
+        """The terms of every session here that has them (one round trip for those not cached)."""
+        missing = [r for r in dict.fromkeys(request_ids) if r not in self._terms]
+        for rid, terms in zip(missing, await self.store.terms(missing), strict=True):
+            if terms is not None:
+                self._terms[rid] = terms
+        out: dict[str, SessionTerms] = {}
+        for rid in request_ids:
+            t = self._terms.get(rid)
+            if t is not None:
+                self._terms.move_to_end(rid)
+                out[rid] = t
+        while len(self._terms) > self.size:
+            self._terms.popitem(last=False)
+        return out
+
+    async def get(self, request_id: str) -> SessionTerms | None:
+        return (await self.get_many([request_id])).get(request_id)
+
+    def cached(self, request_id: str) -> SessionTerms | None:
+        return self._terms.get(request_id)
+
+    def forget(self, request_id: str) -> None:
+        self._terms.pop(request_id, None)
 
 
 class SessionStore:
@@ -437,16 +496,22 @@ class SessionStore:
     async def exists(self, request_id: str) -> bool:
         return bool(await self.bus.redis.exists(self.key(request_id)))
 
-    async def save_if_owner(self, state: SessionState, emit: WireModel | None = None) -> bool:
+    async def save_if_owner(self, state: SessionState, emit: WireModel | None = None, *,
+                            opening: bool = False) -> bool:
         """Write ``state`` unless the stored record names another drafter (atomically): False
         means the session was adopted elsewhere and ``state.device`` must stop serving it.
 
         ``emit``: an event for the session's output stream (``OutputStream.emit``), written in
         the same script right after the record, so the record is durable before the client
         sees the tokens it holds, and a drafter that lost the session emits nothing; one round
-        trip instead of three (the drafter saves and streams once per round)."""
+        trip instead of three (the drafter saves and streams once per round).
+
+        ``opening``: also write the session's terms (``wisp:terms:<id>``), which the scheduler
+        and the verifiers read instead of finding them on every block; later saves only keep
+        the terms alive as long as the record."""
         # EVAL, not EVALSHA: the drafter's ACL user (deploy/redis-acl.conf) may run only EVAL
-        return bool(await self.bus.redis.eval(_SAVE_IF_OWNER, *self._save_args(state, emit)))
+        args = self._save_args(state, emit, opening)
+        return bool(await self.bus.redis.eval(_SAVE_IF_OWNER, *args))
 
     async def save_many_if_owner(self, saves: Sequence[tuple[SessionState, WireModel | None]],
                                  ) -> list[bool]:
@@ -459,25 +524,49 @@ class SessionStore:
             pipe.eval(_SAVE_IF_OWNER, *self._save_args(state, emit))
         return [bool(x) for x in await pipe.execute()]
 
-    def _save_args(self, state: SessionState, emit: WireModel | None) -> list[Any]:
+    def _save_args(self, state: SessionState, emit: WireModel | None,
+                   opening: bool = False) -> list[Any]:
         """``_SAVE_IF_OWNER``'s key count, keys and arguments."""
         rid = state.request.request_id
-        keys = [self.key(rid)] if emit is None else [self.key(rid), self.bus.keys.output(rid)]
-        args: list[Any] = [state.encode(), state.device, self.ttl_s]
+        keys = [self.key(rid), self.bus.keys.terms(rid)]
+        if emit is not None:
+            keys.append(self.bus.keys.output(rid))
+        terms = state.terms.encode() if opening else b""
+        args: list[Any] = [state.encode(), state.device, self.ttl_s, terms]
         if emit is not None:
             args += [emit.encode(), OUTPUT_MAXLEN, FIELD]
         return [len(keys), *keys, *args]
 
     async def adopt(self, state: SessionState) -> None:
-        """Write ``state`` whoever owned the record (a drafter taking the session over)."""
-        await self.bus.redis.set(self.key(state.request.request_id), state.encode(), ex=self.ttl_s)
+        """Write ``state`` whoever owned the record (a drafter taking the session over), and
+        its terms again (they expire with the record)."""
+        rid = state.request.request_id
+        pipe = self.bus.redis.pipeline(transaction=True)
+        pipe.set(self.key(rid), state.encode(), ex=self.ttl_s)
+        pipe.set(self.bus.keys.terms(rid), state.terms.encode(), ex=self.ttl_s)
+        await pipe.execute()
 
     async def lock_adoption(self, request_id: str, who: str, ms: int = 30_000) -> bool:
         """One adopter per session: True for the first caller within ``ms``."""
         return bool(await self.bus.redis.set(self.key(request_id) + ":adopt", who, nx=True, px=ms))
 
     async def delete(self, request_id: str) -> None:
-        await self.bus.redis.delete(self.key(request_id))
+        await self.bus.redis.delete(self.key(request_id), self.bus.keys.terms(request_id))
+
+    async def terms(self, request_ids: Sequence[str]) -> list[SessionTerms | None]:
+        """The terms of these sessions in one round trip; None where a session has none (it
+        ended or expired) or they do not parse (logged)."""
+        if not request_ids:
+            return []
+        raws = await self.bus.redis.mget([self.bus.keys.terms(r) for r in request_ids])
+        out: list[SessionTerms | None] = []
+        for rid, raw in zip(request_ids, raws, strict=True):
+            try:
+                out.append(None if raw is None else decode(SessionTerms, raw))
+            except ProtocolError as err:
+                log.warning("terms of session %s unreadable: %s", rid, err.reason)
+                out.append(None)
+        return out
 
     async def all(self) -> AsyncIterator[SessionState]:
         """Every readable record (a scan: for adoption, not for a hot path)."""
@@ -607,19 +696,45 @@ default)."""
 
 
 async def wait_for_redis(url: str, timeout_s: float = 10.0, *,
-                         max_connections: int = MAX_CONNECTIONS) -> aioredis.Redis:
-    """Connect and PING, retrying with backoff; raise ``ConnectionError`` with a clear message.
+                         max_connections: int = MAX_CONNECTIONS, username: str | None = None,
+                         password: str | None = None) -> aioredis.Redis:
+    """Connect and PING, retrying with backoff while Redis is unreachable or still loading;
+    raise ``ConnectionError`` with a one-line message that never holds a password.
+
+    ``username`` / ``password``: credentials applied to the *first* connection and every later
+    one, overriding those in the URL. Why here and not after: the Kubernetes manifests give
+    the password only in ``WISP_REDIS_PASSWORD`` (from a Secret) and a bare URL, so a PING with
+    the URL alone gets NOAUTH and no pod could ever start. A refused login (wrong password,
+    unknown or disabled user, a user without PING) is not retried: no retry makes it right,
+    and a service should exit at once with the reason rather than after ``timeout_s``.
     ``max_connections``: see ``MAX_CONNECTIONS``."""
+    from redis.exceptions import AuthenticationError
+
+    credentials = {k: v for k, v in (("username", username), ("password", password)) if v is not None}
     deadline = time.monotonic() + timeout_s
     delay = 0.05
     last: Exception | None = None
     while True:
-        client = aioredis.from_url(url, socket_connect_timeout=2, health_check_interval=10,
-                                   max_connections=max_connections)
+        try:
+            client = aioredis.from_url(url, socket_connect_timeout=2, health_check_interval=10,
+                                       max_connections=max_connections)
+        except ValueError as err:  # the message names the problem, never the URL's password
+            raise ConnectionError(f"bad Redis URL {redact(url)}: {err}") from None
+        # the URL's own credentials win over from_url's keywords, so override them in the
+        # pool's connection arguments (used for the first connection and every reconnect)
+        client.connection_pool.connection_kwargs.update(credentials)
+        user = client.connection_pool.connection_kwargs.get("username")
+        who = f" as user {user!r}" if user else ""
         try:
             await client.ping()
             return client
-        except Exception as err:  # noqa: BLE001 - any failure means "not reachable yet"
+        except (AuthenticationError, ResponseError) as err:  # checked first: AuthenticationError
+            await client.aclose()  # is a ConnectionError, but retrying cannot fix a login
+            hint = (" (check the user and password: WISP_REDIS_PASSWORD, else the URL's)"
+                    if isinstance(err, AuthenticationError) else "")
+            raise ConnectionError(
+                f"Redis at {redact(url)} refused the login{who}: {err}{hint}") from None
+        except Exception as err:  # noqa: BLE001 - any other failure means "not reachable yet"
             last = err
             await client.aclose()
         if time.monotonic() >= deadline:
@@ -629,10 +744,20 @@ async def wait_for_redis(url: str, timeout_s: float = 10.0, *,
 
 
 def redact(url: str) -> str:
-    """The URL with any password replaced, for logs and errors."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        cred, host = rest.rsplit("@", 1)
-        user = cred.split(":", 1)[0] if ":" in cred else ""
-        return f"{scheme}://{user}:***@{host}"
-    return url
+    """The URL with any password replaced by ``***``, for logs and errors: the one in the
+    userinfo (``redis://user:PASSWORD@host``) and a ``password=`` query parameter (how
+    ``unix://`` URLs carry it). The user name stays: it says which ACL user was tried."""
+    import re
+
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    rest, qmark, query = rest.partition("?")
+    if qmark:
+        query = re.sub(r"(^|&)(password=)[^&]*", r"\1\2***", query)
+    if "@" in rest:  # everything before the last "@" counts as userinfo: mask too much, never
+        cred, rest = rest.rsplit("@", 1)  # too little (a password may hold "/" or "@")
+        if ":" in cred:
+            cred = f"{cred.split(':', 1)[0]}:***"
+        rest = f"{cred}@{rest}"
+    return f"{scheme}://{rest}{qmark}{query}"

@@ -247,6 +247,42 @@ def _by_group(samples: list, errs: Any, key: Any) -> dict[str, list[float]]:
     return out
 
 
+@estimator_app.command("reuse")
+def estimator_reuse(
+    queued: Annotated[str, typer.Option("--queued", help="Queue sizes, comma-separated.")] = "16,64,256",
+    reps: Annotated[int, typer.Option("--reps", min=10, help="Selections timed per size and arm.")] = 200,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    out: Annotated[Path, typer.Option("--out", help="JSON results.")] = Path("out/estimator-reuse.json"),
+) -> None:
+    """How long the scheduler's batch selection takes when each round's time alone comes from
+    the estimator hop's annotation, beside predicting it in the scheduler (the shipped model of
+    the configured target, else the linear one): the measurement behind using the annotation."""
+    from wisp.bench import select_timings
+    from wisp.policy.learned_estimator import default_estimator
+    from wisp.profile import hardware_info, load_average
+    from wisp.services.cli.common import fmt, print_table, say
+
+    sizes = [int(x) for x in queued.split(",") if x.strip()]
+    if not sizes or min(sizes) < 1:
+        raise typer.BadParameter("give queue sizes of at least 1, e.g. 16,64,256", param_hint="--queued")
+    path = output_path(out)
+    settings = make_settings()
+    est = default_estimator(settings)
+    before = load_average()
+    rows = select_timings(est, sizes, reps=reps, seed=seed)
+    print_table(
+        f"SloAwarePolicy.select, {type(est).__name__} ({reps} selections per cell; "
+        f"load average {before[0]:.2f})",
+        ["queued", "annotation p50 ms", "p90", "predicted p50 ms", "p90", "saved (p50)"],
+        [[str(r["queued"]), fmt(r["annotated_p50_ms"]), fmt(r["annotated_p90_ms"]),
+          fmt(r["predicted_p50_ms"]), fmt(r["predicted_p90_ms"]), f"{r['saved_p50']:.0%}"]
+         for r in rows])
+    path.write_text(json.dumps({"estimator": type(est).__name__, "model_key": est.model_key,
+                                "hardware": hardware_info(), "load_avg_before": before,
+                                "results": rows}, indent=2))
+    say(f"results written to {path}")
+
+
 @estimator_app.command("eval")
 def estimator_eval(
     profile: Annotated[Path, typer.Argument(help="Profile or held-out profile JSON.")],

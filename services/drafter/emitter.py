@@ -75,7 +75,7 @@ class Emitter:
             token_ids=list(sp.generated),
             prompt_token_ids=st.prompt_token_ids,
             finish_reason="stop" if sp.finish == "stop" else "length",
-            mode=st.mode,
+            mode=st.terms.mode,
             ttft_ms=(first - t0) * 1000.0,
             tpot_ms=((last - first) / (n - 1) * 1000.0) if n > 1 else 0.0,
             e2e_ms=(last - t0) * 1000.0,

@@ -128,27 +128,18 @@ class RoundDrafter:
             ]
         sp.drafted(draft_ms, passes)
         sess.last_features = feats
-        req = sess.req
         return DraftBlock(
-            request_id=req.request_id,
+            request_id=sess.request_id,
             device=self.service.name,
             round=sp.round,
             base_committed_len=len(p.committed),
-            prompt_len=sp.prompt_len,
             committed_digest=digest_ids(p.committed),
             draft_tokens=tokens,
             draft_dists=dists,
             features=feats,
-            temperature=req.temperature,
-            seed=req.seed,
-            mode=str(self.settings.mode),
             draft_ms=draft_ms,
-            request_ts=req.submitted_ts,
             sent_ts=now(),
-            ttft_slo_ms=sess.ttft_slo_ms,
-            tpot_slo_ms=sess.tpot_slo_ms,
             generated_len=len(sp.generated),
-            max_new_tokens=sp.max_new,
             first_token_ts=sp.first_token_ts,
             expected_commit=expected_commit(f.top1_prob for f in feats),
         )

@@ -21,7 +21,7 @@ from wisp.policy.controller import DraftLengthPolicy, FixedLength, default_polic
 from wisp.policy.learned_estimator import PublishedModel, default_estimator
 from wisp.policy.session import SpecSession
 from wisp.policy.slo import DraftJob, deadline_at, drafting_order
-from wisp.protocol import GenerateRequest, SessionState, Verdict
+from wisp.protocol import GenerateRequest, SessionState, SessionTerms, Verdict
 from wisp.service import Consumer, Service, now
 from wisp.services.drafter.admission import Admission, RequestRefused, check_prompt_ids, check_request
 from wisp.services.drafter.emitter import Emitter
@@ -120,9 +120,9 @@ class DrafterService(Service):
             if rid in self.sessions:  # re-delivered after a failure: finish what it started
                 await self._continue(self.sessions[rid])
             elif not await self.store.exists(rid):
-                sess = await self._open(req)
+                sess = await self._open(req, entry.added_ts(now()))
                 self.sessions[rid] = sess
-                await self._save(sess)
+                await self._save(sess, opening=True)
                 await self._continue(sess)
             # else: another drafter serves it already (the request was redelivered)
         except SessionLost:
@@ -145,7 +145,7 @@ class DrafterService(Service):
 
         return encode_prompt(self.tokenizer, req.prompt, chat_template=req.chat_template)
 
-    async def _open(self, req: GenerateRequest) -> ServedSession:
+    async def _open(self, req: GenerateRequest, arrival_ts: float) -> ServedSession:
         s = self.settings
         check_request(req, s)
         ids = await self.in_worker(self._tokenize, req)
@@ -156,9 +156,13 @@ class DrafterService(Service):
             why = await self.admission.refusal(len(ids), ttft_slo, tpot_slo)
             if why is not None:
                 raise RequestRefused(why)
-        mode = "centralized" if req.speculation == "off" else str(s.mode)
+        terms = SessionTerms(
+            request_id=req.request_id, prompt_len=len(ids), max_new_tokens=req.max_new_tokens,
+            temperature=req.temperature, seed=req.seed,
+            mode="centralized" if req.speculation == "off" else s.mode.value,
+            ttft_slo_ms=ttft_slo, tpot_slo_ms=tpot_slo, arrival_ts=arrival_ts)
         state = SessionState(request=req, device=self.name, prompt_token_ids=ids, started_ts=now(),
-                             ttft_slo_ms=ttft_slo, tpot_slo_ms=tpot_slo, mode=mode)
+                             terms=terms)
         return ServedSession(req=req, state=state,
                              spec=SpecSession(len(ids), req.max_new_tokens, eos=self.eos))
 
@@ -258,14 +262,14 @@ class DrafterService(Service):
                 continue
             sp = sess.spec
             gen = len(sp.generated)
-            deadline = deadline_at(gen, sess.req.submitted_ts, sess.ttft_slo_ms, sess.tpot_slo_ms,
+            deadline = deadline_at(gen, sess.terms.arrival_ts, sess.ttft_slo_ms, sess.tpot_slo_ms,
                                    sp.first_token_ts)
             jobs.append(DraftJob(str(i), deadline, gen, sp.max_new, sess.tpot_slo_ms))
         return [entries[int(k)] for k in drafting_order(jobs, now())]
 
     # ------------------------------------------------------------------ the session's life
     async def _save(self, sess: ServedSession, adopt: bool = False, spec: SpecSession | None = None,
-                    verify_ms: float = 0.0) -> None:
+                    verify_ms: float = 0.0, opening: bool = False) -> None:
         """Write the session record (the whole truth of the session): ``spec`` (by default the
         session's own) becomes the session's state once it is durable. Unless adopting, only
         while the record still names this drafter (atomic check-and-set): a drafter whose
@@ -275,7 +279,7 @@ class DrafterService(Service):
         st = record_of(sess, sp, self.name, verify_ms)
         if adopt:
             await self.store.adopt(st)
-        elif not await self.store.save_if_owner(st):
+        elif not await self.store.save_if_owner(st, opening=opening):
             self.sessions.pop(sess.request_id, None)
             raise SessionLost(f"session {sess.request_id} was adopted by another drafter")
         sess.state, sess.spec = st, sp
@@ -358,8 +362,6 @@ class DrafterService(Service):
         if done:
             await self.store.delete(rid)
             return
-        st = st.model_copy(update={"ttft_slo_ms": st.ttft_slo_ms or self.settings.ttft_slo_ms,
-                                   "tpot_slo_ms": st.tpot_slo_ms or self.settings.tpot_slo_ms})
         sess = ServedSession(req=st.request, state=st, spec=spec_of(st, self.eos))
         sess.text = self.tokenizer.decode(st.generated[:emitted], skip_special_tokens=True)
         sess.emitted = emitted

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from wisp.policy.controller import SessionSpecStats
 from wisp.policy.session import SpecSession
-from wisp.protocol import GenerateRequest, SessionState, WireFeatures
+from wisp.protocol import GenerateRequest, SessionState, SessionTerms, WireFeatures
 
 
 class SessionLost(RuntimeError):
@@ -40,12 +40,16 @@ class ServedSession:
         return self.req.request_id
 
     @property
+    def terms(self) -> SessionTerms:
+        return self.state.terms
+
+    @property
     def ttft_slo_ms(self) -> float:
-        return self.state.ttft_slo_ms or 0.0
+        return self.state.terms.ttft_slo_ms
 
     @property
     def tpot_slo_ms(self) -> float:
-        return self.state.tpot_slo_ms or 0.0
+        return self.state.terms.tpot_slo_ms
 
     @property
     def committed(self) -> list[int]:

@@ -66,7 +66,8 @@ class EstimatorService(Service):
         return AnnotatedBlock(
             block=e.msg,
             predicted_verify_ms=self.estimator.predict(block_shape(e.msg)),
-            estimator_version=self.estimator.version,
+            model_key=self.estimator.model_key,
+            model_scale=self.estimator.model_scale,
             annotated_ts=now(),
         )
 

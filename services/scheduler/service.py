@@ -15,13 +15,13 @@ import json
 import logging
 from typing import Any
 
-from wisp.bus import Bus, Entry
+from wisp.bus import Bus, Entry, SessionStore, TermsCache
 from wisp.policy.estimator import BatchShape, VerifyTimeEstimator
 from wisp.policy.health import VerifierHealth
 from wisp.policy.learned_estimator import PublishedModel, default_estimator
 from wisp.policy.scheduler import BatchPolicy, RoundInfo, SchedulerCore
 from wisp.policy.slo import batch_policy, deadline_at
-from wisp.protocol import AnnotatedBlock, TimingSample, VerifyBatch
+from wisp.protocol import AnnotatedBlock, SessionTerms, TimingSample, VerifyBatch
 from wisp.service import Consumer, Service, now
 from wisp.settings import Settings
 
@@ -31,7 +31,8 @@ GROUP = "scheduler"
 LEASE = "scheduler"
 
 
-def round_info(ab: AnnotatedBlock, arrival: float) -> RoundInfo:
+def round_info(ab: AnnotatedBlock, terms: SessionTerms, arrival: float) -> RoundInfo:
+    """What the batch policy knows of one round: its block, its session's terms."""
     b = ab.block
     return RoundInfo(
         key=b.key,
@@ -40,13 +41,15 @@ def round_info(ab: AnnotatedBlock, arrival: float) -> RoundInfo:
         draft_len=len(b.draft_tokens),
         context_len=b.base_committed_len - 1,
         arrival=arrival,
-        deadline=deadline_at(b.generated_len, b.request_ts, b.ttft_slo_ms, b.tpot_slo_ms,
-                             b.first_token_ts),
+        deadline=deadline_at(b.generated_len, terms.arrival_ts, terms.ttft_slo_ms,
+                             terms.tpot_slo_ms, b.first_token_ts),
         predicted_ms=ab.predicted_verify_ms,
+        predicted_by=ab.model_key,
+        predicted_scale=ab.model_scale,
         expected_commit=b.expected_commit if b.expected_commit is not None else 1.0,
         generated_len=b.generated_len,
-        max_new_tokens=b.max_new_tokens,
-        tpot_slo_ms=b.tpot_slo_ms,
+        max_new_tokens=terms.max_new_tokens,
+        tpot_slo_ms=terms.tpot_slo_ms,
     )
 
 
@@ -79,7 +82,7 @@ class SchedulerService(Service):
         self.wake = asyncio.Event()
         self.leader = False  # until the lease is ours (lease_loop)
         self.batches_sent = 0
-        self._slo_seen: dict[str, float] = {}
+        self.terms = TermsCache(SessionStore(bus, s.output_ttl_s))
         self.health = VerifierHealth(degraded_ratio=s.slow_verifier_ratio,
                                      cooldown_s=s.slow_verifier_cooldown_s)
         self._benched: list[str] = []
@@ -128,14 +131,21 @@ class SchedulerService(Service):
         or swept back to us) is left pending: acking it would lose the round if we died before
         sending it. Another entry of a round we hold (re-published by its drafter) is acked:
         the held entry, or the written batch, keeps the round."""
-        info = round_info(e.msg, now())
+        terms = await self.terms.get(e.msg.block.request_id)
+        if terms is None:  # the session ended or expired: there is nothing to verify it into
+            self.count("rounds_without_session")
+            await self.bus.ack(e.stream, GROUP, e.entry_id)
+            return
+        info = round_info(e.msg, terms, now())
+        # the policy takes the round's time alone from the annotation only under the same model
+        self.count("annotated_by_current_model" if e.msg.model_key == self.estimator.model_key
+                   else "annotated_by_other_model")
         if info.key in self.blocks:
             if self.entry_ids.get(info.key) != e.entry_id:
                 await self.bus.ack(e.stream, GROUP, e.entry_id)
             return
         self.blocks[info.key] = e.msg
         self.entry_ids[info.key] = e.entry_id
-        self._slo_seen[info.request_id] = e.msg.block.tpot_slo_ms
         for old in self.core.add(info):
             await self._forget(old)
         self.wake.set()
@@ -227,7 +237,7 @@ class SchedulerService(Service):
                     for rid, alive in zip(idle, alive_list, strict=True):
                         if not alive:
                             self.core.finish_request(rid)
-                            self._slo_seen.pop(rid, None)
+                            self.terms.forget(rid)
                 loads = [vars(x) for x in snapshot(self.core, now(), self._tpot_slo_of)]
                 await self.bus.set_value(
                     self.keys.load,
@@ -237,10 +247,8 @@ class SchedulerService(Service):
             await self._pause(0.5)
 
     def _tpot_slo_of(self, request_id: str) -> float | None:
-        for ab in self.blocks.values():
-            if ab.block.request_id == request_id:
-                return ab.block.tpot_slo_ms
-        return self._slo_seen.get(request_id)
+        terms = self.terms.cached(request_id)
+        return None if terms is None else terms.tpot_slo_ms
 
     # ------------------------------------------------------------------ helpers
     async def _dispatch(self, plan: Any) -> None:

@@ -14,8 +14,16 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from wisp.bus import Bus, Entry, SessionStore
-from wisp.protocol import DraftBlock, TimingSample, Verdict, VerifyBatch, WireModel, digest_ids
+from wisp.bus import Bus, Entry, SessionStore, TermsCache
+from wisp.protocol import (
+    DraftBlock,
+    SessionTerms,
+    TimingSample,
+    Verdict,
+    VerifyBatch,
+    WireModel,
+    digest_ids,
+)
 from wisp.service import Consumer, Service, now
 from wisp.settings import Settings
 from wisp.specdec import SparseDist, round_generator
@@ -37,6 +45,7 @@ class VerifierService(Service):
         self.slowdown_s = settings.fault_delay_ms / 1000.0
         """Extra seconds slept per batch: fault injection for tests of slow verifiers."""
         self.store = SessionStore(bus, settings.output_ttl_s)
+        self.terms = TermsCache(self.store, size=4 * settings.kv_sessions)
 
     async def setup(self) -> None:
         from wisp import models
@@ -90,9 +99,11 @@ class VerifierService(Service):
         while len(self.mirror) > self.settings.kv_sessions:
             self.mirror.popitem(last=False)
 
-    def _valid(self, b: DraftBlock) -> str | None:
+    def _valid(self, b: DraftBlock, terms: SessionTerms) -> str | None:
         """Why ``b`` cannot be verified (ids out of the target's vocabulary...), or None."""
         v = self.vocab_size
+        if terms.temperature > 0 and b.draft_tokens and b.draft_dists is None:
+            return "sampling (temperature > 0) needs the draft distributions"
         if any(not 0 <= t < v for t in b.draft_tokens):
             return "draft token id outside the target vocabulary"
         for d in b.draft_dists or []:
@@ -112,9 +123,14 @@ class VerifierService(Service):
         started = now()
         items: list[VerifyItem] = []
         blocks: list[DraftBlock] = []
+        terms_of = await self.terms.get_many([ab.block.request_id for ab in batch.items])
         for ab in batch.items:
             b = ab.block
-            why = self._valid(b)
+            terms = terms_of.get(b.request_id)
+            if terms is None:  # the session ended or expired
+                self.count("stale_rounds")
+                continue
+            why = self._valid(b, terms)
             if why is not None:
                 await self.bus.dead_letter(
                     entry.stream, entry.entry_id, GROUP, self.name,
@@ -126,15 +142,15 @@ class VerifierService(Service):
                 self.count("stale_rounds")
                 continue
             gen = (
-                round_generator(b.seed, b.request_id, b.round, "verify")
-                if b.temperature > 0 else None
+                round_generator(terms.seed, b.request_id, b.round, "verify")
+                if terms.temperature > 0 else None
             )
             dists = (
                 [SparseDist(tuple(d.token_ids), tuple(d.probs)) for d in b.draft_dists]
                 if b.draft_dists else None
             )
             items.append(VerifyItem(b.request_id, committed, list(b.draft_tokens), dists,
-                                    b.temperature, gen))
+                                    terms.temperature, gen))
             blocks.append(b)
         measured_ms = 0.0
         results: list[Any] = []

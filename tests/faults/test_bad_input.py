@@ -31,16 +31,15 @@ from wisp.protocol.base import MAX_PAYLOAD_BYTES
 from tests.harness import Cluster, submit_json
 
 BLOCK = {"request_id": "r" * 12, "device": "d", "round": 0, "base_committed_len": 3,
-         "prompt_len": 3, "committed_digest": "0" * 16, "draft_tokens": [1, 2],
-         "request_ts": 1.0, "sent_ts": 1.0, "ttft_slo_ms": 100.0, "tpot_slo_ms": 10.0}
+         "committed_digest": "0" * 16, "draft_tokens": [1, 2], "sent_ts": 1.0}
 VALID: dict[str, tuple[type, dict[str, Any]]] = {
     "req": (GenerateRequest, {"request_id": "x" * 16, "prompt": "hi", "submitted_ts": 1.0}),
     "draft": (DraftBlock, BLOCK),
     "annotated": (AnnotatedBlock, {"block": BLOCK, "predicted_verify_ms": 1.0,
-                                   "estimator_version": 0, "annotated_ts": 1.0}),
+                                   "model_key": "m", "annotated_ts": 1.0}),
     "batch:v": (VerifyBatch, {"batch_id": "b1", "verifier": "v", "created_ts": 1.0,
                               "items": [{"block": BLOCK, "predicted_verify_ms": 1.0,
-                                         "estimator_version": 0, "annotated_ts": 1.0}]}),
+                                         "model_key": "m", "annotated_ts": 1.0}]}),
     "verdict:d": (Verdict, {"request_id": "r" * 12, "round": 0, "base_committed_len": 3,
                             "drafted": 2, "accepted": 1, "tokens": [1, 5], "batch_id": "b",
                             "verifier": "v", "batch_size": 1, "verify_ms": 1.0}),

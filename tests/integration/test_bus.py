@@ -5,11 +5,16 @@ from __future__ import annotations
 import json
 
 from wisp.bus import FIELD, Bus
-from wisp.protocol import DeadLetter, GenerateRequest, decode
+from wisp.protocol import DeadLetter, GenerateRequest, SessionTerms, decode
 
 
 def _req(i: int) -> GenerateRequest:
     return GenerateRequest(request_id=f"req-{i:08d}", prompt=f"p{i}", submitted_ts=1.0)
+
+
+def _terms(request_id: str) -> SessionTerms:
+    return SessionTerms(request_id=request_id, prompt_len=2, max_new_tokens=8, ttft_slo_ms=1000.0,
+                        tpot_slo_ms=100.0, arrival_ts=1.0)
 
 
 async def test_publish_read_ack(bus: Bus) -> None:
@@ -152,7 +157,8 @@ async def test_session_save_with_an_event_emits_only_for_the_owner(bus: Bus) -> 
 
     store, out = SessionStore(bus, ttl_s=60), OutputStream(bus, ttl_s=60)
     req = _req(7)
-    st = SessionState(request=req, device="d1", prompt_token_ids=[1, 2], started_ts=1.0, mode="sled")
+    st = SessionState(request=req, device="d1", prompt_token_ids=[1, 2], started_ts=1.0,
+                      terms=_terms(req.request_id))
     ev = TokenEvent(request_id=req.request_id, index=0, token_ids=[5, 6], text="ab", ts=2.0)
     assert await store.save_if_owner(st.model_copy(update={"generated": [5, 6]}), ev)
     saved = await store.get(req.request_id)
@@ -176,7 +182,8 @@ async def test_sessions_saved_together_in_one_round_trip(bus: Bus) -> None:
 
     store, out = SessionStore(bus, ttl_s=60), OutputStream(bus, ttl_s=60)
     reqs = [_req(20), _req(21)]
-    states = [SessionState(request=r, device="d1", prompt_token_ids=[1], started_ts=1.0) for r in reqs]
+    states = [SessionState(request=r, device="d1", prompt_token_ids=[1], started_ts=1.0,
+                           terms=_terms(r.request_id)) for r in reqs]
     await store.adopt(states[1].model_copy(update={"device": "d2"}))
     events = [TokenEvent(request_id=r.request_id, index=0, token_ids=[9], text="x", ts=2.0) for r in reqs]
     saved = await store.save_many_if_owner(

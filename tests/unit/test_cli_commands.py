@@ -194,6 +194,7 @@ CHEAP: dict[tuple[str, ...], tuple[list[str], int, str]] = {
     ("profile", "verifier"): (["--out", "out/profile.json"], 1, _prepare("models prepare")),
     ("estimator", "fit"): (["out/profile.json", "--out", "out/est.json"], 1, _prepare("profile verifier")),
     ("estimator", "eval"): (["out/profile.json"], 1, _prepare("profile verifier")),
+    ("estimator", "reuse"): (["--queued", "4", "--reps", "10"], 0, "saved"),
     ("sim", "run"): (["--scenario", "tiny", "--devices", "2", "--duration", "2", "--json"], 0, '"mode"'),
     ("sim", "sweep"): (["--out", "out/sweep", "--scenario", "tiny", "--modes", "sled", "--devices", "2",
                         "--duration", "2", "--refine", "0"], 0, "capacity"),

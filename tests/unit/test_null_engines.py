@@ -56,9 +56,8 @@ def test_null_verifier_accepts_every_draft_and_adds_one_token() -> None:
 
 # ---------------------------------------------------------------------- reading a round's time
 def _block(rid: str, rnd: int, sent: float, draft_ms: float = 0.0) -> DraftBlock:
-    return DraftBlock(request_id=rid, device="d", round=rnd, base_committed_len=3 + rnd, prompt_len=3,
-                      committed_digest=digest_ids([rnd]), request_ts=0.0, sent_ts=sent,
-                      draft_ms=draft_ms, ttft_slo_ms=1000.0, tpot_slo_ms=100.0)
+    return DraftBlock(request_id=rid, device="d", round=rnd, base_committed_len=3 + rnd,
+                      committed_digest=digest_ids([rnd]), sent_ts=sent, draft_ms=draft_ms)
 
 
 def test_round_overhead_is_block_to_next_block_minus_engine_time() -> None:
@@ -71,7 +70,7 @@ def test_round_overhead_is_block_to_next_block_minus_engine_time() -> None:
 
 def test_round_segments_add_up_to_the_period() -> None:
     b0, b1 = _block("r", 0, 100.000), _block("r", 1, 100.020, draft_ms=1.0)
-    ann = AnnotatedBlock(block=b0, predicted_verify_ms=1.0, estimator_version=0, annotated_ts=100.002)
+    ann = AnnotatedBlock(block=b0, predicted_verify_ms=1.0, model_key="m", annotated_ts=100.002)
     batch = VerifyBatch(batch_id="b", verifier="v", items=[ann], created_ts=100.005)
     verdict = Verdict(request_id="r", round=0, base_committed_len=3, drafted=0, accepted=0, tokens=[1],
                       batch_id="b", verifier="v", batch_size=1, verify_ms=0.1, queue_ms=6.0)

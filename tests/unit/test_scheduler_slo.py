@@ -4,6 +4,7 @@ queues with a hand-set linear estimator (no Redis, no torch; a virtual clock).""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 from wisp.policy.estimator import BatchShape, LinearEstimator
@@ -448,17 +449,19 @@ def test_round_deadlines_count_tpot_from_the_first_token() -> None:
     """The TPOT SLO is the mean gap after the first token, so once the first token's time is
     known later rounds are due one TPOT per token after it: a request whose first token came
     early must not spend its unused TTFT budget on later tokens."""
-    from wisp.protocol import AnnotatedBlock, DraftBlock
+    from wisp.protocol import AnnotatedBlock, DraftBlock, SessionTerms
     from wisp.services.scheduler.service import round_info
 
+    terms = SessionTerms(request_id="r", prompt_len=10, max_new_tokens=64, ttft_slo_ms=2000.0,
+                         tpot_slo_ms=100.0, arrival_ts=1000.0)
+
     def round_deadline(b: DraftBlock) -> float:  # as the scheduler service reads a round
-        ab = AnnotatedBlock(block=b, predicted_verify_ms=1.0, estimator_version=0, annotated_ts=0.0)
-        return round_info(ab, 1000.0).deadline
+        ab = AnnotatedBlock(block=b, predicted_verify_ms=1.0, model_key="m", annotated_ts=0.0)
+        return round_info(ab, terms, 1000.0).deadline
 
     def block(generated: int, first: float | None) -> DraftBlock:
         return DraftBlock(request_id="r", device="d", round=1, base_committed_len=10 + generated,
-                          prompt_len=10, committed_digest="0" * 16, request_ts=1000.0, sent_ts=1000.0,
-                          ttft_slo_ms=2000.0, tpot_slo_ms=100.0, generated_len=generated,
+                          committed_digest="0" * 16, sent_ts=1000.0, generated_len=generated,
                           first_token_ts=first)
 
     assert round_deadline(block(0, None)) == pytest.approx(1002.0)           # the TTFT SLO
@@ -481,3 +484,46 @@ def test_drafting_order_puts_sessions_that_can_still_attain_first() -> None:
     assert drafting_order(jobs, NOW, catchup=None)[:3] == ["unknown", "lost", "lost2"]  # plain EDF
     same = [DraftJob("a", NOW), DraftJob("b", NOW), DraftJob("c", NOW)]
     assert drafting_order(same, NOW) == ["a", "b", "c"]  # stable
+
+
+def test_a_rounds_annotation_stands_for_a_prediction_only_under_the_model_that_made_it() -> None:
+    """The estimator hop predicts each round's time alone; the batch policy uses that figure
+    instead of predicting again, but only when the scheduler holds the very model that made it
+    (a model published since must not be judged by the old one's figures)."""
+    from wisp.policy.scheduler import ScaledEstimator
+    from wisp.policy.slo import alone_ms
+
+    est = LinearEstimator()
+    own = est.predict(BatchShape.of([5], [100]))
+    r = RoundInfo(key="a", request_id="a", round=0, draft_len=4, context_len=100, arrival=NOW,
+                  deadline=NOW + 0.3, predicted_ms=400.0, predicted_by=est.model_key)
+    assert alone_ms(r, est) == 400.0  # the annotation, not a new prediction
+    assert alone_ms(r, ScaledEstimator(est, 2.0)) == 800.0  # on a verifier half as fast
+    # the annotation makes the round late under its model: the policy serves it as late
+    sel, _ = SloAwarePolicy().select([r], "v1", NOW, est)
+    assert sel is not None and sel.late == ["a"]
+    # another model (a refit since): predicted again, and the round is on time
+    other = LinearEstimator(coef=[c * 1.01 for c in est.coef])
+    assert other.model_key != est.model_key
+    assert alone_ms(r, other) == pytest.approx(own * 1.01)
+    sel, _ = SloAwarePolicy().select([r], "v1", NOW, other)
+    assert sel is not None and sel.late == []
+    assert alone_ms(replace(r, predicted_by=None), est) == pytest.approx(own)
+
+
+def test_a_level_refit_since_the_annotation_rescales_it() -> None:
+    """A learned model's online refits move only its level every few batches (the published
+    model the scheduler follows lags the estimator's by up to a second): the same shape model's
+    annotation is rescaled, not thrown away; a new shape model's is predicted again."""
+    from wisp.policy.learned_estimator import BASE_TERMS, LearnedEstimator
+    from wisp.policy.slo import alone_ms
+
+    est = LearnedEstimator([1.0] * len(BASE_TERMS))
+    r = RoundInfo(key="a", request_id="a", round=0, draft_len=4, context_len=100, arrival=NOW,
+                  deadline=NOW + 1.0, predicted_ms=40.0, predicted_by=est.model_key,
+                  predicted_scale=est.model_scale)
+    assert alone_ms(r, est) == pytest.approx(40.0)
+    assert alone_ms(r, est.with_level(2.5 * est.level, est.version + 1)) == pytest.approx(100.0)
+    other = LearnedEstimator([1.0] * len(BASE_TERMS))  # another shape model (its own id)
+    assert other.model_key != est.model_key
+    assert alone_ms(r, other) == pytest.approx(other.predict(BatchShape.of([5], [100])))

@@ -8,6 +8,7 @@ estimator service can publish it and the scheduler reload it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import deque
 from collections.abc import Sequence
@@ -104,7 +105,26 @@ class SpeedNormalizer:
 class VerifyTimeEstimator(Protocol):
     version: int
 
+    @property
+    def model_key(self) -> str:
+        """Names this model up to ``model_scale``: two estimators with the same key predict the
+        same times once divided by their scales, so a prediction made by one (the estimator
+        service's annotation of a round) can stand for the other's (the scheduler's)."""
+        ...
+
+    @property
+    def model_scale(self) -> float:
+        """The factor every prediction of this model carries (a learned model's level, which
+        online refits move every few batches without changing the key)."""
+        ...
+
     def predict(self, shape: BatchShape) -> float: ...
+
+    def annotated(self, model_key: str, model_scale: float, alone_ms: float) -> float | None:
+        """``alone_ms``, a round's predicted time alone made by the model ``model_key`` at
+        ``model_scale``, brought to this estimator; None when another model made it (the caller
+        predicts again)."""
+        ...
 
     def observe(self, shape: BatchShape, measured_ms: float) -> None: ...
 
@@ -137,10 +157,22 @@ class LinearEstimator:
         """A deliberately rough start (ms): a fixed cost plus per-token and per-context terms."""
         return [20.0, 5.0, 2.0, 0.0, 0.0, 0.01, 0.0, 0.0, 0.0]
 
+    @property
+    def model_key(self) -> str:
+        digest = hashlib.blake2b(self.coef.astype(float).tobytes(), digest_size=8).hexdigest()
+        return f"linear/{digest}"
+
+    @property
+    def model_scale(self) -> float:
+        return 1.0
+
     def predict(self, shape: BatchShape) -> float:
         if shape.rounds == 0:
             return 0.0
         return float(max(0.1, batch_features(shape) @ self.coef))
+
+    def annotated(self, model_key: str, model_scale: float, alone_ms: float) -> float | None:
+        return alone_ms if model_key == self.model_key else None
 
     def observe(self, shape: BatchShape, measured_ms: float) -> None:
         if shape.rounds == 0 or not np.isfinite(measured_ms) or measured_ms < 0:

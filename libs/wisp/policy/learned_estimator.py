@@ -33,12 +33,14 @@ import copy
 import json
 import logging
 import math
+import multiprocessing
 import time
 import uuid
 from array import array
 from collections import deque
 from collections.abc import Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -276,14 +278,30 @@ def fit_residual(x: np.ndarray, target: np.ndarray, w: np.ndarray | None, cfg: F
 
 
 # ---------------------------------------------------------------------------- the estimator
-_POOL: ThreadPoolExecutor | None = None
+_POOL: ProcessPoolExecutor | None = None
 
 
-def _refit_pool() -> ThreadPoolExecutor:
+def _refit_pool() -> ProcessPoolExecutor:
+    """One worker process for shape refits. A process, not a thread: scikit-learn's fit holds
+    the GIL for most of its up to seconds, and on a thread it stalled every coroutine of the
+    process (all four services share one in `wisp-cli up` and the benchmarks). Spawned, not
+    forked: forking a process that runs threads and an event loop is unsafe."""
     global _POOL
     if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="estimator-refit")
+        _POOL = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
     return _POOL
+
+
+def _fit_parts_json(x: np.ndarray, y: np.ndarray, w: np.ndarray | None, cfg: FitConfig) -> str:
+    """``_fit_parts`` in the refit process, answered as the model's own JSON pieces."""
+    base, residual = _fit_parts(x, y, w, cfg)
+    return json.dumps({"base": [float(c) for c in base], "residual": residual.to_obj()})
+
+
+def _parts_of(text: str) -> tuple[np.ndarray, TreeEnsemble]:
+    obj = json.loads(text)
+    return (np.asarray(obj["base"], dtype=float),
+            TreeEnsemble.from_obj(obj["residual"], len(LEARNED_FEATURES)))
 
 
 class LearnedEstimator:
@@ -295,7 +313,7 @@ class LearnedEstimator:
     most ``level_window // 2 + refit_every`` samples); every ``full_refit_every`` samples (0 =
     never) the shape model is refitted on the profile blended with the window. Each refit bumps
     ``version``. The shape refit (scikit-learn, up to seconds on a busy CPU) runs on a background
-    thread when ``background_refit`` (so the estimator service's event loop never stalls) and is
+    process when ``background_refit`` (so the estimator service's event loop never stalls) and is
     swapped in at the next ``refit``; ``background_refit=False`` makes it synchronous.
     """
 
@@ -373,6 +391,21 @@ class LearnedEstimator:
                         min(ctx_t), padded_ctx, padded_attn, sum_new_ctx))
         return base * math.exp(self.residual.eval_one(x))
 
+    @property
+    def model_key(self) -> str:
+        return f"{self.model_id}/{self.shape_id}"
+
+    @property
+    def model_scale(self) -> float:
+        return self.level
+
+    def annotated(self, model_key: str, model_scale: float, alone_ms: float) -> float | None:
+        """The same shape model predicts ``level x shape``: a level refit since the annotation
+        only rescales it (prediction's 0.1 ms floor aside)."""
+        if model_key != self.model_key or not model_scale > 0:
+            return None
+        return max(0.1, alone_ms * self.level / model_scale)
+
     def predict(self, shape: BatchShape) -> float:
         if shape.rounds == 0:
             return 0.0
@@ -428,7 +461,12 @@ class LearnedEstimator:
         w = np.array([1.0] * len(self.train) + [self.window_weight] * len(self.window))
         args = (feature_matrix(shapes), y, w, self.fit_config)
         if self.background_refit:
-            self._pending = _refit_pool().submit(_fit_parts, *args)
+            global _POOL
+            try:
+                self._pending = _refit_pool().submit(_fit_parts_json, *args)
+            except BrokenProcessPool:  # the worker died (killed, out of memory): a new one next time
+                log.warning("the estimator's refit process died; the shape refit is skipped")
+                _POOL = None
         else:
             self._set_model(*_fit_parts(*args))
 
@@ -439,7 +477,7 @@ class LearnedEstimator:
             return
         self._pending = None
         try:
-            self._set_model(*fut.result())
+            self._set_model(*_parts_of(fut.result()))
         except Exception:  # a degenerate window must never take the estimator down
             log.exception("background refit of the estimator's shape model failed")
 

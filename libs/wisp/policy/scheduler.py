@@ -36,6 +36,11 @@ class RoundInfo:
     deadline: float
     """When its tokens are due under the request's SLO (same clock)."""
     predicted_ms: float = 0.0
+    """Its predicted time verified alone, by the model ``predicted_by`` (the estimator hop's
+    annotation), so the policy need not predict it again under that same model."""
+    predicted_by: str | None = None
+    predicted_scale: float = 1.0
+    """The predicting model's scale (``VerifyTimeEstimator.model_scale``) when it made it."""
     expected_commit: float = 1.0
     """Tokens this round is expected to commit (accepted drafts + the target's own). 1.0 is the
     "nobody estimated it" default; the SLO policy then assumes ``1 + acceptance x draft_len``."""
@@ -137,8 +142,20 @@ class ScaledEstimator:
     def version(self) -> int:
         return self.inner.version
 
+    @property
+    def model_key(self) -> str:
+        return self.inner.model_key
+
+    @property
+    def model_scale(self) -> float:
+        return self.inner.model_scale * self.factor
+
     def predict(self, shape: BatchShape) -> float:
         return self.inner.predict(shape) * self.factor
+
+    def annotated(self, model_key: str, model_scale: float, alone_ms: float) -> float | None:
+        ms = self.inner.annotated(model_key, model_scale, alone_ms)
+        return None if ms is None else ms * self.factor
 
     def observe(self, shape: BatchShape, measured_ms: float) -> None:
         self.inner.observe(shape, measured_ms / self.factor)

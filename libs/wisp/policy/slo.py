@@ -154,6 +154,16 @@ def _shape(rounds: Sequence[RoundInfo]) -> BatchShape:
     return BatchShape.of([r.new_tokens for r in rounds], [r.context_len for r in rounds])
 
 
+def alone_ms(r: RoundInfo, estimator: VerifyTimeEstimator) -> float:
+    """``r`` verified by itself: the estimator hop's annotation when this very model made it,
+    else predicted here (a model published since, or no annotation)."""
+    if r.predicted_by is not None:
+        ms = estimator.annotated(r.predicted_by, r.predicted_scale, r.predicted_ms)
+        if ms is not None:
+            return ms
+    return estimator.predict(_shape([r]))
+
+
 @dataclass
 class SloAwarePolicy:
     """WISP's batching: aged, then urgent by EDF, then dense, then late rounds best-effort, each
@@ -208,7 +218,7 @@ class SloAwarePolicy:
             return None, None
         # a canonical order makes the plan independent of how the queue was handed over
         edf = sorted(queue, key=lambda r: (r.deadline, r.arrival, r.key))
-        alone = {r.key: estimator.predict(_shape([r])) for r in edf}
+        alone = {r.key: alone_ms(r, estimator) for r in edf}
         budget = {r.key: (r.deadline - now) * 1000.0 for r in edf}
         late = {r.key for r in edf if budget[r.key] < alone[r.key]}
         if self.max_wait_ms > 0 and len(edf) < self.max_batch_size and not late:

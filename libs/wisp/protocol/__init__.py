@@ -12,7 +12,7 @@ from wisp.protocol.dead import DeadLetter
 from wisp.protocol.draft import AnnotatedBlock, DraftBlock, WireDist, WireFeatures, digest_ids
 from wisp.protocol.event import OUTPUT_ADAPTER, DoneEvent, ErrorEvent, TokenEvent
 from wisp.protocol.request import GenerateRequest
-from wisp.protocol.session import SessionState
+from wisp.protocol.session import SessionState, SessionTerms
 from wisp.protocol.stats import TimingSample
 from wisp.protocol.trace import TraceRow
 from wisp.protocol.verdict import Verdict
@@ -28,6 +28,7 @@ __all__ = [
     "GenerateRequest",
     "ProtocolError",
     "SessionState",
+    "SessionTerms",
     "TimingSample",
     "TokenEvent",
     "TraceRow",

@@ -11,7 +11,8 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-PROTOCOL_VERSION: Literal[1] = 1
+PROTOCOL_VERSION: Literal[2] = 2
+"""2: a session's constants moved off every draft block into ``SessionTerms``."""
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
 """Largest payload a consumer accepts; a draft block is a few KiB, so this only stops abuse."""
 
@@ -30,7 +31,7 @@ class WireModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     KIND: ClassVar[str] = "message"
 
-    version: Literal[1] = PROTOCOL_VERSION
+    version: Literal[2] = PROTOCOL_VERSION
 
     def encode(self) -> bytes:
         """JSON bytes for the wire."""

@@ -46,41 +46,34 @@ class WireFeatures(WireModel):
 
 
 class DraftBlock(WireModel):
+    """One round of one session: what changes from round to round. The session's constants
+    (SLOs, arrival, sampling, length cap) are its ``SessionTerms``, written once when it opens."""
+
     KIND = "draft"
     kind: Literal["draft"] = "draft"
     request_id: str = Field(min_length=1, max_length=128)
     device: str = Field(min_length=1, max_length=256, description="Drafter that gets the verdict.")
     round: int = Field(ge=0)
     base_committed_len: int = Field(ge=1, description="Prompt + generated ids this round builds on.")
-    prompt_len: int = Field(ge=1)
     committed_digest: str = Field(min_length=16, max_length=16)
     draft_tokens: list[int] = Field(default_factory=list, max_length=256)
-    draft_dists: list[WireDist] | None = None
+    draft_dists: list[WireDist] | None = Field(default=None, max_length=256)
     features: list[WireFeatures] = Field(default_factory=list, max_length=256)
-    temperature: float = Field(default=0.0, ge=0.0)
-    seed: int | None = None
-    mode: str = "sled"
     draft_ms: float = Field(default=0.0, ge=0.0)
-    request_ts: float = Field(description="When the request was submitted (unix s).")
     sent_ts: float = Field(description="When this block was published (unix s).")
-    ttft_slo_ms: float = Field(gt=0)
-    tpot_slo_ms: float = Field(gt=0)
     generated_len: int = Field(default=0, ge=0)
     expected_commit: float | None = Field(
         default=None, ge=0.0, description="Drafter's estimate of tokens this round commits.")
-    max_new_tokens: int = Field(default=128, ge=1)
     first_token_ts: float | None = Field(
         default=None, description="When the request's first token was committed (unix s); None "
         "before it. The TPOT SLO is a mean from this moment, so later deadlines count from it.")
 
     @model_validator(mode="after")
     def _consistent(self) -> DraftBlock:
-        if self.prompt_len > self.base_committed_len:
-            raise ValueError("prompt_len exceeds base_committed_len")
+        if self.generated_len >= self.base_committed_len:
+            raise ValueError("generated_len must be below base_committed_len (a prompt is never empty)")
         if self.draft_dists is not None and len(self.draft_dists) != len(self.draft_tokens):
             raise ValueError("draft_dists must have one entry per draft token")
-        if self.temperature > 0 and self.draft_tokens and self.draft_dists is None:
-            raise ValueError("sampling (temperature > 0) needs draft_dists")
         return self
 
     @property
@@ -96,5 +89,8 @@ class AnnotatedBlock(WireModel):
     kind: Literal["annotated"] = "annotated"
     block: DraftBlock
     predicted_verify_ms: float = Field(ge=0.0, description="Predicted cost of verifying it alone.")
-    estimator_version: int = Field(ge=0)
+    model_key: str = Field(max_length=256, description="The verify-time model that predicted it "
+                           "(the scheduler uses the prediction only under that same model).")
+    model_scale: float = Field(default=1.0, gt=0.0, allow_inf_nan=False,
+                               description="That model's scale (a learned model's level) then.")
     annotated_ts: float

@@ -66,6 +66,17 @@ class FastLinear:
     def version(self) -> int:
         return self.inner.version
 
+    @property
+    def model_key(self) -> str:
+        return self.inner.model_key
+
+    @property
+    def model_scale(self) -> float:
+        return self.inner.model_scale
+
+    def annotated(self, model_key: str, model_scale: float, alone_ms: float) -> float | None:
+        return self.inner.annotated(model_key, model_scale, alone_ms)
+
     def _sync(self) -> None:
         self._c = [float(x) for x in self.inner.coef]  # type: ignore[attr-defined]
         self._seen = self.inner.version
