@@ -184,14 +184,11 @@ def _alive(pid: int) -> bool:
 
 
 async def connect(settings: Settings, url: str, timeout_s: float = 10.0) -> Bus:
-    redis = await wait_for_redis(url, timeout_s)
-    if settings.redis_password:
-        await redis.aclose()
-        import redis.asyncio as aioredis
-
-        redis = aioredis.from_url(url, password=settings.redis_password,
-                                  max_connections=MAX_CONNECTIONS)
-        await redis.ping()
+    """A ``Bus`` on ``url`` logged in with ``settings.redis_password`` (``WISP_REDIS_PASSWORD``,
+    which overrides the URL's) from the first connection on: the Kubernetes manifests pass the
+    password only there, next to a bare URL, and every service and CLI command connects here."""
+    redis = await wait_for_redis(url, timeout_s, password=settings.redis_password or None,
+                                 max_connections=MAX_CONNECTIONS)
     return Bus(redis, Keys(settings.namespace), settings.stream_maxlen)
 
 
@@ -332,7 +329,10 @@ async def with_services(
         embedded = EmbeddedRedis().start()
         redis_url = embedded.url
     url = redis_url
-    settings = settings.model_copy(update={"redis_url": url})
+    update: dict[str, Any] = {"redis_url": url}
+    if embedded is not None:  # it has no password: one meant for a real deployment is not sent
+        update["redis_password"] = None
+    settings = settings.model_copy(update=update)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     ready: asyncio.Future[list[Service]] = loop.create_future()

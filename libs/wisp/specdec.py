@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from wisp.protocol.draft import PROB_SUM_TOLERANCE
+
 __all__ = [
     "SparseDist",
     "TokenFeatures",
@@ -38,9 +40,7 @@ __all__ = [
     "token_features",
 ]
 
-# Tolerance on sum(probs) == 1.  The probabilities are computed in float64, so real dists are
-# within ~1e-12; the slack only absorbs a float32 producer or a lossy wire encoding.
-_PROB_SUM_TOL = 1e-4
+_PROB_SUM_TOL = PROB_SUM_TOLERANCE  # the wire's own check (WireDist), so what passes it is usable
 
 
 @dataclass(frozen=True)

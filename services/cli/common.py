@@ -20,6 +20,7 @@ from typing import Annotated, Any, NoReturn, TypeVar, cast
 
 import typer
 from pydantic import ValidationError
+from redis.exceptions import NoPermissionError
 from wisp.data import SOURCES, Prompt, Source, load_prompts, mixed_prompts
 from wisp.models import ModelLoadError, resolve
 from wisp.services.runner import BrokerUnavailable, ServicesStopped, resolve_url
@@ -186,6 +187,9 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(coro)
     except (ModelLoadError, BrokerUnavailable, ServicesStopped, ConnectionError) as err:
         fail(str(err))
+    except NoPermissionError as err:
+        fail(f"Redis refused a command to this user ({err}); check WISP_REDIS_URL's user and "
+             "the role's rights in deploy/redis-acl.conf")
 
 
 # ---------------------------------------------------------------------- printing

@@ -7,6 +7,7 @@ import sys
 from typing import Annotated, Any
 
 import typer
+from wisp.bus import redact
 from wisp.services.cli.common import (
     SAMPLE_PROMPT,
     DraftKOpt,
@@ -60,14 +61,16 @@ def up(
     if url is None:
         embedded = EmbeddedRedis().start()
         url = embedded.url
+        # the embedded server has no password: one meant for a real deployment must not be sent
+        settings = settings.model_copy(update={"redis_password": None})
 
     async def ready(_services: list[Any]) -> None:
         record_url(settings, url)
-        print(f"WISP is up ({settings.mode} mode) on {url}", flush=True)
+        print(f"WISP is up ({settings.mode} mode) on {redact(url)}", flush=True)
         print("  submit from another terminal:  wisp-cli submit \"PROMPT\"", flush=True)
         print("  stop with Ctrl-C", flush=True)
 
-    print(f"starting {', '.join(ALL_ROLES)} on {url} (loading models...)", flush=True)
+    print(f"starting {', '.join(ALL_ROLES)} on {redact(url)} (loading models...)", flush=True)
     try:
         run_async(run_services(list(ALL_ROLES), settings, url, on_ready=ready))
     finally:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -328,6 +329,74 @@ def test_redis_is_persistent_password_protected_and_fenced(key: str) -> None:
         "namespaceSelector" not in p and kc.label_selector_matches(p["podSelector"], {"app": "intruder"})
         for p in allowed_from
     )
+
+
+# wisp-cli commands that never connect to Redis: their containers need (and get) no password.
+OFFLINE_COMMANDS = {("models", "prepare")}
+BARE_URL = "redis://$(REDIS_HOST):$(REDIS_PORT)/0"
+
+
+def _redis_password_ref(d: list[dict]) -> dict:
+    """The secretKeyRef Redis itself takes its password from."""
+    [sts] = kc.of_kind(d, "StatefulSet")
+    redis = sts["spec"]["template"]["spec"]["containers"][0]
+    return kc.env_value(redis, "REDIS_PASSWORD")["valueFrom"]["secretKeyRef"]
+
+
+def _check_redis_credentials(c: dict, ref: dict, where: str) -> None:
+    """What a process needs to log in: a URL without credentials and the password from the
+    same Secret and key as Redis (the services apply it to their first connection)."""
+    url = kc.env_value(c, "WISP_REDIS_URL")
+    pw = kc.env_value(c, "WISP_REDIS_PASSWORD")
+    assert url is not None and pw is not None, f"{where}: needs WISP_REDIS_URL and WISP_REDIS_PASSWORD"
+    assert url.get("value") == BARE_URL, f"{where}: {url} (no credentials in the URL)"
+    got = pw.get("valueFrom", {}).get("secretKeyRef", {})
+    assert {k: got.get(k) for k in ("name", "key")} == {"name": ref["name"], "key": ref["key"]}, where
+
+
+@pytest.mark.parametrize("key", ALL)
+def test_every_wisp_container_that_talks_to_redis_gets_the_url_and_the_password(key: str) -> None:
+    """Every container of the WISP image, in any workload kind (Deployment, DaemonSet, Job,
+    CronJob...), that runs a command connecting to Redis gets both the bare URL and the
+    password Secret; one running an offline command (models-init) gets no password."""
+    d = docs(key)
+    ref = _redis_password_ref(d)
+    checked = []
+    for w, tpl in kc.workloads(d):
+        for c in kc.all_containers(tpl["spec"]):
+            if c["image"].rpartition(":")[0] != IMAGE_REPO:
+                continue
+            where = f"{w['kind']}/{kc.name(w)} container {c['name']}"
+            if tuple(c.get("args", [])[:2]) in OFFLINE_COMMANDS:
+                assert kc.env_value(c, "WISP_REDIS_PASSWORD") is None, f"{where} needs no password"
+                continue
+            _check_redis_credentials(c, ref, where)
+            checked.append(where)
+    assert len(checked) >= len(ROLES), checked
+
+
+EXEC = re.compile(r"kubectl -n (\S+) exec (?:(deploy|deployment|ds|daemonset|sts|statefulset)/)?"
+                  r"(\S+) -- wisp-cli (\w+)")
+EXEC_KINDS = {"deploy": "Deployment", "deployment": "Deployment", "ds": "DaemonSet",
+              "daemonset": "DaemonSet", "sts": "StatefulSet", "statefulset": "StatefulSet"}
+
+
+def test_documented_kubectl_exec_wisp_cli_commands_can_log_in() -> None:
+    """docs/deploy.md tells operators to run `kubectl -n wisp exec deploy/wisp-scheduler --
+    wisp-cli status`: the container kubectl picks (the default-container annotation, else the
+    first) must hold both the URL and the password, which `wisp-cli` applies when it connects."""
+    d = docs("default")
+    ref = _redis_password_ref(d)
+    found = EXEC.findall((REPO / "docs" / "deploy.md").read_text())
+    assert {cmd for *_, cmd in found} >= {"status", "submit"}, found
+    for namespace, kind, target, cmd in found:
+        w = kc.find(d, EXEC_KINDS.get(kind or "deploy", "Deployment"), target, namespace)
+        assert w is not None, f"docs exec into {kind}/{target} in {namespace}: not in the render"
+        tpl = kc.pod_template(w)
+        default = tpl["metadata"].get("annotations", {}).get("kubectl.kubernetes.io/default-container")
+        cs = tpl["spec"]["containers"]
+        c = next((x for x in cs if x["name"] == default), cs[0])
+        _check_redis_credentials(c, ref, f"kubectl exec {target} -- wisp-cli {cmd}")
 
 
 def test_redis_password_secret_is_a_generated_placeholder() -> None:

@@ -199,3 +199,48 @@ def test_dead_letters_have_reasons_and_good_traffic_flows(system: Cluster) -> No
         assert all(reason in d.reason.lower() for d in mine[key]), (reason, mine[key])
     assert all(d.stream.startswith(ns) for ds in mine.values() for d in ds)
     _still_serving(system)
+
+
+def _with(stream: str, **changes: Any) -> bytes:
+    return json.dumps({**VALID[stream][1], **changes}).encode()
+
+
+POISON = {  # schema-shaped messages that are still wrong, and the reason their dead letter gives
+    "NaN probability": ("draft", _with("draft", draft_tokens=[1], draft_dists=[
+        {"token_ids": [1], "probs": [float("nan")]}]), "finite"),
+    "token twice in a distribution": ("draft", _with("draft", draft_tokens=[1], draft_dists=[
+        {"token_ids": [1, 1], "probs": [0.5, 0.5]}]), "twice"),
+    "mass 5e-4 off": ("draft", _with("draft", draft_tokens=[1], draft_dists=[
+        {"token_ids": [1, 2], "probs": [0.5, 0.5005]}]), "sum to"),
+    "draft token outside its distribution": ("draft", _with("draft", draft_tokens=[3], draft_dists=[
+        {"token_ids": [1, 2], "probs": [0.5, 0.5]}]), "no probability"),
+    "negative token id": ("draft", _with("draft", draft_tokens=[-1]), "greater than or equal"),
+    "accepted more than drafted": ("verdict:d", _with("verdict:d", drafted=1, accepted=2,
+                                                      tokens=[1, 2, 3]), "accepted 2 of only 1"),
+    "a number as a string": ("req", _with("req", ttft_slo_ms="100"), "valid number"),
+    "huge speculation": ("req", _with("req", speculation=10**9), "less than or equal to 64"),
+    "infinite SLO": ("req", _with("req", tpot_slo_ms=float("inf")), "finite"),
+    "NaN measured time": ("stats", _with("stats", measured_ms=float("nan")), "finite"),
+}
+
+
+def test_schema_shaped_poison_is_dead_lettered_with_its_reason(system: Cluster) -> None:
+    """Messages that parse as JSON of the right shape but are wrong (NaN or infinite numbers,
+    a distribution naming a token twice or summing off 1, a verdict accepting more than was
+    drafted, a number sent as a string, an unbounded draft length) are refused where they enter,
+    with a reason, instead of failing inside a handler (a poisoned distribution used to pass the
+    verifier's check, raise in rejection sampling and be retried for ever)."""
+    r = redis.Redis.from_url(system.redis_url)
+    ns = system.namespace
+    mark = _dead_mark(r, ns)
+    sent: dict[tuple[str, str], str] = {}
+    reasons: dict[tuple[str, str], tuple[str, str]] = {}
+    for what, (stream, payload, reason) in POISON.items():
+        eid = r.xadd(f"{ns}:{stream}", {"d": payload}).decode()
+        sent[(f"{ns}:{stream}", eid)] = stream
+        reasons[(f"{ns}:{stream}", eid)] = (what, reason)
+    mine = _dead_letters_for(r, ns, sent, mark)
+    _check_dead(mine, sent)
+    for key, (what, reason) in reasons.items():
+        assert all(reason in d.reason for d in mine[key]), (what, reason, mine[key])
+    _still_serving(system)

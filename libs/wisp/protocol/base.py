@@ -26,9 +26,11 @@ class ProtocolError(ValueError):
 
 
 class WireModel(BaseModel):
-    """Base of every stream message: strict about unknown fields, tagged and versioned."""
+    """Base of every stream message: tagged and versioned, and strict: unknown fields, a string
+    where a number belongs (no coercion) and NaN or infinite floats are all refused, so a
+    malformed message fails here, at the consumer's door, rather than deep in a handler."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
     KIND: ClassVar[str] = "message"
 
     version: Literal[2] = PROTOCOL_VERSION

@@ -14,7 +14,7 @@ class VerifyBatch(WireModel):
     KIND = "batch"
     kind: Literal["batch"] = "batch"
     batch_id: str = Field(min_length=1, max_length=128)
-    verifier: str
+    verifier: str = Field(min_length=1, max_length=256)
     items: list[AnnotatedBlock] = Field(min_length=1, max_length=1024)
     created_ts: float
     predicted_ms: float = Field(default=0.0, ge=0.0)

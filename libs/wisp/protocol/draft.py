@@ -7,8 +7,9 @@ a block whose base no longer matches the session is stale and is never verified 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -23,16 +24,30 @@ def digest_ids(ids: Sequence[int]) -> str:
     return h.hexdigest()
 
 
-class WireDist(WireModel):
-    """The exact sparse distribution a drafted token was sampled from (temperature > 0)."""
+PROB_SUM_TOLERANCE = 1e-4
+"""How far a sparse distribution's probabilities may sum from 1. Real ones are computed in
+float64 (within ~1e-12); the slack absorbs a float32 producer or a lossy encoding. Rejection
+sampling (``wisp.specdec.SparseDist``) checks the same bound: a looser wire check let
+distributions 1e-4..1e-3 off through, to raise inside the verifier for ever."""
 
-    token_ids: list[int] = Field(max_length=4096)
-    probs: list[float] = Field(max_length=4096)
+
+class WireDist(WireModel):
+    """The exact sparse distribution a drafted token was sampled from (temperature > 0). A
+    poisoned one (negative or NaN probabilities, a token named twice, mass far from 1) is
+    refused here: it used to pass the verifier's checks and raise inside rejection sampling,
+    so its batch was retried for ever."""
+
+    token_ids: list[Annotated[int, Field(ge=0)]] = Field(max_length=4096)
+    probs: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field(max_length=4096)
 
     @model_validator(mode="after")
-    def _same_length(self) -> WireDist:
+    def _a_distribution(self) -> WireDist:
         if len(self.token_ids) != len(self.probs) or not self.token_ids:
             raise ValueError("token_ids and probs must be non-empty and of equal length")
+        if len(set(self.token_ids)) != len(self.token_ids):
+            raise ValueError("a token appears twice in the distribution")
+        if abs(math.fsum(self.probs) - 1.0) > PROB_SUM_TOLERANCE:
+            raise ValueError(f"probabilities sum to {math.fsum(self.probs):.6f}, not 1")
         return self
 
 
@@ -56,7 +71,7 @@ class DraftBlock(WireModel):
     round: int = Field(ge=0)
     base_committed_len: int = Field(ge=1, description="Prompt + generated ids this round builds on.")
     committed_digest: str = Field(min_length=16, max_length=16)
-    draft_tokens: list[int] = Field(default_factory=list, max_length=256)
+    draft_tokens: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=256)
     draft_dists: list[WireDist] | None = Field(default=None, max_length=256)
     features: list[WireFeatures] = Field(default_factory=list, max_length=256)
     draft_ms: float = Field(default=0.0, ge=0.0)
@@ -74,6 +89,9 @@ class DraftBlock(WireModel):
             raise ValueError("generated_len must be below base_committed_len (a prompt is never empty)")
         if self.draft_dists is not None and len(self.draft_dists) != len(self.draft_tokens):
             raise ValueError("draft_dists must have one entry per draft token")
+        for t, d in zip(self.draft_tokens, self.draft_dists or [], strict=False):
+            if t not in d.token_ids:
+                raise ValueError("a draft token has no probability under its own distribution")
         return self
 
     @property

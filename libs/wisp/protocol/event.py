@@ -11,7 +11,7 @@ from wisp.protocol.base import WireModel
 
 class TokenEvent(WireModel):
     kind: Literal["token"] = "token"
-    request_id: str
+    request_id: str = Field(min_length=1, max_length=128)
     index: int = Field(ge=0, description="Position of token_ids[0] among the generated ids.")
     token_ids: list[int]
     text: str
@@ -20,7 +20,7 @@ class TokenEvent(WireModel):
 
 class DoneEvent(WireModel):
     kind: Literal["done"] = "done"
-    request_id: str
+    request_id: str = Field(min_length=1, max_length=128)
     text: str
     token_ids: list[int]
     prompt_token_ids: list[int]
@@ -45,7 +45,7 @@ class DoneEvent(WireModel):
 
 class ErrorEvent(WireModel):
     kind: Literal["error"] = "error"
-    request_id: str
+    request_id: str = Field(min_length=1, max_length=128)
     error: str = Field(description="One line that says what went wrong and what to fix.")
     code: str = "bad_request"
 

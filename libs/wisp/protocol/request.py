@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
 from wisp.protocol.base import WireModel
 
-Speculation = Literal["auto", "off"] | int
+MAX_SPECULATION = 64
+"""Largest fixed draft length a request may ask for (``draft_k``'s bound): each drafted token
+is a forward pass of the drafter's one model worker, shared by every session it serves."""
+Speculation = Literal["auto", "off"] | Annotated[int, Field(ge=0, le=MAX_SPECULATION)]
 
 
 class GenerateRequest(WireModel):

@@ -4,7 +4,7 @@ is free again)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -14,11 +14,13 @@ from wisp.protocol.base import WireModel
 class TimingSample(WireModel):
     KIND = "timing"
     kind: Literal["timing"] = "timing"
-    verifier: str
-    batch_id: str
-    new_tokens: list[int] = Field(description="Tokens fed per round (uncached committed + draft).")
-    context_lens: list[int] = Field(description="Cached context per round before the forward.")
-    draft_lens: list[int]
+    verifier: str = Field(min_length=1, max_length=256)
+    batch_id: str = Field(min_length=1, max_length=128)
+    new_tokens: list[Annotated[int, Field(ge=0)]] = Field(
+        max_length=1024, description="Tokens fed per round (uncached committed + draft).")
+    context_lens: list[Annotated[int, Field(ge=0)]] = Field(
+        max_length=1024, description="Cached context per round before the forward.")
+    draft_lens: list[Annotated[int, Field(ge=0)]] = Field(max_length=1024)
     measured_ms: float = Field(ge=0.0)
     predicted_ms: float = Field(default=0.0, ge=0.0)
     cache_misses: int = Field(default=0, ge=0)

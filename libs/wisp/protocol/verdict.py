@@ -3,9 +3,9 @@ drafter applies it only when ``round`` and ``base_committed_len`` match the sess
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from wisp.protocol.base import WireModel
 
@@ -13,15 +13,24 @@ from wisp.protocol.base import WireModel
 class Verdict(WireModel):
     KIND = "verdict"
     kind: Literal["verdict"] = "verdict"
-    request_id: str
+    request_id: str = Field(min_length=1, max_length=128)
     round: int = Field(ge=0)
     base_committed_len: int = Field(ge=1)
     drafted: int = Field(ge=0)
     accepted: int = Field(ge=0)
-    tokens: list[int] = Field(min_length=1, description="Accepted draft tokens + the target's own.")
-    batch_id: str
-    verifier: str
+    tokens: list[Annotated[int, Field(ge=0)]] = Field(
+        min_length=1, max_length=257, description="Accepted draft tokens + the target's own.")
+    batch_id: str = Field(min_length=1, max_length=128)
+    verifier: str = Field(min_length=1, max_length=256)
     batch_size: int = Field(ge=1)
     verify_ms: float = Field(ge=0.0)
     queue_ms: float = Field(default=0.0, ge=0.0, description="Block sent → batch started.")
     cache_hit: bool = True
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Verdict:
+        if self.accepted > self.drafted:
+            raise ValueError(f"accepted {self.accepted} of only {self.drafted} drafted tokens")
+        if len(self.tokens) != self.accepted + 1:
+            raise ValueError("tokens must be the accepted drafts plus the target's own token")
+        return self
