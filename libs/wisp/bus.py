@@ -413,7 +413,9 @@ _SAVE_IF_OWNER = """
 local cur = redis.call('GET', KEYS[1])
 if cur then
   local ok, rec = pcall(cjson.decode, cur)
-  if ok and rec['device'] ~= ARGV[2] then return 0 end
+  if ok and (rec['device'] ~= ARGV[2] or (tonumber(rec['epoch']) or 0) ~= tonumber(ARGV[8])) then
+    return 0
+  end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[3]))
 if ARGV[4] ~= '' then
@@ -427,8 +429,23 @@ if KEYS[3] then
 end
 return 1
 """
-"""Save a session record unless another drafter owns it; write its terms (when opening) or
+"""Save a session record unless another drafter owns it (another device, or a later epoch:
+an adoption since, even by a drafter of the same name); write its terms (when opening) or
 keep them alive as long as the record; append the output event that the record makes true."""
+
+
+_ADOPT = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local ok, rec = pcall(cjson.decode, cur)
+  if ok and (tonumber(rec['epoch']) or 0) ~= tonumber(ARGV[4]) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[3]))
+redis.call('SET', KEYS[2], ARGV[2], 'EX', tonumber(ARGV[3]))
+return 1
+"""
+"""Adopt a session: write its record (at the next epoch) and terms unless the stored record
+moved past the epoch the adopter read."""
 
 
 class TermsCache:
@@ -533,18 +550,21 @@ class SessionStore:
             keys.append(self.bus.keys.output(rid))
         terms = state.terms.encode() if opening else b""
         args: list[Any] = [state.encode(), state.device, self.ttl_s, terms]
-        if emit is not None:
-            args += [emit.encode(), OUTPUT_MAXLEN, FIELD]
+        args += [emit.encode(), OUTPUT_MAXLEN, FIELD] if emit is not None else [b"", 0, FIELD]
+        args.append(state.epoch)
         return [len(keys), *keys, *args]
 
-    async def adopt(self, state: SessionState) -> None:
-        """Write ``state`` whoever owned the record (a drafter taking the session over), and
-        its terms again (they expire with the record)."""
+    async def adopt(self, state: SessionState) -> bool:
+        """Take the session over with ``state``, whose ``epoch`` is one above the record it was
+        read from: written (record and terms) only if the stored record is still at that
+        earlier epoch, so of two adopters only one wins, and every save of an earlier owner
+        (``save_if_owner`` checks the epoch too) fails from now on, even one under the same
+        name (a restarted drafter adopting its own sessions while the old process still runs).
+        False when someone adopted or saved it since."""
         rid = state.request.request_id
-        pipe = self.bus.redis.pipeline(transaction=True)
-        pipe.set(self.key(rid), state.encode(), ex=self.ttl_s)
-        pipe.set(self.bus.keys.terms(rid), state.terms.encode(), ex=self.ttl_s)
-        await pipe.execute()
+        keys = [self.key(rid), self.bus.keys.terms(rid)]
+        args = [state.encode(), state.terms.encode(), self.ttl_s, state.epoch - 1]
+        return bool(await self.bus.redis.eval(_ADOPT, len(keys), *keys, *args))
 
     async def lock_adoption(self, request_id: str, who: str, ms: int = 30_000) -> bool:
         """One adopter per session: True for the first caller within ``ms``."""

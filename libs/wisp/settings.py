@@ -129,6 +129,14 @@ class Settings(BaseSettings):
         default=5, ge=1, description="An entry delivered more often goes to the dead-letter stream."
     )
 
+    round_timeout_s: float = Field(
+        default=90.0, gt=0, description="A round whose verdict has not come this long after its "
+        "block was published is published again (it was dead-lettered, dropped or lost with "
+        "Redis' last second of writes); verification is idempotent, so a slow round re-sent "
+        "costs nothing but a duplicate the scheduler drops.")
+    round_resends: int = Field(
+        default=3, ge=0, le=100, description="Re-sends of one round before its request ends "
+        "with an error event instead of hanging.")
     batch_timeout_s: float = Field(
         default=60.0, gt=0, description="A batch unanswered this long (and 10x its prediction) "
         "is re-queued: its verdicts were lost.",

@@ -106,8 +106,8 @@ class RoundDrafter:
             await self.bus.publish(self.bus.keys.draft, blocks[0])
         else:
             await self.bus.publish_many([(self.bus.keys.draft, b) for b in blocks])
-        for p, _ in rounds:
-            self._published(p)
+        for p, b in zip(rounds, blocks, strict=True):
+            self._published(p[0], b)
 
     def _block(self, p: RoundPlan, out: Any) -> DraftBlock:
         """Record the round's drafting in its session; the block that carries it."""
@@ -144,10 +144,11 @@ class RoundDrafter:
             expected_commit=expected_commit(f.top1_prob for f in feats),
         )
 
-    def _published(self, p: RoundPlan) -> None:
+    def _published(self, p: RoundPlan, block: DraftBlock) -> None:
         """The round's block is in the stream."""
         sess, req = p.sess, p.sess.req
         sess.published_round = sess.spec.round
+        sess.published_block, sess.published_at, sess.resends = block, now(), 0
         self.service.count("blocks")
         if p.prefill:
             # a prefill round: the server's prefill makes the first token while we prefill the

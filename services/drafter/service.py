@@ -108,7 +108,7 @@ class DrafterService(Service):
         ]
 
     def loops(self) -> list:
-        return [self.adopt_loop]
+        return [self.adopt_loop, self.round_watch_loop]
 
     # ------------------------------------------------------------------ requests
     async def on_request(self, entry: Entry[GenerateRequest]) -> None:
@@ -278,7 +278,10 @@ class DrafterService(Service):
         sp = spec or sess.spec
         st = record_of(sess, sp, self.name, verify_ms)
         if adopt:
-            await self.store.adopt(st)
+            if not await self.store.adopt(st):
+                self.sessions.pop(sess.request_id, None)
+                raise SessionLost(f"session {sess.request_id} was adopted or saved by another "
+                                  "drafter first")
         elif not await self.store.save_if_owner(st, opening=opening):
             self.sessions.pop(sess.request_id, None)
             raise SessionLost(f"session {sess.request_id} was adopted by another drafter")
@@ -312,13 +315,17 @@ class DrafterService(Service):
 
     async def _finish(self, sess: ServedSession) -> None:
         await self.emitter.done(sess)
+        await self._drop(sess)
+        self.count("finished")
+
+    async def _drop(self, sess: ServedSession) -> None:
+        """Forget a session that ended (done, or given up with an error event)."""
         rid = sess.request_id
         await self.store.delete(rid)
         self.sessions.pop(rid, None)
         sess.finished = True
         if self.engine is not None:
             await self.in_worker(self.engine.drop, rid)
-        self.count("finished")
 
     async def _publish_trace(self, sess: ServedSession, v: Verdict) -> None:
         from wisp.trace import trace_rows
@@ -336,6 +343,48 @@ class DrafterService(Service):
             await self.bus.publish(self.keys.trace, row, maxlen=1_000_000)
         self.count("trace_rows", len(rows))
 
+    # ------------------------------------------------------------------ lost rounds
+    async def round_watch_loop(self) -> None:
+        """No request hangs on a lost round. A round whose verdict has not come
+        ``round_timeout_s`` after its block was published (dead-lettered on the way, dropped in
+        an upgrade, lost with Redis' last second of writes) is published again: verification
+        is idempotent and seeded, so a round verified twice gives the same verdict, and one the
+        scheduler still holds is dropped as a duplicate. After ``round_resends`` re-sends the
+        request ends with an error event rather than at the client's idle timeout."""
+        s = self.settings
+        while not self.stopping.is_set():
+            await self._pause(min(1.0, s.round_timeout_s / 4))
+            t = now()
+            overdue = [x for x in list(self.sessions.values())
+                       if not x.finished and x.published_block is not None
+                       and x.published_round == x.spec.round
+                       and t - x.published_at > s.round_timeout_s]
+            for sess in overdue:
+                await self.resend(sess, t)
+
+    async def resend(self, sess: ServedSession, t: float) -> None:
+        """Publish the round in flight again, or give its request up with an error."""
+        block = sess.published_block
+        assert block is not None
+        if sess.resends >= self.settings.round_resends:
+            log.error("request %s: round %d got no verdict after %d re-sends; giving up",
+                      sess.request_id, block.round, sess.resends)
+            self.count("rounds_given_up")
+            await self.emitter.error(
+                sess.request_id, f"round {block.round} got no verdict in "
+                f"{(sess.resends + 1) * self.settings.round_timeout_s:.0f} s (are the scheduler "
+                "and a verifier running? `wisp-cli status`); the request was stopped",
+                code="internal")
+            await self._drop(sess)
+            return
+        sess.resends += 1
+        sess.published_at = t
+        self.count("rounds_resent")
+        log.warning("request %s: no verdict for round %d in %.0f s; publishing it again (%d of %d)",
+                    sess.request_id, block.round, self.settings.round_timeout_s, sess.resends,
+                    self.settings.round_resends)
+        await self.bus.publish(self.keys.draft, block)
+
     # ------------------------------------------------------------------ adoption
     async def adopt_loop(self) -> None:
         """Resume sessions whose drafter is gone: our own after a restart (same name), and
@@ -350,6 +399,8 @@ class DrafterService(Service):
                     continue
                 try:
                     await self.resume(st)
+                except SessionLost as err:  # another drafter adopted (or its owner saved) first
+                    log.info("%s", err)
                 except Exception:  # a broken session must not stop the others' adoption
                     log.exception("could not resume session %s", rid)
             await self._pause(self.settings.reclaim_interval_s)
@@ -362,6 +413,7 @@ class DrafterService(Service):
         if done:
             await self.store.delete(rid)
             return
+        st = st.model_copy(update={"epoch": st.epoch + 1})  # fences every earlier owner out
         sess = ServedSession(req=st.request, state=st, spec=spec_of(st, self.eos))
         sess.text = self.tokenizer.decode(st.generated[:emitted], skip_special_tokens=True)
         sess.emitted = emitted

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from wisp.policy.controller import SessionSpecStats
 from wisp.policy.session import SpecSession
-from wisp.protocol import GenerateRequest, SessionState, SessionTerms, WireFeatures
+from wisp.protocol import DraftBlock, GenerateRequest, SessionState, SessionTerms, WireFeatures
 
 
 class SessionLost(RuntimeError):
@@ -32,6 +32,12 @@ class ServedSession:
     """Generated tokens sent to the client's stream."""
     published_round: int = -1
     """The round whose block was published (a round is published once)."""
+    published_block: DraftBlock | None = None
+    """That block, to publish again if its verdict never comes (``round_timeout_s``)."""
+    published_at: float = 0.0
+    """When it was (last) published (unix s)."""
+    resends: int = 0
+    """Times the round in flight was published again."""
     applied_base: int = -1
     """base_committed_len of the last verdict applied (to recognise its re-delivery)."""
 

@@ -166,7 +166,7 @@ async def test_session_save_with_an_event_emits_only_for_the_owner(bus: Bus) -> 
     assert await out.progress(req.request_id) == (2, False)
     assert 0 < await bus.redis.ttl(bus.keys.output(req.request_id)) <= 60
     # adopted by d2: d1's next save writes nothing, neither the record nor the event
-    await store.adopt(st.model_copy(update={"device": "d2", "generated": [5, 6]}))
+    assert await store.adopt(st.model_copy(update={"device": "d2", "generated": [5, 6], "epoch": 1}))
     ev2 = TokenEvent(request_id=req.request_id, index=2, token_ids=[7], text="c", ts=3.0)
     assert not await store.save_if_owner(st.model_copy(update={"generated": [5, 6, 7]}), ev2)
     assert await out.progress(req.request_id) == (2, False)
@@ -184,7 +184,7 @@ async def test_sessions_saved_together_in_one_round_trip(bus: Bus) -> None:
     reqs = [_req(20), _req(21)]
     states = [SessionState(request=r, device="d1", prompt_token_ids=[1], started_ts=1.0,
                            terms=_terms(r.request_id)) for r in reqs]
-    await store.adopt(states[1].model_copy(update={"device": "d2"}))
+    assert await store.adopt(states[1].model_copy(update={"device": "d2", "epoch": 1}))
     events = [TokenEvent(request_id=r.request_id, index=0, token_ids=[9], text="x", ts=2.0) for r in reqs]
     saved = await store.save_many_if_owner(
         [(st.model_copy(update={"generated": [9]}), ev) for st, ev in zip(states, events, strict=True)])
@@ -193,3 +193,28 @@ async def test_sessions_saved_together_in_one_round_trip(bus: Bus) -> None:
     assert await out.progress(reqs[1].request_id) == (0, False)
     other = await store.get(reqs[1].request_id)
     assert other is not None and other.device == "d2" and other.generated == []
+
+
+async def test_adoption_fences_out_every_earlier_owner_even_one_of_the_same_name(bus: Bus) -> None:
+    """Each adoption bumps the session's epoch (a fencing token) with a check-and-set: of two
+    adopters only the first wins, and an owner paused past its heartbeat (or a restarted
+    drafter's old process under the same name) can no longer save or stream once adopted."""
+    from wisp.bus import OutputStream, SessionStore
+    from wisp.protocol import SessionState, TokenEvent
+
+    store, out = SessionStore(bus, ttl_s=60), OutputStream(bus, ttl_s=60)
+    req = _req(30)
+    st = SessionState(request=req, device="d1", prompt_token_ids=[1], started_ts=1.0,
+                      terms=_terms(req.request_id))
+    assert await store.save_if_owner(st, opening=True)
+    # d1 (paused) is adopted by a new process under the SAME name: epoch 1
+    assert await store.adopt(st.model_copy(update={"epoch": 1, "generated": [4]}))
+    assert not await store.adopt(st.model_copy(update={"device": "d2", "epoch": 1}))  # too late
+    ev = TokenEvent(request_id=req.request_id, index=0, token_ids=[9], text="x", ts=2.0)
+    assert not await store.save_if_owner(st.model_copy(update={"generated": [9]}), ev)  # old d1
+    assert await out.progress(req.request_id) == (0, False)
+    saved = await store.get(req.request_id)
+    assert saved is not None and saved.epoch == 1 and saved.generated == [4]
+    ev2 = TokenEvent(request_id=req.request_id, index=0, token_ids=[4], text="y", ts=2.0)
+    assert await store.save_if_owner(saved, ev2)  # the adopter goes on
+    assert await out.progress(req.request_id) == (1, False)

@@ -53,6 +53,8 @@ class SessionState(WireModel):
     first_token_ts: float | None = None
     last_token_ts: float | None = None
     terms: SessionTerms
+    epoch: int = Field(default=0, ge=0, description="Bumped by every adoption: the fencing "
+                       "token every save must match, so an earlier owner can no longer write.")
     rounds_done: int = 0
     drafted: int = 0
     accepted: int = 0
