@@ -38,6 +38,7 @@ from wisp.protocol import (
     WireModel,
     decode,
 )
+from wisp.protocol.base import MAX_PAYLOAD_BYTES
 
 OutputEvent = TokenEvent | DoneEvent | ErrorEvent
 
@@ -147,6 +148,16 @@ def _s(x: bytes | str) -> str:
     return x.decode() if isinstance(x, bytes) else x
 
 
+def payload_of(msg: WireModel) -> bytes:
+    """``msg``'s bytes for the wire, refused before they are written when no consumer would
+    accept them (``MAX_PAYLOAD_BYTES``): the writer gets the error, not a dead letter later."""
+    raw = msg.encode()
+    if len(raw) > MAX_PAYLOAD_BYTES:
+        raise ProtocolError(f"{type(msg).__name__} of {len(raw)} bytes exceeds the "
+                            f"{MAX_PAYLOAD_BYTES} byte limit; it was not sent")
+    return raw
+
+
 class Bus:
     """Typed access to WISP's streams for one process."""
 
@@ -162,15 +173,20 @@ class Bus:
     async def publish(self, stream: str, msg: WireModel, maxlen: int | None = None) -> str:
         """XADD ``msg`` as JSON, trimming the stream approximately to ``maxlen``."""
         entry_id = await self.redis.xadd(
-            stream, {FIELD: msg.encode()}, maxlen=maxlen or self.maxlen, approximate=True
+            stream, {FIELD: payload_of(msg)}, maxlen=maxlen or self.maxlen, approximate=True
         )
         return _s(entry_id)
 
-    async def publish_many(self, messages: list[tuple[str, WireModel]]) -> None:
-        """XADD several messages in one round trip (a verifier's verdicts and timing sample)."""
+    async def publish_many(self, messages: list[tuple[str, WireModel]],
+                           ack: tuple[str, str, Sequence[str]] | None = None) -> None:
+        """XADD several messages in one round trip (a verifier's verdicts and timing sample),
+        and with ``ack`` (stream, group, entry ids) ack the input they came from in the same
+        round trip, after them."""
         pipe = self.redis.pipeline(transaction=False)
         for stream, msg in messages:
-            pipe.xadd(stream, {FIELD: msg.encode()}, maxlen=self.maxlen, approximate=True)
+            pipe.xadd(stream, {FIELD: payload_of(msg)}, maxlen=self.maxlen, approximate=True)
+        if ack is not None and ack[2]:
+            pipe.xack(ack[0], ack[1], *ack[2])
         await pipe.execute()
 
     # ------------------------------------------------------------------ groups

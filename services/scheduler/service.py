@@ -261,9 +261,13 @@ class SchedulerService(Service):
             policy=plan.policy,
             reasons=list(plan.reasons),
         )
-        await self.bus.publish(self.keys.batch(plan.verifier), batch)
-        ids = [self.entry_ids.pop(k) for k in plan.keys if k in self.entry_ids]
-        await self.bus.ack(self.keys.annotated, GROUP, *ids)
+        ids = [self.entry_ids[k] for k in plan.keys if k in self.entry_ids]
+        # the batch, then the acks of the rounds it holds, in one round trip (if it fails, the
+        # entries stay ours and pending)
+        await self.bus.publish_many([(self.keys.batch(plan.verifier), batch)],
+                                    ack=(self.keys.annotated, GROUP, ids))
+        for k in plan.keys:
+            self.entry_ids.pop(k, None)
         self.batches_sent += 1
         self.count("rounds_dispatched", len(plan.keys))
 

