@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -175,12 +175,44 @@ async def run_bench(
                 await asyncio.sleep(rng.expovariate(1.0 / cfg.think_s))
 
     before = await redis_footprint(bus)
-    await asyncio.gather(*(device(i) for i in range(cfg.devices)))
+    series: list[tuple[float, float]] = []
+
+    async def sample_memory() -> None:
+        while True:
+            mem = await bus.redis.info("memory")
+            series.append((round(time.monotonic() - start, 1),
+                           round(int(mem["used_memory"]) / 2**20, 2)))
+            await asyncio.sleep(MEMORY_SAMPLE_S)
+
+    sampler = asyncio.create_task(sample_memory())
+    try:
+        await asyncio.gather(*(device(i) for i in range(cfg.devices)))
+    finally:
+        sampler.cancel()
+        await asyncio.gather(sampler, return_exceptions=True)
     result.duration_s = time.monotonic() - start
     after = await redis_footprint(bus)
     result.extra.update({f"{k}_before": v for k, v in before.items()})
     result.extra.update({f"{k}_after": v for k, v in after.items()})
+    result.extra["redis_used_memory_mb_series"] = series
+    result.extra["redis_memory_growth_last_half"] = memory_growth(series)
     return result
+
+
+MEMORY_SAMPLE_S = 2.0
+"""How often a benchmark samples Redis' ``used_memory`` (the series is in its JSON)."""
+
+
+def memory_growth(series: Sequence[tuple[float, float]]) -> float | None:
+    """Relative growth of Redis' memory over the second half of a run (peak of the last quarter
+    against the peak of the second quarter): near 0 when memory has reached a plateau, and a
+    steady leak shows as a growth about as large as the first half's. None for a short run."""
+    if len(series) < 8:
+        return None
+    n = len(series)
+    q2 = max(mb for _, mb in series[n // 4: n // 2])
+    q4 = max(mb for _, mb in series[3 * n // 4:])
+    return (q4 - q2) / q2 if q2 > 0 else None
 
 
 COLUMNS = (

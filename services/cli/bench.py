@@ -158,6 +158,7 @@ def bench(
                 else:
                     res, _ = run_async(bench_fresh(settings, cfg, m))
                 row = res.as_dict()
+                say(_memory_line(row))
                 if repeat > 1:
                     row["run"] = rep + 1
                     pooled[m] = pooled[m].merged(res) if m in pooled else res
@@ -170,6 +171,18 @@ def bench(
               "devices": counts[0] if len(counts) == 1 else counts, "repeat": repeat}
     path.write_text(json.dumps({"config": config, "results": rows}, indent=2))
     say(f"results written to {path}")
+
+
+def _memory_line(row: dict[str, Any]) -> str:
+    """Redis' memory over a run, in a line: where it started, peaked and ended, and whether it
+    levelled off (``memory_growth``)."""
+    series = [mb for _, mb in row.get("redis_used_memory_mb_series", [])]
+    if not series:
+        return "Redis memory: not sampled"
+    growth = row.get("redis_memory_growth_last_half")
+    trend = "too short to tell a plateau" if growth is None else f"{growth:+.1%} over the second half"
+    return (f"Redis used_memory: {series[0]:.1f} MB at the start, peak {max(series):.1f} MB, "
+            f"{series[-1]:.1f} MB at the end ({trend}); {row.get('wisp_keys_after')} WISP keys left")
 
 
 # ---------------------------------------------------------------------- --null-models

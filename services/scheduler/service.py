@@ -264,8 +264,9 @@ class SchedulerService(Service):
         ids = [self.entry_ids[k] for k in plan.keys if k in self.entry_ids]
         # the batch, then the acks of the rounds it holds, in one round trip (if it fails, the
         # entries stay ours and pending)
-        await self.bus.publish_many([(self.keys.batch(plan.verifier), batch)],
-                                    ack=(self.keys.annotated, GROUP, ids))
+        stream = self.keys.batch(plan.verifier)
+        await self.bus.publish_many([(stream, batch)], ack=(self.keys.annotated, GROUP, ids),
+                                    expire_ms={stream: self.settings.pod_stream_ttl_s * 1000})
         for k in plan.keys:
             self.entry_ids.pop(k, None)
         self.batches_sent += 1

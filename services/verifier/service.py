@@ -186,7 +186,8 @@ class VerifierService(Service):
             ts=now(),
         )
         out.append((self.keys.stats, sample))
-        await self.bus.publish_many(out)
+        ttl_ms = self.settings.pod_stream_ttl_s * 1000
+        await self.bus.publish_many(out, expire_ms={s: ttl_ms for s, _ in out[:-1]})
         self.batches += 1
         self.count("rounds", len(items))
         _observe(blocks, results, measured_ms)

@@ -286,6 +286,7 @@ SCHEDULER = [
     may("scheduler", "MGET wisp:terms:<id>", cmd("MGET", TERMS)),
     may("scheduler", "EXISTS wisp:sess:<id>", cmd("EXISTS", SESS)),
     may("scheduler", "XADD wisp:batch:<verifier>", xadd(f"{NS}:batch:v1")),
+    may("scheduler", "PEXPIRE wisp:batch:<verifier>", cmd("PEXPIRE", f"{NS}:batch:v1", "86400000")),
     may("scheduler", "SET PX wisp:load", cmd("SET", f"{NS}:load", "{}", "PX", "5000")),
     may("scheduler", "XADD wisp:dead", xadd(f"{NS}:dead")),
     never("scheduler", "SET wisp:estimator:model", cmd("SET", f"{NS}:estimator:model", "x")),
@@ -307,6 +308,9 @@ VERIFIER = [
     may("verifier", "GET wisp:sess:<id>", cmd("GET", SESS)),
     may("verifier", "MGET wisp:terms:<id>", cmd("MGET", TERMS)),
     may("verifier", "XADD wisp:verdict:<device>", xadd(f"{NS}:verdict:dev1")),
+    # each write pushes back the expiry of a device's verdict stream (a departed one is reaped)
+    may("verifier", "PEXPIRE wisp:verdict:<device>", cmd("PEXPIRE", f"{NS}:verdict:dev1", "86400000")),
+    never("verifier", "PEXPIRE wisp:sess:<id>", cmd("PEXPIRE", SESS, "1")),
     may("verifier", "XADD wisp:stats", xadd(f"{NS}:stats")),
     may("verifier", "XADD wisp:dead", xadd(f"{NS}:dead")),
     never("verifier", "SET wisp:estimator:model", cmd("SET", f"{NS}:estimator:model", "x")),

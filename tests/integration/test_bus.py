@@ -235,3 +235,25 @@ async def test_a_message_no_consumer_would_accept_is_refused_before_it_is_writte
     with pytest.raises(ProtocolError, match="not sent"):
         await bus.publish_many([(s, _req(1)), (s, big)])
     assert await bus.redis.xlen(s) == before
+
+
+async def test_a_departed_readers_stream_expires_and_a_present_one_recreates_its_group(bus: Bus) -> None:
+    """Per-device and per-verifier streams expire ``pod_stream_ttl_s`` after their last write
+    (``publish_many(expire_ms=...)``), so the streams of departed pods and devices do not pile
+    up; a reader that is still there recreates its group and misses nothing written after."""
+    import asyncio
+
+    s = bus.keys.verdict("dev-expiring")
+    other = bus.keys.stats
+    await bus.ensure_group(s, "g")
+    await bus.publish_many([(s, _req(1)), (other, _req(2))], expire_ms={s: 200})
+    assert 0 < await bus.redis.pttl(s) <= 200 and await bus.redis.pttl(other) == -1
+    got = await bus.read(s, "g", "c", GenerateRequest, block_ms=10)
+    assert [e.msg.request_id for e in got] == [_req(1).request_id]
+    await asyncio.sleep(0.3)
+    assert not await bus.redis.exists(s)  # reaped with its group
+    assert await bus.read(s, "g", "c", GenerateRequest, block_ms=10) == []  # group recreated
+    await bus.publish_many([(s, _req(3))], expire_ms={s: 60_000})
+    got = await bus.read(s, "g", "c", GenerateRequest, block_ms=10)
+    assert [e.msg.request_id for e in got] == [_req(3).request_id]
+    await bus.redis.delete(other)
