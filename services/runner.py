@@ -186,9 +186,19 @@ def _alive(pid: int) -> bool:
 async def connect(settings: Settings, url: str, timeout_s: float = 10.0) -> Bus:
     """A ``Bus`` on ``url`` logged in with ``settings.redis_password`` (``WISP_REDIS_PASSWORD``,
     which overrides the URL's) from the first connection on: the Kubernetes manifests pass the
-    password only there, next to a bare URL, and every service and CLI command connects here."""
-    redis = await wait_for_redis(url, timeout_s, password=settings.redis_password or None,
-                                 max_connections=MAX_CONNECTIONS)
+    password only there, next to a bare URL, and every service and CLI command connects here.
+    The ``redis_tls_*`` settings go along too, for the same reason: a ``rediss://`` server with
+    a private CA is reachable only if the very first handshake already trusts that CA. An empty
+    path (``WISP_REDIS_TLS_CA_FILE=""`` in a manifest) counts as unset."""
+    redis = await wait_for_redis(
+        url, timeout_s, password=settings.redis_password or None,
+        max_connections=MAX_CONNECTIONS,
+        tls_ca_file=settings.redis_tls_ca_file or None,
+        tls_cert_file=settings.redis_tls_cert_file or None,
+        tls_key_file=settings.redis_tls_key_file or None,
+        tls_verify=settings.redis_tls_verify,
+        tls_check_hostname=settings.redis_tls_check_hostname,
+    )
     return Bus(redis, Keys(settings.namespace), settings.stream_maxlen)
 
 

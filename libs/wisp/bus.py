@@ -753,10 +753,11 @@ async def wait_for_redis(url: str, timeout_s: float = 10.0, *,
     and a service should exit at once with the reason rather than after ``timeout_s``.
 
     ``tls_*``: for ``rediss://`` URLs (the ``redis_tls_*`` settings): the CA bundle that
-    verifies the server (unset: the system store only), the client certificate and key for a
-    server with ``tls-auth-clients yes``, and ``False`` to skip verifying the certificate or
-    its host name. Applied to every connection for the same reason as the password, and
-    overriding ``ssl_*`` parameters in the URL. A file that cannot be loaded, a server
+    verifies the server (trusted besides the system store; unset: the system store only), the
+    client certificate and key for a server with ``tls-auth-clients yes``, and ``False`` to skip
+    verifying the certificate or its host name. Applied to every connection for the same reason
+    as the password; those given override ``ssl_*`` parameters in the URL. A file that cannot
+    be loaded (checked once, before connecting), a server
     certificate this client does not trust and a handshake the server refuses are not
     retried either: each is a one-line error that names the setting to change. TLS files
     with a URL that is not ``rediss://`` are an error, not ignored: TLS was asked for, and
@@ -788,9 +789,12 @@ async def wait_for_redis(url: str, timeout_s: float = 10.0, *,
                 probe.load_verify_locations(cafile=tls_ca_file)
             if tls_cert_file:
                 setting, path = "WISP_REDIS_TLS_CERT_FILE / WISP_REDIS_TLS_KEY_FILE", tls_cert_file
-                probe.load_cert_chain(tls_cert_file, tls_key_file)
+                # a pass-phrase callback, so an encrypted key fails here instead of prompting
+                probe.load_cert_chain(tls_cert_file, tls_key_file, password=lambda: b"")
         except (OSError, ValueError) as err:  # ssl.SSLError is an OSError
-            reason = getattr(err, "strerror", None) or err
+            reason = str(getattr(err, "strerror", None) or err)
+            if "PEM lib" in reason:  # what OpenSSL says of a key it could not decrypt
+                reason += " (an encrypted key? WISP needs it unencrypted)"
             raise ConnectionError(f"cannot load {setting} ({path}): {reason}") from None
         tls = {k: v for k, v in (("ssl_ca_certs", tls_ca_file), ("ssl_certfile", tls_cert_file),
                                  ("ssl_keyfile", tls_key_file)) if v}
