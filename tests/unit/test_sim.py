@@ -456,3 +456,17 @@ def test_a_learned_controller_drives_wisp_with_each_device_s_measured_speed(tiny
     fixed = simulate(sc_fixed, "wisp", 8, assets=assets)
     # the controller stops before likely rejections: a higher acceptance rate than always drafting max_k
     assert res.summary["acceptance_rate"] > fixed.summary["acceptance_rate"]
+
+
+def test_the_simulators_estimator_refits_online_as_the_service_does(tiny) -> None:
+    """The scheduler's estimator in the simulator starts from the profile fit and then learns
+    from every simulated batch, as the estimator service does (it used to be fitted with
+    ``refit_every = 10**9`` and stay frozen: version 1 after 1,168 batches)."""
+    sc, assets = tiny
+    sc = replace(sc, server=replace(sc.server, estimator=replace(sc.server.estimator, kind="linear",
+                                                                 online_refit=True)))
+    sim = Simulation(sc, "sled", 4, assets=assets)
+    start = sim.estimator.version
+    sim.run()
+    assert sim.batches > 3 * LinearEstimator().refit_every
+    assert sim.estimator.version > start + 1

@@ -329,12 +329,10 @@ def find_asset(pattern: str) -> Path | None:
 
 
 def fit_linear(samples: Sequence[ProfileSample]) -> LinearEstimator:
-    """A ``LinearEstimator`` fitted (ridge, as its own refit does) on all samples."""
-    est = LinearEstimator(window=max(256, len(samples)), refit_every=10**9)
-    for s in samples:
-        est.observe(BatchShape.of(s.new_tokens, s.context_lens), s.measured_ms)
-    est.refit()
-    return est
+    """``learned_estimator.fit_linear`` on profile samples (it refits online afterwards)."""
+    from wisp.policy.learned_estimator import fit_linear as fit
+
+    return fit([(BatchShape.of(s.new_tokens, s.context_lens), s.measured_ms) for s in samples])
 
 
 def _pred(est: Any, s: ProfileSample) -> float:
