@@ -303,6 +303,11 @@ class Service:
             except Exception:
                 log.exception("%s: %s failed; restarting it", self.name, what)
                 self.count("loop_errors")
+                # any other broker error (READONLY after a failover, OOM, MISCONF) may have cost
+                # the acks that ride on the next read: re-read our own pending entries first,
+                # or they would sit un-acked on a stream no sweeper covers (a device's verdicts,
+                # a verifier's batches) for ever
+                self.bus.after_outage()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
