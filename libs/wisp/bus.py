@@ -167,6 +167,8 @@ class Bus:
         self.maxlen = maxlen
         self._groups: set[tuple[str, str]] = set()
         self._pending_drained: set[tuple[str, str, str]] = set()
+        self._history: dict[tuple[str, str, str], str] = {}
+        """Where each consumer's re-read of its own pending entries has got to."""
         self._cursors: dict[tuple[str, str], str] = {}
 
     # ------------------------------------------------------------------ publish
@@ -182,10 +184,12 @@ class Bus:
                            expire_ms: Mapping[str, int] | None = None) -> None:
         """XADD several messages in one round trip (a verifier's verdicts and timing sample),
         and with ``ack`` (stream, group, entry ids) ack the input they came from in the same
-        round trip, after them. ``expire_ms``: streams whose expiry each write pushes back (a
-        per-device or per-verifier stream is reaped once its reader has gone for that long;
-        a reader that is still there recreates its group on demand, see ``read``)."""
-        pipe = self.redis.pipeline(transaction=False)
+        round trip, after them, in one MULTI: if Redis refuses a write (out of memory under
+        ``noeviction``, read-only) the ack does not happen either and the input stays pending.
+        ``expire_ms``: streams whose expiry each write pushes back (a per-device or
+        per-verifier stream is reaped once its reader has gone for that long; a reader that is
+        still there recreates its group on demand, see ``read``)."""
+        pipe = self.redis.pipeline(transaction=ack is not None)
         for stream, msg in messages:
             pipe.xadd(stream, {FIELD: payload_of(msg)}, maxlen=self.maxlen, approximate=True)
         for stream, ms in (expire_ms or {}).items():
@@ -226,10 +230,17 @@ class Bus:
         await self.ensure_group(stream, group)
         tag = (stream, group, consumer)
         if tag not in self._pending_drained:
-            out, got = await self._read_once(stream, group, consumer, model, "0", count, None, ack)
+            # our own pending entries, from a cursor that moves past what was returned: a
+            # consumer that keeps entries pending on purpose (the scheduler holds rounds until
+            # their batch is written) would otherwise get the same first ``count`` again and
+            # again, never reach new entries, and inflate their delivery counts
+            cursor = self._history.get(tag, "0")
+            out, got = await self._read_once(stream, group, consumer, model, cursor, count, None,
+                                             ack, tag)
             ack = ()
             if got < count:
                 self._pending_drained.add(tag)
+                self._history.pop(tag, None)
             if got:
                 return out
         out, _ = await self._read_once(stream, group, consumer, model, ">", count, block_ms, ack)
@@ -254,8 +265,10 @@ class Bus:
 
     async def _read_once(
         self, stream: str, group: str, consumer: str, model: type[M], start: str, count: int,
-        block_ms: int | None, ack: Sequence[str] = (),
+        block_ms: int | None, ack: Sequence[str] = (), history: tuple[str, str, str] | None = None,
     ) -> tuple[list[Entry[M]], int]:
+        """One XREADGROUP; with ``history`` (a re-read of our pending entries), the cursor of
+        that re-read moves to the last entry returned."""
         try:
             resp = await self._xreadgroup(stream, group, consumer, start, count, block_ms, ack)
         except ResponseError as err:
@@ -270,6 +283,8 @@ class Bus:
             for entry_id, fields in entries:
                 got += 1
                 eid = _s(entry_id)
+                if history is not None:
+                    self._history[history] = eid
                 if not fields:  # pending entry trimmed away from the stream
                     await self.redis.xack(stream, group, eid)
                     continue
@@ -336,11 +351,13 @@ class Bus:
         handler failed is delivered again, and counted: XREADGROUP of history bumps its
         delivery count)."""
         self._pending_drained.discard((stream, group, consumer))
+        self._history.pop((stream, group, consumer), None)
 
     def after_outage(self) -> None:
         """After a broker error, re-read our own pending entries first: a message whose output
         write failed was never acked and must be processed again."""
         self._pending_drained.clear()
+        self._history.clear()
         self._groups.clear()
 
     async def ack(self, stream: str, group: str, *entry_ids: str) -> None:
@@ -432,6 +449,7 @@ class Bus:
 
 _SAVE_IF_OWNER = """
 local cur = redis.call('GET', KEYS[1])
+if not cur and ARGV[4] == '' then return 0 end
 if cur then
   local ok, rec = pcall(cjson.decode, cur)
   if ok and (rec['device'] ~= ARGV[2] or (tonumber(rec['epoch']) or 0) ~= tonumber(ARGV[8])) then
@@ -451,22 +469,28 @@ end
 return 1
 """
 """Save a session record unless another drafter owns it (another device, or a later epoch:
-an adoption since, even by a drafter of the same name); write its terms (when opening) or
+an adoption since, even by a drafter of the same name) or, unless opening, it is gone (the
+session ended: a late save must not bring it back); write its terms (when opening) or
 keep them alive as long as the record; append the output event that the record makes true."""
 
 
 _ADOPT = """
 local cur = redis.call('GET', KEYS[1])
-if cur then
-  local ok, rec = pcall(cjson.decode, cur)
-  if ok and (tonumber(rec['epoch']) or 0) ~= tonumber(ARGV[4]) then return 0 end
+if not cur then return 0 end
+local ok, rec = pcall(cjson.decode, cur)
+if ok and ((tonumber(rec['epoch']) or 0) ~= tonumber(ARGV[4])
+           or rec['device'] ~= ARGV[5]
+           or tonumber(rec['round']) ~= tonumber(ARGV[6])
+           or #rec['generated'] ~= tonumber(ARGV[7])) then
+  return 0
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[3]))
 redis.call('SET', KEYS[2], ARGV[2], 'EX', tonumber(ARGV[3]))
 return 1
 """
-"""Adopt a session: write its record (at the next epoch) and terms unless the stored record
-moved past the epoch the adopter read."""
+"""Adopt a session: write its record (at the next epoch) and terms only if the stored record is
+still the one the adopter read (same epoch, owner, round and generated length): not if it was
+adopted, saved by its owner (a paused owner waking up) or deleted (finished) since."""
 
 
 class TermsCache:
@@ -534,6 +558,12 @@ class SessionStore:
     async def exists(self, request_id: str) -> bool:
         return bool(await self.bus.redis.exists(self.key(request_id)))
 
+    async def known(self, request_id: str) -> bool:
+        """Whether this request was ever opened (its record, or the terms a finished session
+        leaves behind until they expire): a request delivered again (its ack lost in an
+        outage, or a reclaim race) must not be served twice."""
+        return bool(await self.bus.redis.exists(self.key(request_id), self.bus.keys.terms(request_id)))
+
     async def save_if_owner(self, state: SessionState, emit: WireModel | None = None, *,
                             opening: bool = False) -> bool:
         """Write ``state`` unless the stored record names another drafter (atomically): False
@@ -575,16 +605,19 @@ class SessionStore:
         args.append(state.epoch)
         return [len(keys), *keys, *args]
 
-    async def adopt(self, state: SessionState) -> bool:
-        """Take the session over with ``state``, whose ``epoch`` is one above the record it was
-        read from: written (record and terms) only if the stored record is still at that
-        earlier epoch, so of two adopters only one wins, and every save of an earlier owner
-        (``save_if_owner`` checks the epoch too) fails from now on, even one under the same
-        name (a restarted drafter adopting its own sessions while the old process still runs).
-        False when someone adopted or saved it since."""
+    async def adopt(self, state: SessionState, read: SessionState) -> bool:
+        """Take the session over with ``state`` (``epoch`` one above ``read``, the record it was
+        built from): written (record and terms) only if the stored record is still ``read``
+        (same epoch, owner, round and generated length), so of two adopters only one wins, a
+        save by the owner since (a paused owner that woke up) is never rolled back, a finished
+        session is not brought back, and every later save of an earlier owner
+        (``save_if_owner`` checks the epoch too) fails, even one under the same name (a
+        restarted drafter adopting its own sessions while the old process still runs). False
+        when the record changed or went since it was read."""
         rid = state.request.request_id
         keys = [self.key(rid), self.bus.keys.terms(rid)]
-        args = [state.encode(), state.terms.encode(), self.ttl_s, state.epoch - 1]
+        args = [state.encode(), state.terms.encode(), self.ttl_s, read.epoch, read.device,
+                read.round, len(read.generated)]
         return bool(await self.bus.redis.eval(_ADOPT, len(keys), *keys, *args))
 
     async def lock_adoption(self, request_id: str, who: str, ms: int = 30_000) -> bool:
@@ -592,7 +625,8 @@ class SessionStore:
         return bool(await self.bus.redis.set(self.key(request_id) + ":adopt", who, nx=True, px=ms))
 
     async def delete(self, request_id: str) -> None:
-        await self.bus.redis.delete(self.key(request_id), self.bus.keys.terms(request_id))
+        """End a session: its record goes; its terms stay until they expire (``known``)."""
+        await self.bus.redis.delete(self.key(request_id))
 
     async def terms(self, request_ids: Sequence[str]) -> list[SessionTerms | None]:
         """The terms of these sessions in one round trip; None where a session has none (it

@@ -104,8 +104,10 @@ class Settings(BaseSettings):
     context_limit: int = Field(
         default=4096, ge=16, description="Prompt + generated tokens a session may reach."
     )
-    ttft_slo_ms: float = Field(default=10_000.0, gt=0, description="Default time-to-first-token SLO.")
-    tpot_slo_ms: float = Field(default=1_000.0, gt=0, description="Default time-per-output-token SLO.")
+    ttft_slo_ms: float = Field(default=10_000.0, gt=0, le=86_400_000,
+                               description="Default time-to-first-token SLO.")
+    tpot_slo_ms: float = Field(default=1_000.0, gt=0, le=86_400_000,
+                               description="Default time-per-output-token SLO.")
 
     # --- drafter ----------------------------------------------------------------------------
     draft_k: int = Field(default=4, ge=0, le=64, description="Fixed draft length (sled mode).")
@@ -122,6 +124,7 @@ class Settings(BaseSettings):
     draft_top_k: int = Field(
         default=64,
         ge=1,
+        le=4096,  # the wire's bound on a sparse distribution (WireDist)
         description="Sampling draws drafts from the top-k of the draft distribution, so the exact "
         "distribution sent to the verifier is sparse (lossless, small on the wire).",
     )
@@ -140,7 +143,7 @@ class Settings(BaseSettings):
     )
 
     # --- scheduler --------------------------------------------------------------------------
-    max_batch_size: int = Field(default=16, ge=1)
+    max_batch_size: int = Field(default=16, ge=1, le=1024)  # VerifyBatch holds at most 1024
     max_wait_ms: float = Field(default=2.0, ge=0, description="Hold an idle verifier's batch this long.")
     max_inflight_batches: int = Field(
         default=1, ge=1, description="Batches outstanding per verifier (1 = no queue behind it)."
@@ -193,8 +196,8 @@ class Settings(BaseSettings):
 
     # --- identity ---------------------------------------------------------------------------
     name: str | None = Field(
-        default=None, description="Consumer / device name; default: hostname-pid (pod name in k8s)."
-    )
+        default=None, min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.\-]+$",
+        description="Consumer / device name; default: hostname-pid (pod name in k8s).")
 
     @field_validator("redis_url")
     @classmethod

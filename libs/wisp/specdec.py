@@ -133,10 +133,12 @@ def batch_token_features(logits: torch.Tensor) -> list[TokenFeatures]:
     e = xs.exp()
     z = e.sum(dim=-1)
     entropy = z.log() - (e * xs).sum(dim=-1) / z
+    # max - mean from the clamped xs (before the scatter below writes -inf into it): the same
+    # figure for real logits, finite where a -inf logit (a masked token) made x's mean -inf
+    spread = -xs.mean(dim=-1)
     second = xs.scatter_(1, idx, -torch.inf).amax(dim=-1)  # ties keep the other maximum
     top1 = 1.0 / z
     top2 = second.exp() / z
-    spread = best[:, 0] - x.mean(dim=-1)
     rows = torch.stack([top1, entropy, top1 - top2, spread], dim=1).tolist()
     return [TokenFeatures(top1_prob=a, entropy=b, margin=c, logit_spread=d) for a, b, c, d in rows]
 

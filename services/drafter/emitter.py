@@ -65,7 +65,7 @@ class Emitter:
         """The final event: the whole output and the request's figures."""
         st, sp = sess.state, sess.spec
         rid = sess.request_id
-        t0 = sess.req.submitted_ts
+        t0 = sess.terms.arrival_ts  # not the client's own claim (it could make these anything)
         first = sp.first_token_ts or now()
         last = sp.last_token_ts or first
         n = len(sp.generated)

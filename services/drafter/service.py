@@ -21,7 +21,7 @@ from wisp.policy.controller import DraftLengthPolicy, FixedLength, default_polic
 from wisp.policy.learned_estimator import PublishedModel, default_estimator
 from wisp.policy.session import SpecSession
 from wisp.policy.slo import DraftJob, deadline_at, drafting_order
-from wisp.protocol import GenerateRequest, SessionState, SessionTerms, Verdict
+from wisp.protocol import DraftBlock, GenerateRequest, SessionState, SessionTerms, Verdict
 from wisp.service import Consumer, Service, now
 from wisp.services.drafter.admission import Admission, RequestRefused, check_prompt_ids, check_request
 from wisp.services.drafter.emitter import Emitter
@@ -119,12 +119,17 @@ class DrafterService(Service):
         try:
             if rid in self.sessions:  # re-delivered after a failure: finish what it started
                 await self._continue(self.sessions[rid])
-            elif not await self.store.exists(rid):
+            elif not await self.store.known(rid):
                 sess = await self._open(req, entry.added_ts(now()))
                 self.sessions[rid] = sess
                 await self._save(sess, opening=True)
                 await self._continue(sess)
-            # else: another drafter serves it already (the request was redelivered)
+            elif not await self.store.exists(rid) and not (await self.output.progress(rid))[1]:
+                # its terms outlived it but it never finished: the id was used before
+                self.count("refused")
+                await self.emitter.error(rid, f"request id {rid} was already used; submit with "
+                                         "a new one")
+            # else: served already, or being served by another drafter (delivered again)
         except SessionLost:
             self.sessions.pop(rid, None)  # another drafter took it first
         except RequestRefused as err:
@@ -231,7 +236,7 @@ class DrafterService(Service):
                                               "drafter"))
                 self.count("sessions_lost")
                 continue
-            sess.state, sess.spec = st, sp
+            sess.state, sess.spec, sess.saved_at = st, sp, now()
             if p is not None:
                 self.emitter.sent(sess, p)
             saved.append((sess, v))
@@ -268,29 +273,34 @@ class DrafterService(Service):
         return [entries[int(k)] for k in drafting_order(jobs, now())]
 
     # ------------------------------------------------------------------ the session's life
-    async def _save(self, sess: ServedSession, adopt: bool = False, spec: SpecSession | None = None,
-                    verify_ms: float = 0.0, opening: bool = False) -> None:
+    async def _save(self, sess: ServedSession, adopt_from: SessionState | None = None,
+                    spec: SpecSession | None = None, verify_ms: float = 0.0,
+                    opening: bool = False) -> None:
         """Write the session record (the whole truth of the session): ``spec`` (by default the
-        session's own) becomes the session's state once it is durable. Unless adopting, only
-        while the record still names this drafter (atomic check-and-set): a drafter whose
-        session was adopted elsewhere raises ``SessionLost`` instead of emitting duplicates.
-        (Applying verdicts saves through ``_save_applied``.)"""
+        session's own) becomes the session's state once it is durable. Adopting (``adopt_from``:
+        the record read), only if the record is still that one; otherwise only while it still
+        names this drafter at this epoch (atomic check-and-set): a drafter whose session was
+        adopted elsewhere raises ``SessionLost`` instead of emitting duplicates. (Applying
+        verdicts saves through ``_save_applied``.)"""
         sp = spec or sess.spec
         st = record_of(sess, sp, self.name, verify_ms)
-        if adopt:
-            if not await self.store.adopt(st):
+        if adopt_from is not None:
+            if not await self.store.adopt(st, adopt_from):
                 self.sessions.pop(sess.request_id, None)
                 raise SessionLost(f"session {sess.request_id} was adopted or saved by another "
                                   "drafter first")
         elif not await self.store.save_if_owner(st, opening=opening):
             self.sessions.pop(sess.request_id, None)
             raise SessionLost(f"session {sess.request_id} was adopted by another drafter")
-        sess.state, sess.spec = st, sp
+        sess.state, sess.spec, sess.saved_at = st, sp, now()
 
     async def _continue(self, sess: ServedSession, pending: list[ServedSession] | None = None) -> None:
         """Bring the outside world up to the saved state: emit the committed tokens the client
         has not been sent, then publish this round's block once (or finish once). With
-        ``pending``, the round is left to the caller's batched drafting instead."""
+        ``pending``, the round is left to the caller's batched drafting instead. Nothing for a
+        session that ended meanwhile (given up while this verdict was being saved)."""
+        if sess.finished or self.sessions.get(sess.request_id) is not sess:
+            return
         await self.emitter.catch_up(sess)
         if sess.spec.done:
             await self._finish(sess)
@@ -321,9 +331,9 @@ class DrafterService(Service):
     async def _drop(self, sess: ServedSession) -> None:
         """Forget a session that ended (done, or given up with an error event)."""
         rid = sess.request_id
-        await self.store.delete(rid)
         self.sessions.pop(rid, None)
         sess.finished = True
+        await self.store.delete(rid)
         if self.engine is not None:
             await self.in_worker(self.engine.drop, rid)
 
@@ -348,8 +358,9 @@ class DrafterService(Service):
         """No request hangs on a lost round. A round whose verdict has not come
         ``round_timeout_s`` after its block was published (dead-lettered on the way, dropped in
         an upgrade, lost with Redis' last second of writes) is published again: verification
-        is idempotent and seeded, so a round verified twice gives the same verdict, and one the
-        scheduler still holds is dropped as a duplicate. After ``round_resends`` re-sends the
+        is idempotent (only one verdict per round is ever applied; a seeded round verified twice
+        gives the same one), and one the scheduler still holds is dropped as a duplicate. The
+        record and terms are written again first, in case they were lost with the round. After ``round_resends`` re-sends the
         request ends with an error event rather than at the client's idle timeout."""
         s = self.settings
         while not self.stopping.is_set():
@@ -360,25 +371,57 @@ class DrafterService(Service):
                        and x.published_round == x.spec.round
                        and t - x.published_at > s.round_timeout_s]
             for sess in overdue:
-                await self.resend(sess, t)
+                await self.resend(sess, sess.published_block)
+            # a session whose verdict was saved but whose next step keeps failing (its verdict
+            # dead-lettered after max_deliveries) has no round in flight to wait for
+            stuck = [x for x in list(self.sessions.values())
+                     if not x.finished and x.published_round != x.spec.round
+                     and t - x.saved_at > s.round_timeout_s]
+            for sess in stuck:
+                await self._give_up(sess, f"its next round could not be started in "
+                                    f"{s.round_timeout_s:.0f} s (see the drafter's log)")
 
-    async def resend(self, sess: ServedSession, t: float) -> None:
-        """Publish the round in flight again, or give its request up with an error."""
-        block = sess.published_block
+    async def _give_up(self, sess: ServedSession, why: str) -> None:
+        """End a session with an error event. It is forgotten and its record deleted first,
+        so a verdict applied meanwhile can neither be saved (the record is gone) nor streamed
+        after the error."""
+        log.error("request %s: %s; giving up", sess.request_id, why)
+        self.count("sessions_given_up")
+        sess.finished = True
+        await self._drop(sess)
+        await self.emitter.error(sess.request_id, f"{why}; the request was stopped", code="internal")
+
+    def _overdue(self, sess: ServedSession, block: DraftBlock | None) -> bool:
+        """``sess`` is still ours, unfinished, and waiting for the verdict of ``block`` for
+        longer than ``round_timeout_s`` (asked again right before acting: a verdict may have
+        come while another session's re-send was being written)."""
+        return (self.sessions.get(sess.request_id) is sess and not sess.finished
+                and block is not None and sess.published_block is block
+                and sess.published_round == sess.spec.round
+                and now() - sess.published_at > self.settings.round_timeout_s)
+
+    async def resend(self, sess: ServedSession, block: DraftBlock | None) -> None:
+        """Publish the round in flight again, or give its request up with an error. The session
+        record (and its terms) is written again first: a round lost with Redis' last second of
+        writes may have taken them along, and a verifier needs the record, the scheduler the
+        terms."""
+        if not self._overdue(sess, block):
+            return
         assert block is not None
         if sess.resends >= self.settings.round_resends:
-            log.error("request %s: round %d got no verdict after %d re-sends; giving up",
-                      sess.request_id, block.round, sess.resends)
-            self.count("rounds_given_up")
-            await self.emitter.error(
-                sess.request_id, f"round {block.round} got no verdict in "
-                f"{(sess.resends + 1) * self.settings.round_timeout_s:.0f} s (are the scheduler "
-                "and a verifier running? `wisp-cli status`); the request was stopped",
-                code="internal")
-            await self._drop(sess)
+            await self._give_up(sess, f"round {block.round} got no verdict in "
+                                f"{(sess.resends + 1) * self.settings.round_timeout_s:.0f} s (are "
+                                "the scheduler and a verifier running? `wisp-cli status`)")
             return
         sess.resends += 1
-        sess.published_at = t
+        sess.published_at = now()
+        if not await self.store.save_if_owner(sess.state, opening=True):
+            self.sessions.pop(sess.request_id, None)
+            log.warning("%s", SessionLost(f"session {sess.request_id} was adopted by another "
+                                          "drafter"))
+            return
+        if sess.finished or sess.published_block is not block:  # its verdict came meanwhile
+            return
         self.count("rounds_resent")
         log.warning("request %s: no verdict for round %d in %.0f s; publishing it again (%d of %d)",
                     sess.request_id, block.round, self.settings.round_timeout_s, sess.resends,
@@ -405,20 +448,24 @@ class DrafterService(Service):
                     log.exception("could not resume session %s", rid)
             await self._pause(self.settings.reclaim_interval_s)
 
-    async def resume(self, st: SessionState) -> None:
+    async def resume(self, read: SessionState) -> None:
         """Take over a session from its record: re-emit committed tokens the client never got,
-        then re-draft the round that was in flight (its verdict went to the old drafter)."""
-        rid = st.request.request_id
+        then re-draft the round that was in flight (its verdict went to the old drafter).
+        The adoption comes first (a check-and-set against the record as read, at the next
+        epoch), so the old owner can no longer move the session or its output while we read
+        how far the client got."""
+        rid = read.request.request_id
+        st = read.model_copy(update={"epoch": read.epoch + 1})  # fences every earlier owner out
+        sess = ServedSession(req=st.request, state=st, spec=spec_of(st, self.eos))
+        self.sessions[rid] = sess
+        await self._save(sess, adopt_from=read)  # now ours: verdicts of the next round come to us
         emitted, done = await self.output.progress(rid)
         if done:
-            await self.store.delete(rid)
+            await self._drop(sess)
             return
-        st = st.model_copy(update={"epoch": st.epoch + 1})  # fences every earlier owner out
-        sess = ServedSession(req=st.request, state=st, spec=spec_of(st, self.eos))
+        emitted = min(emitted, len(st.generated))
         sess.text = self.tokenizer.decode(st.generated[:emitted], skip_special_tokens=True)
         sess.emitted = emitted
-        self.sessions[rid] = sess
-        await self._save(sess, adopt=True)  # now ours: verdicts of the next round come to us
         log.info("resumed session %s at round %d (%d tokens committed, %d emitted)",
                  rid, st.round, len(st.generated), emitted)
         self.count("resumed")

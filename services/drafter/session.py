@@ -3,6 +3,7 @@ the serving drafter tracks (what the client was sent, which round was published)
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from wisp.policy.controller import SessionSpecStats
@@ -38,6 +39,9 @@ class ServedSession:
     """When it was (last) published (unix s)."""
     resends: int = 0
     """Times the round in flight was published again."""
+    saved_at: float = field(default_factory=time.time)
+    """When its record was last saved (unix s): a session with no round in flight for long
+    after that is stuck (``round_watch_loop``)."""
     applied_base: int = -1
     """base_committed_len of the last verdict applied (to recognise its re-delivery)."""
 

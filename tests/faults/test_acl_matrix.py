@@ -287,6 +287,10 @@ SCHEDULER = [
     may("scheduler", "EXISTS wisp:sess:<id>", cmd("EXISTS", SESS)),
     may("scheduler", "XADD wisp:batch:<verifier>", xadd(f"{NS}:batch:v1")),
     may("scheduler", "PEXPIRE wisp:batch:<verifier>", cmd("PEXPIRE", f"{NS}:batch:v1", "86400000")),
+    # a batch and the acks of its rounds go in one MULTI (an OOM-refused batch acks nothing)
+    may("scheduler", "MULTI XADD batch + XACK annotated EXEC", lambda r: (
+        r.pipeline(transaction=True).xadd(f"{NS}:batch:v1", {"d": "x"})
+        .xack(f"{NS}:annotated", "scheduler", "0-1").execute())),
     may("scheduler", "SET PX wisp:load", cmd("SET", f"{NS}:load", "{}", "PX", "5000")),
     may("scheduler", "XADD wisp:dead", xadd(f"{NS}:dead")),
     never("scheduler", "SET wisp:estimator:model", cmd("SET", f"{NS}:estimator:model", "x")),

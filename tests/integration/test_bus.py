@@ -160,13 +160,15 @@ async def test_session_save_with_an_event_emits_only_for_the_owner(bus: Bus) -> 
     st = SessionState(request=req, device="d1", prompt_token_ids=[1, 2], started_ts=1.0,
                       terms=_terms(req.request_id))
     ev = TokenEvent(request_id=req.request_id, index=0, token_ids=[5, 6], text="ab", ts=2.0)
+    assert not await store.save_if_owner(st, ev)  # no record yet: only the opening save writes
+    assert await store.save_if_owner(st, opening=True)
     assert await store.save_if_owner(st.model_copy(update={"generated": [5, 6]}), ev)
     saved = await store.get(req.request_id)
     assert saved is not None and saved.generated == [5, 6] and saved.device == "d1"
     assert await out.progress(req.request_id) == (2, False)
     assert 0 < await bus.redis.ttl(bus.keys.output(req.request_id)) <= 60
     # adopted by d2: d1's next save writes nothing, neither the record nor the event
-    assert await store.adopt(st.model_copy(update={"device": "d2", "generated": [5, 6], "epoch": 1}))
+    assert await store.adopt(saved.model_copy(update={"device": "d2", "epoch": 1}), saved)
     ev2 = TokenEvent(request_id=req.request_id, index=2, token_ids=[7], text="c", ts=3.0)
     assert not await store.save_if_owner(st.model_copy(update={"generated": [5, 6, 7]}), ev2)
     assert await out.progress(req.request_id) == (2, False)
@@ -184,7 +186,9 @@ async def test_sessions_saved_together_in_one_round_trip(bus: Bus) -> None:
     reqs = [_req(20), _req(21)]
     states = [SessionState(request=r, device="d1", prompt_token_ids=[1], started_ts=1.0,
                            terms=_terms(r.request_id)) for r in reqs]
-    assert await store.adopt(states[1].model_copy(update={"device": "d2", "epoch": 1}))
+    for st in states:
+        assert await store.save_if_owner(st, opening=True)
+    assert await store.adopt(states[1].model_copy(update={"device": "d2", "epoch": 1}), states[1])
     events = [TokenEvent(request_id=r.request_id, index=0, token_ids=[9], text="x", ts=2.0) for r in reqs]
     saved = await store.save_many_if_owner(
         [(st.model_copy(update={"generated": [9]}), ev) for st, ev in zip(states, events, strict=True)])
@@ -208,8 +212,8 @@ async def test_adoption_fences_out_every_earlier_owner_even_one_of_the_same_name
                       terms=_terms(req.request_id))
     assert await store.save_if_owner(st, opening=True)
     # d1 (paused) is adopted by a new process under the SAME name: epoch 1
-    assert await store.adopt(st.model_copy(update={"epoch": 1, "generated": [4]}))
-    assert not await store.adopt(st.model_copy(update={"device": "d2", "epoch": 1}))  # too late
+    assert await store.adopt(st.model_copy(update={"epoch": 1, "generated": [4]}), st)
+    assert not await store.adopt(st.model_copy(update={"device": "d2", "epoch": 1}), st)  # too late
     ev = TokenEvent(request_id=req.request_id, index=0, token_ids=[9], text="x", ts=2.0)
     assert not await store.save_if_owner(st.model_copy(update={"generated": [9]}), ev)  # old d1
     assert await out.progress(req.request_id) == (0, False)
@@ -218,6 +222,30 @@ async def test_adoption_fences_out_every_earlier_owner_even_one_of_the_same_name
     ev2 = TokenEvent(request_id=req.request_id, index=0, token_ids=[4], text="y", ts=2.0)
     assert await store.save_if_owner(saved, ev2)  # the adopter goes on
     assert await out.progress(req.request_id) == (1, False)
+
+
+async def test_an_adoption_never_rolls_back_a_save_made_since_the_record_was_read(bus: Bus) -> None:
+    """The adopter reads the record, then (its check-and-set) writes the next epoch. If the
+    owner, paused past its heartbeat, wakes up in between and saves a round (and streams its
+    tokens), the adoption must fail: writing the record as read would roll the session back and
+    make the adopter stream that round's text again. Nor may it bring back a finished session."""
+    from wisp.bus import SessionStore
+    from wisp.protocol import SessionState
+
+    store = SessionStore(bus, ttl_s=60)
+    req = _req(31)
+    st = SessionState(request=req, device="d1", prompt_token_ids=[1], started_ts=1.0,
+                      terms=_terms(req.request_id))
+    assert await store.save_if_owner(st, opening=True)
+    read = await store.get(req.request_id)
+    assert read is not None
+    assert await store.save_if_owner(st.model_copy(update={"round": 1, "generated": [5]}))  # d1 wakes
+    assert not await store.adopt(read.model_copy(update={"device": "d2", "epoch": 1}), read)
+    now = await store.get(req.request_id)
+    assert now is not None and now.generated == [5] and now.device == "d1"
+    await store.delete(req.request_id)  # d1 finishes
+    assert not await store.adopt(now.model_copy(update={"device": "d2", "epoch": 1}), now)
+    assert await store.get(req.request_id) is None
 
 
 async def test_a_message_no_consumer_would_accept_is_refused_before_it_is_written(bus: Bus) -> None:
@@ -257,3 +285,53 @@ async def test_a_departed_readers_stream_expires_and_a_present_one_recreates_its
     got = await bus.read(s, "g", "c", GenerateRequest, block_ms=10)
     assert [e.msg.request_id for e in got] == [_req(3).request_id]
     await bus.redis.delete(other)
+
+
+async def test_rereading_held_entries_moves_on_to_new_ones(bus: Bus) -> None:
+    """A consumer that keeps entries pending on purpose (the scheduler holds rounds until their
+    batch is written) re-reads its pending list after an outage from a cursor: it gets each held
+    entry once, then new entries; it used to get the same first ``count`` for ever (and their
+    delivery counts climbed until the sweeper dead-lettered them)."""
+    s = bus.keys.annotated
+    for i in range(70):
+        await bus.publish(s, _req(i))
+    first = await bus.read(s, "g", "c", GenerateRequest, count=64, block_ms=10)
+    rest = await bus.read(s, "g", "c", GenerateRequest, count=64, block_ms=10)
+    assert len(first) + len(rest) == 70  # all held (never acked)
+    bus.after_outage()
+    await bus.publish(s, _req(99))
+    seen: list[str] = []
+    for _ in range(4):
+        seen += [e.msg.request_id for e in await bus.read(s, "g", "c", GenerateRequest, count=64,
+                                                          block_ms=10)]
+    assert seen.count(_req(0).request_id) == 1 and len(seen) == 71
+    assert seen[-1] == _req(99).request_id
+
+
+async def test_an_output_refused_by_redis_acks_nothing() -> None:
+    """The scheduler writes a batch and acks the rounds in it together. Under ``noeviction``
+    (the shipped Redis config) a full Redis refuses the XADD but would still run a plain
+    pipeline's XACK: the rounds would be acked without a batch holding them. In one MULTI,
+    Redis runs neither, and the rounds stay pending."""
+    import pytest
+    from redis.exceptions import ResponseError
+    from wisp.bus import Keys, wait_for_redis
+    from wisp.services.runner import EmbeddedRedis
+
+    with EmbeddedRedis() as server:
+        r = await wait_for_redis(server.url)
+        b = Bus(r, Keys("oom"))
+        try:
+            src = b.keys.annotated
+            await b.publish(src, _req(1))
+            got = await b.read(src, "g", "c", GenerateRequest, block_ms=10)
+            await r.config_set("maxmemory-policy", "noeviction")
+            await r.config_set("maxmemory", "1")
+            with pytest.raises(ResponseError):
+                await b.publish_many([(b.keys.batch("v"), _req(2))],
+                                     ack=(src, "g", [got[0].entry_id]))
+            await r.config_set("maxmemory", "0")
+            assert (await r.xpending(src, "g"))["pending"] == 1
+            assert not await r.exists(b.keys.batch("v"))
+        finally:
+            await r.aclose()

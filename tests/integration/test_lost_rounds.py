@@ -21,8 +21,11 @@ from wisp.settings import Settings
 SETTINGS = Settings(null_models=True, max_wait_ms=0.0, round_timeout_s=0.5, round_resends=2)
 
 
-def _dropping(monkeypatch: pytest.MonkeyPatch, drop: Callable[[AnnotatedBlock], bool]) -> list[str]:
-    """Make every scheduler lose the rounds ``drop`` picks (ack them, queue nothing)."""
+def _dropping(monkeypatch: pytest.MonkeyPatch, drop: Callable[[AnnotatedBlock], bool],
+              with_session: bool = False) -> list[str]:
+    """Make every scheduler lose the rounds ``drop`` picks (ack them, queue nothing); with
+    ``with_session``, the session's record and terms are lost too (as when Redis dies before
+    its last second of writes reached the AOF)."""
     lost: list[str] = []
     take = SchedulerService.take
 
@@ -30,6 +33,10 @@ def _dropping(monkeypatch: pytest.MonkeyPatch, drop: Callable[[AnnotatedBlock], 
         if drop(e.msg):
             lost.append(e.msg.block.key)
             await self.bus.ack(e.stream, GROUP, e.entry_id)
+            if with_session:
+                rid = e.msg.block.request_id
+                await self.bus.redis.delete(self.keys.session(rid), self.keys.terms(rid))
+                self.terms.forget(rid)
             return
         await take(self, e)
 
@@ -69,3 +76,22 @@ async def test_a_round_lost_every_time_ends_the_request_with_an_error(
         # the others are served as before
         done = await do_submit(system.bus, "y " * 30, max_new_tokens=8, idle_timeout_s=30)
         assert len(done.token_ids) == 8
+
+
+async def test_a_round_lost_with_its_session_record_is_recovered(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis dies right after a session opens and its last second of writes is lost: the first
+    round, the session record and its terms are gone. The re-send writes the record and terms
+    again before the round, so the scheduler and the verifier can serve it."""
+    first = {"dropped": False}
+
+    def once(ab: AnnotatedBlock) -> bool:
+        if ab.block.round == 0 and not first["dropped"]:
+            first["dropped"] = True
+            return True
+        return False
+
+    lost = _dropping(monkeypatch, once, with_session=True)
+    async with with_services(SETTINGS) as system:
+        done = await do_submit(system.bus, "z " * 30, max_new_tokens=12, idle_timeout_s=30)
+        assert len(done.token_ids) == 12 and len(lost) == 1

@@ -29,4 +29,6 @@ class GenerateRequest(WireModel):
     ttft_slo_ms: float | None = Field(default=None, gt=0, le=86_400_000)
     tpot_slo_ms: float | None = Field(default=None, gt=0, le=86_400_000)
     speculation: Speculation = "auto"
-    submitted_ts: float = Field(description="Client wall clock (unix seconds) at submit.")
+    submitted_ts: float = Field(ge=0.0, le=1e10, description="Client wall clock (unix seconds) "
+                                "at submit; informational: deadlines count from the arrival "
+                                "Redis stamps on the request.")
