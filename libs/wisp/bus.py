@@ -307,23 +307,34 @@ class Bus:
         min_idle_ms: int,
         count: int = 64,
         max_deliveries: int = 5,
+        others_only: bool = False,
     ) -> list[Entry[M]]:
         """Claim entries of ``group`` idle for ``min_idle_ms`` (their consumer died or hung)
         for ``consumer``, continuing from the cursor of the previous call. An entry delivered
         more than ``max_deliveries`` times is dead-lettered (a poison message must not cycle
-        forever); entries trimmed from the stream are acked."""
+        forever); entries trimmed from the stream are acked.
+
+        ``others_only``: leave ``consumer``'s own pending entries alone. A consumer that holds
+        entries on purpose (the scheduler keeps a round pending until its batch is written,
+        for as long as no verifier is free) must not claim them from itself: each claim counts
+        as a delivery, and after ``max_deliveries`` they were dead-lettered while still held,
+        and lost with the scheduler."""
         await self.ensure_group(stream, group)
         cursor = self._cursors.get((stream, group), "0-0")
         try:
-            res = await self.redis.xautoclaim(stream, group, consumer, min_idle_ms,
-                                              start_id=cursor, count=count)
+            if others_only:
+                claimed, deleted = await self._claim_from_others(stream, group, consumer,
+                                                                 min_idle_ms, cursor, count)
+            else:
+                res = await self.redis.xautoclaim(stream, group, consumer, min_idle_ms,
+                                                  start_id=cursor, count=count)
+                self._cursors[(stream, group)] = _s(res[0])
+                claimed, deleted = res[1], (res[2] if len(res) > 2 else [])
         except ResponseError as err:
             if "NOGROUP" in str(err):
                 self._groups.discard((stream, group))
                 return []
             raise
-        self._cursors[(stream, group)] = _s(res[0])
-        claimed, deleted = res[1], (res[2] if len(res) > 2 else [])
         if deleted:
             await self.redis.xack(stream, group, *[_s(d) for d in deleted])
         out: list[Entry[M]] = []
@@ -345,6 +356,22 @@ class Bus:
                 await self.dead_letter(stream, eid, group, consumer, err.reason, fields)
                 await self.redis.xack(stream, group, eid)
         return out
+
+    async def _claim_from_others(self, stream: str, group: str, consumer: str, min_idle_ms: int,
+                                 cursor: str, count: int) -> tuple[list[Any], list[Any]]:
+        """XCLAIM the entries idle for ``min_idle_ms`` in other consumers' pending lists, from
+        ``cursor`` on (XPENDING with IDLE, then XCLAIM of those ids)."""
+        start = "-" if cursor == "0-0" else f"({cursor}"
+        pending = await self.redis.xpending_range(stream, group, min=start, max="+", count=count,
+                                                  idle=min_idle_ms)
+        self._cursors[(stream, group)] = (
+            _s(pending[-1]["message_id"]) if len(pending) >= count else "0-0")
+        ids = [_s(p["message_id"]) for p in pending if _s(p["consumer"]) != consumer]
+        if not ids:
+            return [], []
+        # an id not returned was handled meanwhile (no longer idle) or trimmed (Redis drops it
+        # from the pending list itself): neither is ours to ack
+        return await self.redis.xclaim(stream, group, consumer, min_idle_ms, ids), []
 
     def reread_pending(self, stream: str, group: str, consumer: str) -> None:
         """The next ``read`` of ``consumer`` starts again from its own pending entries (one whose

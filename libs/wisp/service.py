@@ -278,7 +278,7 @@ class Service:
                     continue
                 entries = await self.bus.reclaim(
                     c.stream, c.group, self.name, c.model, s.reclaim_idle_ms,
-                    max_deliveries=s.max_deliveries,
+                    max_deliveries=s.max_deliveries, others_only=not c.ack,
                 )
                 for e in entries:
                     self.count("reclaimed")

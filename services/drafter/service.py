@@ -360,8 +360,9 @@ class DrafterService(Service):
         an upgrade, lost with Redis' last second of writes) is published again: verification
         is idempotent (only one verdict per round is ever applied; a seeded round verified twice
         gives the same one), and one the scheduler still holds is dropped as a duplicate. The
-        record and terms are written again first, in case they were lost with the round. After ``round_resends`` re-sends the
-        request ends with an error event rather than at the client's idle timeout."""
+        record and terms are written again first, in case they were lost with the round. After
+        ``round_resends`` re-sends the request ends with an error event rather than at the
+        client's idle timeout."""
         s = self.settings
         while not self.stopping.is_set():
             await self._pause(min(1.0, s.round_timeout_s / 4))

@@ -335,3 +335,30 @@ async def test_an_output_refused_by_redis_acks_nothing() -> None:
             assert not await r.exists(b.keys.batch("v"))
         finally:
             await r.aclose()
+
+
+async def test_a_holder_does_not_sweep_its_own_held_entries(bus: Bus) -> None:
+    """The scheduler keeps a round pending until its batch is written, for as long as no
+    verifier is free. Its sweeper must claim only a dead scheduler's entries, not its own held
+    ones: every claim counted as a delivery, and after ``max_deliveries`` the held rounds were
+    dead-lettered and acked while still held (lost when the scheduler then died)."""
+    import asyncio
+
+    s = bus.keys.annotated
+    for i in range(3):
+        await bus.publish(s, _req(i))
+    mine = await bus.read(s, "g", "s1", GenerateRequest, count=2, block_ms=10)
+    theirs = await bus.read(s, "g", "s0", GenerateRequest, count=1, block_ms=10)
+    assert len(mine) == 2 and len(theirs) == 1
+    await asyncio.sleep(0.05)
+    for _ in range(8):  # more sweeps than max_deliveries
+        got = await bus.reclaim(s, "g", "s1", GenerateRequest, 10, max_deliveries=3,
+                                others_only=True)
+        await asyncio.sleep(0.02)
+        if got:
+            assert [e.entry_id for e in got] == [theirs[0].entry_id]
+    pending = await bus.redis.xpending_range(s, "g", min="-", max="+", count=10)
+    assert len(pending) == 3  # nothing dead-lettered, nothing acked
+    own = {p["message_id"].decode(): int(p["times_delivered"]) for p in pending}
+    assert all(own[e.entry_id] == 1 for e in mine)
+    assert await bus.redis.xlen(bus.keys.dead) == 0
