@@ -86,15 +86,6 @@ def script(body: str, *keys: str) -> Op:
     return lambda r: r.eval(body, len(keys), *keys)
 
 
-def transaction(*commands: tuple[Any, ...]) -> Op:
-    def run(r: redis.Redis) -> Any:
-        pipe = r.pipeline(transaction=True)
-        for c in commands:
-            pipe.execute_command(*c)
-        return pipe.execute()
-    return run
-
-
 def may(role: str, what: str, op: Op) -> Row:
     return Row(role, what, op, True)
 
@@ -215,8 +206,7 @@ DRAFTER = [
     may("drafter", "GET/EXISTS wisp:sess:<id>", lambda r: (r.get(SESS), r.exists(SESS))),
     may("drafter", "SET NX PX wisp:sess:<id>:adopt",
         cmd("SET", f"{SESS}:adopt", "dev1", "NX", "PX", "30000")),
-    may("drafter", "MULTI SET wisp:sess + wisp:terms EXEC",
-        transaction(("SET", SESS, "{}", "EX", "60"), ("SET", TERMS, "{}", "EX", "60"))),
+    never("drafter", "MULTI", cmd("MULTI")),  # its writes that must be atomic are scripts
     may("drafter", "EVAL save-if-owner on sess/terms/out",
         script("local cur = redis.call('GET', KEYS[1]); redis.call('SET', KEYS[1], '{}', 'EX', 60);"
                "redis.call('SET', KEYS[2], '{}', 'EX', 60); redis.call('EXPIRE', KEYS[2], 60);"
