@@ -103,7 +103,9 @@ def _where_is(r: redis.Redis, ns: str, rid: str) -> str:
 
 
 @pytest.mark.timeout(420)
-@pytest.mark.parametrize("standby", [True, False], ids=["standby", "restarted"])
+# the standby variant (True) reproduces the same defect; it is left out of the suite to keep it
+# near its time budget (a standby taking over is tested in test_server_faults.py)
+@pytest.mark.parametrize("standby", [False], ids=["restarted"])
 def test_verifier_outage_past_reclaim_then_kill_scheduler(
         redis_url: str, tiny_pair: tuple[Path, Path], tmp_path: Path, standby: bool) -> None:
     """The only verifier is paused (SIGSTOP) for 10 s, several times the reclaim idle time, so the
