@@ -57,7 +57,7 @@ from tests.faults.common import (
     stream_conflicts,
     stream_gaps_ms,
 )
-from tests.harness import Cluster, clean_namespace
+from tests.harness import Cluster, clean_namespace, redis_answers
 from tests.reference import greedy_reference, load_target
 
 SERVICES: tuple[tuple[str, str], ...] = (
@@ -311,16 +311,6 @@ def run_chaos(redis_url: str, target: Path, draft: Path, log_dir: Path,
 
 
 # ---------------------------------------------------------------------------- CLI
-def _local_redis(url: str) -> bool:
-    try:
-        r = redis.Redis.from_url(url, socket_connect_timeout=0.5)
-        ok = bool(r.ping())
-        r.close()
-        return ok
-    except (redis.RedisError, OSError):
-        return False
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m tests.chaos",
@@ -365,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
           f"logs in {log_dir}", flush=True)
     embedded = None
     url = args.redis_url
-    if not _local_redis(url):
+    if not redis_answers(url):
         from wisp.services.runner import EmbeddedRedis
 
         embedded = EmbeddedRedis().start()

@@ -14,22 +14,14 @@ import pytest_asyncio  # noqa: F401  (plugin presence check)
 import redis
 from wisp.services.runner import EmbeddedRedis
 
+from tests.harness import redis_answers
+
 LOCAL = os.environ.get("WISP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-def _answers(url: str) -> bool:
-    try:
-        r = redis.Redis.from_url(url, socket_connect_timeout=0.5)
-        ok = bool(r.ping())
-        r.close()
-        return ok
-    except (redis.RedisError, OSError):
-        return False
 
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    if _answers(LOCAL):
+    if redis_answers(LOCAL):
         yield LOCAL
         return
     with EmbeddedRedis() as server:

@@ -19,6 +19,17 @@ import redis
 CLI = [sys.executable, "-m", "wisp.services.cli"]
 
 
+def redis_answers(url: str) -> bool:
+    """Whether a Redis answers PING at ``url`` within half a second."""
+    try:
+        r = redis.Redis.from_url(url, socket_connect_timeout=0.5)
+        ok = bool(r.ping())
+        r.close()
+        return ok
+    except (redis.RedisError, OSError):
+        return False
+
+
 def clean_namespace(redis_url: str, namespace: str) -> None:
     """Delete every key under ``namespace`` (a test's own prefix; never anyone else's keys)."""
     r = redis.Redis.from_url(redis_url)
