@@ -12,6 +12,7 @@ What it guarantees to the services:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -49,6 +50,19 @@ FIELD = b"d"
 """The single field of every stream entry; its value is the JSON message."""
 OUTPUT_MAXLEN = 100_000
 """Entries kept in a request's output stream (``wisp:out:<request>``)."""
+DEAD_MAXLEN = 1_000
+"""Entries kept in the dead-letter stream: the latest thousand are enough to diagnose a poison
+source, and with ``DEAD_EXCERPT_BYTES`` the stream stays under about 6 MB however much garbage
+arrives (it kept 10,000 entries of up to 64 KiB: 640 MB, most of a Redis pod's memory)."""
+DEAD_EXCERPT_BYTES = 4_096
+"""Bytes of a dead-lettered payload kept verbatim; its full size and sha256 go with them."""
+TRACE_MAXLEN = 50_000
+"""Rows kept on ``wisp:trace``. The recorder reads each request's rows as soon as it finishes
+(one row per drafted token up to the first rejection, well under a thousand a request), so
+this bounds a forgotten ``WISP_TRACE=1`` to about 25 MB instead of growing to a million rows."""
+STREAM_MAXLEN_CAPS = {"dead": DEAD_MAXLEN, "trace": TRACE_MAXLEN}
+"""Per-stream-kind caps on MAXLEN (the kind is the key's first part after the namespace);
+every ``publish`` to such a stream is trimmed to at most this, whatever its caller asks."""
 
 
 class Keys:
@@ -173,11 +187,21 @@ class Bus:
 
     # ------------------------------------------------------------------ publish
     async def publish(self, stream: str, msg: WireModel, maxlen: int | None = None) -> str:
-        """XADD ``msg`` as JSON, trimming the stream approximately to ``maxlen``."""
+        """XADD ``msg`` as JSON, trimming the stream approximately to ``maxlen`` (never above
+        the stream kind's cap in ``STREAM_MAXLEN_CAPS``)."""
         entry_id = await self.redis.xadd(
-            stream, {FIELD: payload_of(msg)}, maxlen=maxlen or self.maxlen, approximate=True
+            stream, {FIELD: payload_of(msg)}, maxlen=self.maxlen_for(stream, maxlen),
+            approximate=True,
         )
         return _s(entry_id)
+
+    def maxlen_for(self, stream: str, asked: int | None = None) -> int:
+        """The MAXLEN a write to ``stream`` trims to: what was asked (else the bus default),
+        capped for the stream kinds whose entries nobody consumes (dead letters, trace rows)."""
+        kind = stream.removeprefix(self.keys.ns + ":").split(":", 1)[0]
+        want = asked or self.maxlen
+        cap = STREAM_MAXLEN_CAPS.get(kind)
+        return min(want, cap) if cap is not None else want
 
     async def publish_many(self, messages: list[tuple[str, WireModel]],
                            ack: tuple[str, str, Sequence[str]] | None = None,
@@ -191,7 +215,7 @@ class Bus:
         still there recreates its group on demand, see ``read``)."""
         pipe = self.redis.pipeline(transaction=ack is not None)
         for stream, msg in messages:
-            pipe.xadd(stream, {FIELD: payload_of(msg)}, maxlen=self.maxlen, approximate=True)
+            pipe.xadd(stream, {FIELD: payload_of(msg)}, maxlen=self.maxlen_for(stream), approximate=True)
         for stream, ms in (expire_ms or {}).items():
             pipe.pexpire(stream, ms)
         if ack is not None and ack[2]:
@@ -400,17 +424,19 @@ class Bus:
         reason: str,
         fields: Any,
     ) -> None:
-        """Record an entry that could not be processed, with why; the payload is kept as text."""
+        """Record an entry that could not be processed, with why. The payload is kept as text,
+        its first ``DEAD_EXCERPT_BYTES`` only, with its size and sha256 (enough to find the
+        writer; a flood of 4 MiB garbage must not fill Redis through the dead-letter stream)."""
         from wisp.telemetry import DEAD_LETTERS, reason_label
 
         DEAD_LETTERS.labels(reason_label(reason)).inc()
-        payload = _render_fields(fields)
-        log.warning("dead-lettered %s %s: %s", stream, entry_id, reason)
+        log.warning("dead-lettered %s %s: %s", stream, entry_id, reason[:300])
         await self.publish(
             self.keys.dead,
             DeadLetter(
-                stream=stream, entry_id=entry_id, group=group, consumer=consumer,
-                reason=reason, payload=payload[:65_536], ts=time.time(),
+                stream=stream[:256], entry_id=entry_id[:64], group=group[:128],
+                consumer=consumer[:128], reason=reason[:1_000],
+                payload=dead_excerpt(_render_fields(fields)), ts=time.time(),
             ),
         )
 
@@ -773,6 +799,16 @@ class OutputStream:
                         raise RequestFailed(event.error)
                     if isinstance(event, DoneEvent):
                         return event
+
+
+def dead_excerpt(payload: str) -> str:
+    """``payload`` itself when short, else its first ``DEAD_EXCERPT_BYTES`` (whole characters)
+    followed by its full size and sha256."""
+    raw = payload.encode("utf-8", "replace")
+    if len(raw) <= DEAD_EXCERPT_BYTES:
+        return payload
+    head = raw[:DEAD_EXCERPT_BYTES].decode("utf-8", "ignore")
+    return f"{head}... [{len(raw)} bytes in all, sha256 {hashlib.sha256(raw).hexdigest()}]"
 
 
 def _render_fields(fields: Any) -> str:

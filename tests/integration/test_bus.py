@@ -362,3 +362,32 @@ async def test_a_holder_does_not_sweep_its_own_held_entries(bus: Bus) -> None:
     own = {p["message_id"].decode(): int(p["times_delivered"]) for p in pending}
     assert all(own[e.entry_id] == 1 for e in mine)
     assert await bus.redis.xlen(bus.keys.dead) == 0
+
+
+async def test_a_flood_of_large_poison_entries_cannot_fill_redis_through_dead_letters(bus: Bus) -> None:
+    """1,200 garbage entries of 64 KiB each (77 MB) all go to the dead-letter stream, which
+    must stay small: entries capped (``DEAD_MAXLEN``), payloads cut to an excerpt with their
+    size and hash. Before the caps it kept 10,000 entries of 64 KiB (640 MB)."""
+    from wisp.bus import DEAD_EXCERPT_BYTES, DEAD_MAXLEN, TRACE_MAXLEN
+
+    s = bus.keys.draft
+    junk = b"\xff" + b"x" * (64 * 1024)
+    pipe = bus.redis.pipeline(transaction=False)
+    for _ in range(1_200):
+        pipe.xadd(s, {FIELD: junk})
+    await pipe.execute()
+    seen = 0
+    while seen < 1_200:
+        got = await bus.read(s, "g", "c", GenerateRequest, count=500, block_ms=10)
+        assert got == []
+        seen = (await bus.redis.xinfo_groups(s))[0]["entries-read"] or 0
+    await bus.redis.delete(s)
+    assert await bus.redis.xlen(bus.keys.dead) <= DEAD_MAXLEN + 100  # MAXLEN ~ trims by node
+    mem = await bus.redis.memory_usage(bus.keys.dead, samples=0)
+    assert mem is not None and mem < 8 * 1024 * 1024, mem
+    last = decode(DeadLetter, (await bus.redis.xrevrange(bus.keys.dead, count=1))[0][1][FIELD])
+    assert len(last.payload.encode()) < DEAD_EXCERPT_BYTES + 200
+    assert "bytes in all, sha256" in last.payload
+    # a caller asking for more than a capped stream's MAXLEN gets the cap
+    assert bus.maxlen_for(bus.keys.trace, 1_000_000) == TRACE_MAXLEN
+    assert bus.maxlen_for(bus.keys.draft, 50) == 50
