@@ -29,7 +29,7 @@ from wisp.settings import Settings
 
 log = logging.getLogger(__name__)
 
-ROLES = ("drafter", "verifier", "scheduler", "estimator")
+ROLES = ("drafter", "verifier", "scheduler", "estimator", "gateway")
 ALL_ROLES: tuple[str, ...] = ("estimator", "scheduler", "verifier", "drafter")
 """The whole pipeline in one process, consumers set up before the producers that feed them."""
 
@@ -143,11 +143,23 @@ class EmbeddedRedis:
 
 
 # ---------------------------------------------------------------------- the recorded URL
-def record_url(settings: Settings, url: str) -> None:
-    """Remember the URL `up` serves so `submit` / `status` in another terminal find it."""
+def record_url(settings: Settings, url: str, api_url: str | None = None) -> None:
+    """Remember the URL `up` serves so `submit` / `status` in another terminal find it, and
+    the base URL of the HTTP API it serves (None: none)."""
     path = settings.state_file
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"redis_url": url, "pid": os.getpid(), "ts": time.time()}))
+    path.write_text(json.dumps({"redis_url": url, "api_url": api_url, "pid": os.getpid(),
+                                "ts": time.time()}))
+
+
+def recorded_api_url(settings: Settings) -> str | None:
+    """The API base URL a running `wisp-cli up` recorded, or None."""
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        rec = json.loads(settings.state_file.read_text())
+        pid = int(rec.get("pid", 0))
+        if pid and _alive(pid) and rec.get("api_url"):
+            return str(rec["api_url"])
+    return None
 
 
 def clear_recorded_url(settings: Settings, url: str) -> None:
@@ -230,6 +242,10 @@ def build(role: str, settings: Settings, bus: Bus, name: str | None = None) -> S
         from wisp.services.estimator.service import EstimatorService
 
         return EstimatorService(settings, bus, name)
+    if role == "gateway":
+        from wisp.services.gateway.service import GatewayService
+
+        return GatewayService(settings, bus, name)
     raise ValueError(f"unknown service {role!r}: choose one of {', '.join(ROLES)}")
 
 

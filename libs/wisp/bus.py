@@ -106,6 +106,11 @@ class Keys:
         return f"{self.ns}:dead"
 
     @property
+    def cancel(self) -> str:
+        """Cancels of requests (``CancelRequest``), read by every drafter (a broadcast)."""
+        return f"{self.ns}:cancel"
+
+    @property
     def trace(self) -> str:
         return f"{self.ns}:trace"
 

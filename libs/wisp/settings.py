@@ -194,6 +194,27 @@ class Settings(BaseSettings):
     )
     http_host: str = Field(default="0.0.0.0", description="Bind address of the HTTP endpoint.")
 
+    # --- OpenAI-compatible HTTP API (the gateway; docs/api.md) --------------------------------
+    api_host: str = Field(
+        default="127.0.0.1", description="Bind address of the HTTP API. Loopback by default: "
+        "with no API keys configured the API is open, so it must not face a network unasked.")
+    api_port: int = Field(default=8000, ge=0, le=65535, description="Port of the HTTP API.")
+    api_keys: str | None = Field(
+        default=None, description="Comma-separated API keys clients send as bearer tokens; with "
+        "none here nor in api_keys_file the API is open (the loopback default of `wisp-cli up`).")
+    api_keys_file: Path | None = Field(
+        default=None, description="A file of API keys, one a line (# comments), e.g. a mounted "
+        "Secret; read at start, together with api_keys.")
+    api_rate_per_min: float = Field(
+        default=600.0, gt=0, description="Requests per minute each API key (or, with the API "
+        "open, each client address) may make; bursts up to a minute's worth. 429 beyond.")
+    api_allow_devices: bool = Field(
+        default=True, description="Let an API request name a device (the extra body parameter "
+        "`device`) to run on that drafter; false: every request goes to the shared queue.")
+    api_idle_timeout_s: float = Field(
+        default=600.0, gt=0, description="An API request that gets no event for this long "
+        "fails (504) and is cancelled.")
+
     # --- identity ---------------------------------------------------------------------------
     name: str | None = Field(
         default=None, min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.\-]+$",

@@ -34,12 +34,14 @@ async def collect(bus: Bus) -> dict[str, Any]:
         streams.append({"stream": name, "length": int(await r.xlen(name)), "groups": groups})
     streams.sort(key=lambda s: s["stream"])
     services = []
-    for role in ("drafter", "verifier", "scheduler", "estimator"):
+    for role in ("drafter", "verifier", "scheduler", "estimator", "gateway"):
         for name, info in sorted((await bus.live(role)).items()):
             services.append({"role": role, "name": name, **{k: v for k, v in info.items()
                                                             if k not in ("role", "name")}})
+    gateways = [s["url"] for s in services if s["role"] == "gateway" and s.get("url")]
     return {
         "namespace": ns,
+        "api_url": gateways[0] if gateways else None,
         "streams": streams,
         "output_streams": outputs,
         "services": services,
@@ -63,6 +65,8 @@ def render(info: dict[str, Any]) -> None:
                       g["group"], "?" if g["lag"] is None else str(g["lag"]), str(g["pending"]),
                       str(g["consumers"]))
     console.print(t)
+    if info.get("api_url"):
+        console.print(f"OpenAI-compatible API: {info['api_url']}")
     console.print(f"{info['output_streams']} request output streams; "
                   f"{info['pending_total']} entries pending in all groups")
     s = Table(title="live services")

@@ -33,11 +33,17 @@ from wisp.services.runner import (
     clear_recorded_url,
     connected,
     record_url,
+    recorded_api_url,
     run_services,
     with_services,
 )
 
 app = typer.Typer()
+
+ApiHostOpt = Annotated[str | None, typer.Option(
+    "--api-host", help="Bind address of the HTTP API (env WISP_API_HOST; default 127.0.0.1).")]
+ApiPortOpt = Annotated[int | None, typer.Option(
+    "--api-port", min=0, max=65535, help="Port of the HTTP API (env WISP_API_PORT; default 8000).")]
 
 
 @app.command()
@@ -48,14 +54,23 @@ def up(
     target_model: TargetOpt = None,
     torch_device: TorchDeviceOpt = None,
     draft_k: DraftKOpt = None,
+    api_host: ApiHostOpt = None,
+    api_port: ApiPortOpt = None,
+    no_api: Annotated[bool, typer.Option("--no-api", help="Do not serve the HTTP API.")] = False,
     verbose: Verbose = False,
 ) -> None:
-    """Start all four services in this process (embedded Redis unless a URL is given) and
-    stay up until Ctrl-C. The URL is recorded so `wisp-cli submit` finds it with no flags."""
+    """Start all four services and the OpenAI-compatible HTTP API (on 127.0.0.1:8000 unless
+    --api-host/--api-port say otherwise; --no-api: none) in this process (embedded Redis unless a
+    URL is given) and stay up until Ctrl-C. The URLs are recorded so `wisp-cli submit` and
+    `wisp-cli status` find them with no flags."""
     setup_logging(verbose)
     settings = make_settings(redis_url=redis_url, mode=mode, draft_model=draft_model,
-                             target_model=target_model, device=torch_device, draft_k=draft_k)
+                             target_model=target_model, device=torch_device, draft_k=draft_k,
+                             api_host=api_host, api_port=api_port)
+    roles = [*ALL_ROLES] if no_api else [*ALL_ROLES, "gateway"]
     preflight_models(settings, ALL_ROLES)
+    if not no_api:
+        _preflight_api_port(settings)
     embedded = None
     url = settings.redis_url
     if url is None:
@@ -64,24 +79,44 @@ def up(
         # the embedded server has no password: one meant for a real deployment must not be sent
         settings = settings.model_copy(update={"redis_password": None})
 
-    async def ready(_services: list[Any]) -> None:
-        record_url(settings, url)
+    async def ready(services: list[Any]) -> None:
+        api_url = next((s.base_url for s in services if s.role == "gateway"), None)
+        record_url(settings, url, api_url)
         print(f"WISP is up ({settings.mode} mode) on {redact(url)}", flush=True)
+        if api_url is not None:
+            print(f"  OpenAI-compatible API:         {api_url}", flush=True)
         print("  submit from another terminal:  wisp-cli submit \"PROMPT\"", flush=True)
         print("  stop with Ctrl-C", flush=True)
 
-    print(f"starting {', '.join(ALL_ROLES)} on {redact(url)} (loading models...)", flush=True)
+    print(f"starting {', '.join(roles)} on {redact(url)} (loading models...)", flush=True)
     try:
-        run_async(run_services(list(ALL_ROLES), settings, url, on_ready=ready))
+        run_async(run_services(roles, settings, url, on_ready=ready))
+    except OSError as err:  # the API's port taken since the preflight
+        fail(str(err))
     finally:
         clear_recorded_url(settings, url)
         if embedded is not None:
             embedded.cleanup()
 
 
+def _preflight_api_port(settings: Any) -> None:
+    """Refuse to start, before loading any model, when the API's address is taken."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in settings.api_host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((settings.api_host, settings.api_port))
+        except OSError as err:
+            fail(f"the API cannot listen on {settings.api_host}:{settings.api_port}: "
+                 f"{err.strerror} (choose another with --api-port, or run without it: --no-api)")
+
+
 @app.command()
 def serve(
-    role: Annotated[str, typer.Argument(help="drafter | verifier | scheduler | estimator")],
+    role: Annotated[str, typer.Argument(
+        help="drafter | verifier | scheduler | estimator | gateway (the HTTP API)")],
     redis_url: RedisUrl = None,
     mode: ModeOpt = None,
     draft_model: DraftOpt = None,
@@ -90,19 +125,26 @@ def serve(
     draft_k: DraftKOpt = None,
     name: Annotated[str | None,
                     typer.Option("--name", help="Consumer / device name (env WISP_NAME).")] = None,
+    api_host: ApiHostOpt = None,
+    api_port: ApiPortOpt = None,
     verbose: Verbose = False,
 ) -> None:
-    """Run one service as its own process; start any number of drafters and verifiers
-    against one Redis."""
+    """Run one service as its own process; start any number of drafters, verifiers and
+    gateways against one Redis."""
     if role not in ROLES:
         raise typer.BadParameter(f"{role!r} is not a service; choose one of {', '.join(ROLES)}",
                                  param_hint="ROLE")
     setup_logging(verbose)
     settings = make_settings(redis_url=redis_url, mode=mode, draft_model=draft_model,
                              target_model=target_model, device=torch_device, draft_k=draft_k,
-                             name=name)
+                             name=name, api_host=api_host, api_port=api_port)
     preflight_models(settings, [role])
-    run_async(run_services([role], settings, broker_url(settings, redis_url)))
+    if role == "gateway":
+        _preflight_api_port(settings)
+    try:
+        run_async(run_services([role], settings, broker_url(settings, redis_url)))
+    except OSError as err:  # the API's port taken since the preflight
+        fail(str(err))
 
 
 @app.command()
@@ -195,6 +237,7 @@ def status(
             return await collect(bus)
 
     info = run_async(run())
+    info["api_url"] = info.get("api_url") or recorded_api_url(settings)
     if as_json:
         print(json.dumps(info, indent=2))
     else:

@@ -13,16 +13,29 @@ from wisp.settings import Settings
 
 
 class RequestRefused(ValueError):
-    """A request the drafter will not serve; the message says what to fix."""
+    """A request the drafter will not serve; the message says what to fix. ``code`` is the
+    error event's: ``bad_request`` (the request itself: fix it) or ``overloaded`` (admission
+    control: the same request may be admitted later, so the HTTP API answers 503 with
+    Retry-After rather than 400)."""
+
+    def __init__(self, message: str, code: str = "bad_request") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def check_request(req: GenerateRequest, s: Settings) -> None:
     """Refuse a request that no load could make servable (before tokenising it)."""
-    if not req.prompt.strip():
-        raise RequestRefused("the prompt is empty or only whitespace: give some text")
-    if len(req.prompt) > s.max_prompt_chars:
+    if req.messages is not None:
+        chars = sum(len(m.content) for m in req.messages)
+        if not any(m.content.strip() for m in req.messages):
+            raise RequestRefused("every message is empty or only whitespace: give some text")
+    else:
+        chars = len(req.prompt)
+        if not req.prompt.strip():
+            raise RequestRefused("the prompt is empty or only whitespace: give some text")
+    if chars > s.max_prompt_chars:
         raise RequestRefused(
-            f"the prompt has {len(req.prompt)} characters; the limit is {s.max_prompt_chars}:"
+            f"the prompt has {chars} characters; the limit is {s.max_prompt_chars}:"
             " shorten it"
         )
     if req.max_new_tokens > s.max_new_tokens_limit:

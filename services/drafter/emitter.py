@@ -61,8 +61,9 @@ class Emitter:
         sess.text, sess.emitted = pending.text, pending.emitted
         self.service.count("events")
 
-    async def done(self, sess: ServedSession) -> DoneEvent:
-        """The final event: the whole output and the request's figures."""
+    async def done(self, sess: ServedSession, finish_reason: str | None = None) -> DoneEvent:
+        """The final event: the whole output and the request's figures. ``finish_reason``:
+        the session's own unless given (``stop``: a client's stop string ended it early)."""
         st, sp = sess.state, sess.spec
         rid = sess.request_id
         t0 = sess.terms.arrival_ts  # not the client's own claim (it could make these anything)
@@ -74,7 +75,7 @@ class Emitter:
             text=self.tokenizer.decode(sp.generated, skip_special_tokens=True),
             token_ids=list(sp.generated),
             prompt_token_ids=st.prompt_token_ids,
-            finish_reason="stop" if sp.finish == "stop" else "length",
+            finish_reason="stop" if (finish_reason or sp.finish) == "stop" else "length",
             mode=st.terms.mode,
             ttft_ms=(first - t0) * 1000.0,
             tpot_ms=((last - first) / (n - 1) * 1000.0) if n > 1 else 0.0,

@@ -97,10 +97,17 @@ class RoundDrafter:
                 done.append(nxt)
             await self.publish([(drafting[i], out) for i, out in done])
         await work  # re-raise a failure of the batch
+        for p in drafting:  # ended (cancelled) while drafting: free the cache the draft refilled
+            if p.sess.finished:
+                await self.service.in_worker(self.engine.drop, p.sess.request_id)
 
     async def publish(self, rounds: list[tuple[RoundPlan, Any]]) -> None:
         """Record each round's drafting (``out``: the engine's output, None when nothing was
-        drafted) in its session and publish the rounds' blocks in one round trip."""
+        drafted) in its session and publish the rounds' blocks in one round trip. A round
+        whose session ended while it was drafted (cancelled) is not sent."""
+        rounds = [(p, out) for p, out in rounds if not p.sess.finished]
+        if not rounds:
+            return
         blocks = [self._block(p, out) for p, out in rounds]
         if len(blocks) == 1:
             await self.bus.publish(self.bus.keys.draft, blocks[0])

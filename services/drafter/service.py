@@ -17,11 +17,19 @@ from typing import Any
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from wisp.bus import Bus, Entry, OutputStream, SessionStore
+from wisp.cancels import RecentCancels
 from wisp.policy.controller import DraftLengthPolicy, FixedLength, default_policy
 from wisp.policy.learned_estimator import PublishedModel, default_estimator
 from wisp.policy.session import SpecSession
 from wisp.policy.slo import DraftJob, deadline_at, drafting_order
-from wisp.protocol import DraftBlock, GenerateRequest, SessionState, SessionTerms, Verdict
+from wisp.protocol import (
+    CancelRequest,
+    DraftBlock,
+    GenerateRequest,
+    SessionState,
+    SessionTerms,
+    Verdict,
+)
 from wisp.service import Consumer, Service, now
 from wisp.services.drafter.admission import Admission, RequestRefused, check_prompt_ids, check_request
 from wisp.services.drafter.emitter import Emitter
@@ -61,6 +69,8 @@ class DrafterService(Service):
         self.eos: frozenset[int] = frozenset()
         self.rounds = RoundDrafter(self, settings, bus, None)
         self.emitter = Emitter(self, self.output, None)
+        self.cancelled = RecentCancels()
+        """Recent cancels, from the cancel broadcast."""
 
     # ------------------------------------------------------------------ setup
     @property
@@ -108,7 +118,7 @@ class DrafterService(Service):
         ]
 
     def loops(self) -> list:
-        return [self.adopt_loop, self.round_watch_loop]
+        return [self.adopt_loop, self.round_watch_loop, self.cancel_loop]
 
     # ------------------------------------------------------------------ requests
     async def on_request(self, entry: Entry[GenerateRequest]) -> None:
@@ -119,10 +129,23 @@ class DrafterService(Service):
         try:
             if rid in self.sessions:  # re-delivered after a failure: finish what it started
                 await self._continue(self.sessions[rid])
+            elif not await self.store.known(rid) and rid in self.cancelled:
+                # cancelled before it reached a drafter: never opened, nothing drafted
+                self.count("cancelled")
+                await self.emitter.error(rid, f"cancelled: {self.cancelled[rid].reason}",
+                                         code="cancelled")
             elif not await self.store.known(rid):
                 sess = await self._open(req, entry.added_ts(now()))
+                if rid in self.cancelled:  # cancelled while it was tokenised: never opened
+                    self.count("cancelled")
+                    await self.emitter.error(rid, f"cancelled: {self.cancelled[rid].reason}",
+                                             code="cancelled")
+                    return
                 self.sessions[rid] = sess
                 await self._save(sess, opening=True)
+                if sess.finished:  # cancelled while its record was written: it goes again
+                    await self.store.delete(rid)
+                    return
                 await self._continue(sess)
             elif not await self.store.exists(rid) and not (await self.output.progress(rid))[1]:
                 # its terms outlived it but it never finished: the id was used before
@@ -135,9 +158,9 @@ class DrafterService(Service):
         except RequestRefused as err:
             from wisp.telemetry import REQUESTS_REFUSED
 
-            REQUESTS_REFUSED.labels("bad_request").inc()
+            REQUESTS_REFUSED.labels(err.code).inc()
             self.count("refused")
-            await self.emitter.error(rid, str(err))
+            await self.emitter.error(rid, str(err), code=err.code)
         except (RedisConnectionError, RedisTimeoutError, OSError):
             raise
         except Exception as err:  # a bug must not lose the request silently
@@ -146,9 +169,19 @@ class DrafterService(Service):
             await self.emitter.error(rid, f"internal error: {err}", code="internal")
 
     def _tokenize(self, req: GenerateRequest) -> list[int]:
+        """The prompt's ids with the target's tokenizer; a conversation (``messages``) is
+        rendered whole with the target's chat template, the way ``encode_prompt`` renders a
+        single user turn."""
         from wisp.tokens import encode_prompt
 
-        return encode_prompt(self.tokenizer, req.prompt, chat_template=req.chat_template)
+        if req.messages is None:
+            return encode_prompt(self.tokenizer, req.prompt, chat_template=req.chat_template)
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise RequestRefused("the target model has no chat template, so it cannot take a "
+                                 "conversation: send a plain prompt (/v1/completions) instead")
+        turns = [{"role": m.role, "content": m.content} for m in req.messages]
+        text = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     async def _open(self, req: GenerateRequest, arrival_ts: float) -> ServedSession:
         s = self.settings
@@ -160,7 +193,7 @@ class DrafterService(Service):
         if s.mode == Mode.wisp:
             why = await self.admission.refusal(len(ids), ttft_slo, tpot_slo)
             if why is not None:
-                raise RequestRefused(why)
+                raise RequestRefused(why, code="overloaded")
         terms = SessionTerms(
             request_id=req.request_id, prompt_len=len(ids), max_new_tokens=req.max_new_tokens,
             temperature=req.temperature, seed=req.seed,
@@ -429,6 +462,40 @@ class DrafterService(Service):
                     self.settings.round_resends)
         await self.bus.publish(self.keys.draft, block)
 
+    # ------------------------------------------------------------------ cancels
+    async def cancel_loop(self) -> None:
+        """Follow the cancel broadcast (``wisp.cancels``): a request cancelled before it was
+        opened or adopted here ends as soon as it is."""
+        from wisp.cancels import follow_cancels
+
+        await follow_cancels(self.bus, self.cancelled, self.on_cancel, self.stopping,
+                             now_s=now(), block_ms=self.settings.block_ms, role="drafter")
+
+    async def on_cancel(self, c: CancelRequest) -> None:
+        """End the session if it is ours (``follow_cancels`` has remembered the cancel).
+        Harmless for a request this drafter does not serve, one that finished, or one
+        cancelled twice."""
+        sess = self.sessions.get(c.request_id)
+        if sess is None or sess.finished:
+            self.count("cancels_ignored")
+            return
+        await self._cancel(sess, c)
+
+    async def _cancel(self, sess: ServedSession, c: CancelRequest) -> None:
+        """End a session the way a finished one ends (record deleted, terms kept as its
+        tombstone, draft KV freed), so no round of it is drafted again: a verdict still in
+        flight finds no session and is dropped. The client gets the last event after the
+        record is gone, so nothing can be streamed after it: an ``ErrorEvent`` of code
+        ``cancelled``, or (``finish="stop"``: the client's stop string appeared) a
+        ``DoneEvent`` of what was committed, with its figures."""
+        log.info("request %s cancelled (%s): %s", sess.request_id, c.finish, c.reason)
+        self.count("cancelled")
+        await self._drop(sess)
+        if c.finish == "stop":
+            await self.emitter.done(sess, finish_reason="stop")
+        else:
+            await self.emitter.error(sess.request_id, f"cancelled: {c.reason}", code="cancelled")
+
     # ------------------------------------------------------------------ adoption
     async def adopt_loop(self) -> None:
         """Resume sessions whose drafter is gone: our own after a restart (same name), and
@@ -460,6 +527,9 @@ class DrafterService(Service):
         sess = ServedSession(req=st.request, state=st, spec=spec_of(st, self.eos))
         self.sessions[rid] = sess
         await self._save(sess, adopt_from=read)  # now ours: verdicts of the next round come to us
+        if rid in self.cancelled:  # cancelled while its drafter was gone: end it, draft nothing
+            await self._cancel(sess, self.cancelled[rid])
+            return
         emitted, done = await self.output.progress(rid)
         if done:
             await self._drop(sess)

@@ -15,7 +15,9 @@ from collections import OrderedDict
 from typing import Any
 
 from wisp.bus import Bus, Entry, SessionStore, TermsCache
+from wisp.cancels import RecentCancels
 from wisp.protocol import (
+    CancelRequest,
     DraftBlock,
     SessionTerms,
     TimingSample,
@@ -46,6 +48,8 @@ class VerifierService(Service):
         """Extra seconds slept per batch: fault injection for tests of slow verifiers."""
         self.store = SessionStore(bus, settings.output_ttl_s)
         self.terms = TermsCache(self.store, size=4 * settings.kv_sessions)
+        self.cancelled = RecentCancels()
+        """Recent cancels: their rounds are not verified, their KV is freed."""
 
     async def setup(self) -> None:
         from wisp import models
@@ -76,6 +80,30 @@ class VerifierService(Service):
         """This verifier's own batch stream, one batch at a time, acked after its verdicts and
         timing sample are written."""
         return [Consumer(self.keys.batch(self.name), GROUP, VerifyBatch, self.on_batch, count=1)]
+
+    def loops(self) -> list:
+        return [self.cancel_loop]
+
+    async def cancel_loop(self) -> None:
+        """Follow the cancel broadcast: a cancelled request's KV is freed now, not when the
+        LRU evicts it, and its rounds still queued are not verified."""
+        from wisp.cancels import follow_cancels
+
+        await follow_cancels(self.bus, self.cancelled, self.on_cancel, self.stopping,
+                             now_s=now(), block_ms=self.settings.block_ms, role="verifier")
+
+    async def on_cancel(self, c: CancelRequest) -> None:
+        self.mirror.pop(c.request_id, None)
+        if self.engine is None:
+            return
+
+        def free() -> bool:  # on the torch thread: the cache is the engine's, not the loop's
+            held = c.request_id in self.engine.sessions()
+            self.engine.drop(c.request_id)
+            return held
+
+        if await self.in_worker(free):
+            self.count("kv_freed_on_cancel")
 
     # ------------------------------------------------------------------ one batch
     async def _committed(self, b: DraftBlock) -> list[int] | None:
@@ -125,6 +153,9 @@ class VerifierService(Service):
             terms = terms_of.get(b.request_id)
             if terms is None:  # the session ended or expired
                 self.count("stale_rounds")
+                continue
+            if b.request_id in self.cancelled:  # its client went away: nothing to verify for
+                self.count("cancelled_rounds")
                 continue
             why = self._valid(b, terms)
             if why is not None:

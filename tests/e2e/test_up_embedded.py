@@ -1,6 +1,6 @@
-"""`wisp-cli up` with no Redis URL: embedded redis-server, all four services in one process,
-the URL recorded so `wisp-cli submit` and `wisp-cli status` find it with no flags; Ctrl-C stops
-it cleanly and removes the record."""
+"""`wisp-cli up` with no Redis URL: embedded redis-server, all four services and the HTTP API in
+one process, the URLs recorded so `wisp-cli submit` and `wisp-cli status` find them with no
+flags; the API answers; Ctrl-C stops it cleanly and removes the record."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import os
 import signal
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
+
+from wisp.services.runner import free_port
 
 from tests.harness import CLI, cli
 
@@ -21,7 +24,9 @@ def test_up_serves_on_embedded_redis_and_submit_finds_it(tiny_pair: tuple[Path, 
     env.update({"XDG_CACHE_HOME": str(tmp_path / "cache"), "WISP_TARGET_MODEL": str(target),
                 "WISP_DRAFT_MODEL": str(draft), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
     log = open(tmp_path / "up.log", "w+")  # noqa: SIM115
-    up = subprocess.Popen([*CLI, "up"], env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    port = free_port()  # not 8000: a developer's own `wisp-cli up` may hold it
+    up = subprocess.Popen([*CLI, "up", "--api-port", str(port)], env=env, stdout=log,
+                          stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 180
         while "WISP is up" not in (tmp_path / "up.log").read_text():
@@ -42,7 +47,19 @@ def test_up_serves_on_embedded_redis_and_submit_finds_it(tiny_pair: tuple[Path, 
         status = cli(["status", "--json"], env)
         assert status.returncode == 0
         roles = {s["role"] for s in json.loads(status.stdout)["services"]}
-        assert roles == {"drafter", "verifier", "scheduler", "estimator"}
+        assert roles == {"drafter", "verifier", "scheduler", "estimator", "gateway"}
+        api = f"http://127.0.0.1:{port}/v1"
+        assert json.loads(status.stdout)["api_url"] == api and api in text
+        with urllib.request.urlopen(f"{api}/models", timeout=30) as resp:
+            models = json.loads(resp.read())
+        assert [m["id"] for m in models["data"]] and models["object"] == "list"
+        body = json.dumps({"model": models["data"][0]["id"], "prompt": "Say hi.", "max_tokens": 4,
+                           "temperature": 0}).encode()
+        req = urllib.request.Request(f"{api}/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            answer = json.loads(resp.read())
+        assert answer["usage"]["completion_tokens"] == 4, answer
     finally:
         up.send_signal(signal.SIGINT)
         assert up.wait(60) == 0

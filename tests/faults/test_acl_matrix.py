@@ -189,6 +189,26 @@ CLIENT = [
     never("client", "SET wisp:estimator:model", cmd("SET", f"{NS}:estimator:model", "x")),
     never("client", "XADD wisp:verdict:<device>", xadd(f"{NS}:verdict:dev1")),
     never("client", "EVAL", script("return 1")),
+    never("client", "XADD wisp:cancel", xadd(f"{NS}:cancel")),
+]
+
+# services/gateway: a client's rights for the requests it forwards, cancels, its heartbeat.
+GATEWAY = [
+    may("gateway", "XADD wisp:req", xadd(f"{NS}:req")),
+    may("gateway", "XADD wisp:req:<device>", xadd(f"{NS}:req:dev1")),
+    may("gateway", "XADD wisp:cancel", xadd(f"{NS}:cancel")),
+    may("gateway", "XREAD wisp:out:<own id>", cmd("XREAD", "COUNT", "256", "STREAMS", OUT, "0-0")),
+    *heartbeat_rows("gateway"),
+    never("gateway", "SCAN", cmd("SCAN", "0", "MATCH", f"{NS}:out:*")),
+    never("gateway", "XREAD wisp:req", cmd("XREAD", "STREAMS", f"{NS}:req", "0-0")),
+    never("gateway", "XREAD wisp:cancel", cmd("XREAD", "STREAMS", f"{NS}:cancel", "0-0")),
+    never("gateway", "DEL wisp:req", cmd("DEL", f"{NS}:req")),
+    never("gateway", "XADD wisp:out:<id>", xadd(OUT)),
+    never("gateway", "GET wisp:sess:<id>", cmd("GET", SESS)),
+    never("gateway", "SET wisp:hb:drafter:*", cmd("SET", f"{NS}:hb:drafter:dev1", "{}")),
+    never("gateway", "DEL wisp:hb:drafter:*", cmd("DEL", f"{NS}:hb:drafter:dev1")),
+    never("gateway", "XADD wisp:draft", xadd(f"{NS}:draft")),
+    never("gateway", "EVAL", script("return 1")),
 ]
 
 # services/drafter: its three consumers, the draft stream, output streams, session records and
@@ -234,6 +254,8 @@ DRAFTER = [
     never("drafter", "SET another role's sweep lease",
           cmd("SET", f"{NS}:lease:sweep:{NS}:draft:estimator", "d", "NX", "PX", "3000")),
     never("drafter", "XREAD wisp:dead", cmd("XREAD", "STREAMS", f"{NS}:dead", "0-0")),
+    may("drafter", "XREAD wisp:cancel", cmd("XREAD", "COUNT", "64", "STREAMS", f"{NS}:cancel", "0-0")),
+    never("drafter", "XADD wisp:cancel", xadd(f"{NS}:cancel")),
     Row("drafter", "EVAL arbitrary script", script("return 1"), False),
 ]
 
@@ -298,6 +320,8 @@ SCHEDULER = [
 # terms, publishes verdicts and timing samples.
 VERIFIER = [
     *consumer_rows("verifier", f"{NS}:batch:v1", "verifier", reclaim=False),
+    may("verifier", "XREAD wisp:cancel", cmd("XREAD", "COUNT", "64", "STREAMS", f"{NS}:cancel", "0-0")),
+    never("verifier", "XADD wisp:cancel", xadd(f"{NS}:cancel")),
     *heartbeat_rows("verifier"),
     may("verifier", "GET wisp:sess:<id>", cmd("GET", SESS)),
     may("verifier", "MGET wisp:terms:<id>", cmd("MGET", TERMS)),
@@ -340,7 +364,7 @@ STATUS = [
     never("status", "DEL wisp:req", cmd("DEL", f"{NS}:req")),
 ]
 
-MATRIX: list[Row] = [*CLIENT, *DRAFTER, *ESTIMATOR, *SCHEDULER, *VERIFIER, *STATUS,
+MATRIX: list[Row] = [*CLIENT, *GATEWAY, *DRAFTER, *ESTIMATOR, *SCHEDULER, *VERIFIER, *STATUS,
                      *everyone_never()]
 
 # Known gap, kept visible: the drafter runs its session compare-and-set as EVAL (SessionStore),

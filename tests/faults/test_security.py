@@ -16,6 +16,7 @@ import shlex
 import shutil
 import subprocess
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,12 +24,12 @@ from unittest import mock
 
 import pytest
 import redis
-from wisp.services.runner import EmbeddedRedis, redis_server_binary
+from wisp.services.runner import EmbeddedRedis, free_port, redis_server_binary
 
 from tests.harness import Cluster, cli, service_env, submit_json
 
 ACL_FILE = Path(__file__).resolve().parents[2] / "deploy" / "redis-acl.conf"
-ROLES = ("drafter", "estimator", "scheduler", "verifier", "client", "status")
+ROLES = ("drafter", "estimator", "scheduler", "verifier", "gateway", "client", "status")
 
 
 def _load_acl(r: redis.Redis, passwords: dict[str, str]) -> None:
@@ -97,15 +98,28 @@ def test_every_service_runs_as_its_acl_user(tiny_pair: tuple[Path, Path], tmp_pa
                     redis_password=passwords["estimator"])
             for role in ("scheduler", "verifier", "drafter"):
                 c.start(role, role[0], redis_url=url[role])
-            _wait_ready(admin, ["e", "s", "v", "d"], c)
+            api_port = free_port()
+            c.start("gateway", "g", redis_url=url["gateway"], api_port=api_port)
+            _wait_ready(admin, ["e", "s", "v", "d", "g"], c)
             out = submit_json("Say something nice.", c.env(redis_url=url["client"]),
                               "--max-new-tokens", "8")
             assert len(out["token_ids"]) == 8
+            # the HTTP API, as the gateway user: a request answered, no NOPERM
+            api = f"http://127.0.0.1:{api_port}/v1"
+            with urllib.request.urlopen(f"{api}/models", timeout=30) as resp:
+                model = json.loads(resp.read())["data"][0]["id"]
+            body = json.dumps({"model": model, "prompt": "Say hi.", "max_tokens": 5,
+                               "temperature": 0}).encode()
+            req = urllib.request.Request(f"{api}/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                answer = json.loads(resp.read())
+            assert answer["usage"]["completion_tokens"] == 5, answer
             status = cli(["status", "--json"], c.env(redis_url=url["status"]), timeout=60)
             assert status.returncode == 0, status.stderr
             live = {s["name"] for s in json.loads(status.stdout)["services"]}
-            assert {"e", "s", "v", "d"} <= live, status.stdout
-            for n in ("e", "s", "v", "d"):
+            assert {"e", "s", "v", "d", "g"} <= live, status.stdout
+            for n in ("e", "s", "v", "d", "g"):
                 assert "NOPERM" not in c.log(n) and "Traceback" not in c.log(n), c.log(n)
         # the client user cannot read another request's data (tests/faults/test_acl_matrix.py
         # has every right of every role)

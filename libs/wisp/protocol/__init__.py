@@ -2,16 +2,18 @@
 
 request: client → drafter · draft: drafter → estimator → scheduler · batch: scheduler → verifier ·
 verdict: verifier → drafter · event: drafter → client · stats: verifier → estimator/scheduler ·
-dead: any consumer → dead letters · session: the session record kept in Redis ·
+cancel: client/gateway → every drafter · dead: any consumer → dead letters ·
+session: the session record kept in Redis ·
 trace: drafter → trace recorder (controller training rows, only with tracing on).
 """
 
 from wisp.protocol.base import PROTOCOL_VERSION, ProtocolError, WireModel, decode
 from wisp.protocol.batch import VerifyBatch
+from wisp.protocol.cancel import CancelRequest
 from wisp.protocol.dead import DeadLetter
 from wisp.protocol.draft import AnnotatedBlock, DraftBlock, WireDist, WireFeatures, digest_ids
 from wisp.protocol.event import OUTPUT_ADAPTER, DoneEvent, ErrorEvent, TokenEvent
-from wisp.protocol.request import GenerateRequest
+from wisp.protocol.request import ChatMessage, GenerateRequest
 from wisp.protocol.session import SessionState, SessionTerms
 from wisp.protocol.stats import TimingSample
 from wisp.protocol.trace import TraceRow
@@ -21,6 +23,8 @@ __all__ = [
     "OUTPUT_ADAPTER",
     "PROTOCOL_VERSION",
     "AnnotatedBlock",
+    "CancelRequest",
+    "ChatMessage",
     "DeadLetter",
     "DoneEvent",
     "DraftBlock",
