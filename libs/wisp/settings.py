@@ -211,6 +211,14 @@ class Settings(BaseSettings):
     api_allow_devices: bool = Field(
         default=True, description="Let an API request name a device (the extra body parameter "
         "`device`) to run on that drafter; false: every request goes to the shared queue.")
+    api_min_ttft_slo_ms: float = Field(
+        default=10_000.0, gt=0, le=86_400_000, description="The tightest TTFT SLO an API client "
+        "may ask for (the extra body parameter ttft_slo_ms); tighter is a 400. Deadlines decide "
+        "who is verified first, so a self-chosen SLO is a priority; the default lets clients "
+        "only loosen the server's own default.")
+    api_min_tpot_slo_ms: float = Field(
+        default=1_000.0, gt=0, le=86_400_000, description="The tightest TPOT SLO an API client "
+        "may ask for (tpot_slo_ms); tighter is a 400.")
     api_idle_timeout_s: float = Field(
         default=600.0, gt=0, description="An API request that gets no event for this long "
         "fails (504) and is cancelled.")

@@ -121,6 +121,22 @@ def test_completion_fields_and_limits() -> None:
     assert info.value.param == "max_tokens" and "100" in info.value.message
 
 
+def test_a_client_cannot_buy_priority_with_a_tighter_slo_than_the_server_allows() -> None:
+    """Deadlines order verification, so an SLO is a priority: API clients may loosen the
+    server's floor (by default its own default SLOs), never tighten past it."""
+    s = _settings(api_min_ttft_slo_ms=2_000.0, api_min_tpot_slo_ms=200.0)
+    for body, param in ((b'{"model": "m", "prompt": "x", "ttft_slo_ms": 1}', "ttft_slo_ms"),
+                        (b'{"model": "m", "prompt": "x", "tpot_slo_ms": 199.5}', "tpot_slo_ms")):
+        with pytest.raises(ApiError) as info:
+            generate_fields(parse_request("text", body), s, RID)
+        assert info.value.status == 400 and info.value.param == param
+        assert "tighter than this server allows" in info.value.message
+    ok = parse_request("text", b'{"model": "m", "prompt": "x", "ttft_slo_ms": 2000, '
+                       b'"tpot_slo_ms": 5000}')
+    fields = generate_fields(ok, s, RID)
+    assert (fields["ttft_slo_ms"], fields["tpot_slo_ms"]) == (2000, 5000)
+
+
 def test_model_ids_are_the_target_alias_and_unknown_ones_are_404() -> None:
     s = _settings()
     assert model_ids(s) == ["/models/qwen-tiny", "qwen-tiny"]

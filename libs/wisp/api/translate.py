@@ -65,6 +65,13 @@ def generate_fields(req: Request, settings: Settings, request_id: str) -> dict[s
     if max_new > settings.max_new_tokens_limit:
         raise bad_param(max_param, f"{max_new} is over this server's limit of "
                         f"{settings.max_new_tokens_limit} tokens; lower it")
+    for name, asked, floor in (("ttft_slo_ms", req.ttft_slo_ms, settings.api_min_ttft_slo_ms),
+                               ("tpot_slo_ms", req.tpot_slo_ms, settings.api_min_tpot_slo_ms)):
+        # deadlines order the batches (earliest first): a client that could name any SLO
+        # would jump every queue by asking for 1 ms
+        if asked is not None and asked < floor:
+            raise bad_param(name, f"{asked:g} ms is tighter than this server allows API clients "
+                            f"({floor:g} ms); ask for {floor:g} or more, or leave it out")
     fields.update(
         max_new_tokens=max_new,
         temperature=OPENAI_DEFAULT_TEMPERATURE if req.temperature is None else float(req.temperature),
