@@ -60,9 +60,26 @@ TRACE_MAXLEN = 50_000
 """Rows kept on ``wisp:trace``. The recorder reads each request's rows as soon as it finishes
 (one row per drafted token up to the first rejection, well under a thousand a request), so
 this bounds a forgotten ``WISP_TRACE=1`` to about 25 MB instead of growing to a million rows."""
-STREAM_MAXLEN_CAPS = {"dead": DEAD_MAXLEN, "trace": TRACE_MAXLEN}
+REQUEST_BACKLOG_MAX = 500
+"""Requests that may wait on one request stream (``wisp:req``, ``wisp:req:<device>``): a
+client finds the queue full beyond this (``QueueFull``, the API's 503) instead of its request
+being trimmed away unread. Acked request entries are deleted (``DELETE_ON_ACK``), so a request
+stream's length is its backlog."""
+REQUEST_ENTRY_BYTES = 512 * 1024
+"""Largest request entry: with ``REQUEST_MAXLEN`` a request stream holds at most 512 MB even if
+every waiting request were this large (a 4 MiB limit let 10,000 of them reach 40 GB, far past
+any Redis ``maxmemory``: then every write of every service fails under ``noeviction``)."""
+REQUEST_MAXLEN = 1_000
+"""MAXLEN of a request stream: twice the backlog a client may fill, so concurrent clients that
+all found room never trim a waiting request."""
+STREAM_MAXLEN_CAPS = {"dead": DEAD_MAXLEN, "trace": TRACE_MAXLEN, "req": REQUEST_MAXLEN}
 """Per-stream-kind caps on MAXLEN (the kind is the key's first part after the namespace);
 every ``publish`` to such a stream is trimmed to at most this, whatever its caller asks."""
+STREAM_ENTRY_CAPS = {"req": REQUEST_ENTRY_BYTES}
+"""Per-stream-kind limits on one entry's bytes, below ``MAX_PAYLOAD_BYTES``."""
+DELETE_ON_ACK = frozenset({"req"})
+"""Stream kinds read by one group, whose entries are deleted once acked: their length is then
+what waits, which a writer can check before adding more."""
 
 
 class Keys:
@@ -167,14 +184,20 @@ def _s(x: bytes | str) -> str:
     return x.decode() if isinstance(x, bytes) else x
 
 
-def payload_of(msg: WireModel) -> bytes:
+def payload_of(msg: WireModel, limit: int = MAX_PAYLOAD_BYTES) -> bytes:
     """``msg``'s bytes for the wire, refused before they are written when no consumer would
-    accept them (``MAX_PAYLOAD_BYTES``): the writer gets the error, not a dead letter later."""
+    accept them (``MAX_PAYLOAD_BYTES``, or the stream's own ``STREAM_ENTRY_CAPS``): the writer
+    gets the error, not a dead letter later."""
     raw = msg.encode()
-    if len(raw) > MAX_PAYLOAD_BYTES:
+    if len(raw) > limit:
         raise ProtocolError(f"{type(msg).__name__} of {len(raw)} bytes exceeds the "
-                            f"{MAX_PAYLOAD_BYTES} byte limit; it was not sent")
+                            f"{limit} byte limit; it was not sent")
     return raw
+
+
+def stream_kind(ns: str, stream: str) -> str:
+    """``req`` for ``<ns>:req`` and ``<ns>:req:<device>``, ``batch`` for ``<ns>:batch:<v>``..."""
+    return stream.removeprefix(ns + ":").split(":", 1)[0]
 
 
 class Bus:
@@ -195,15 +218,33 @@ class Bus:
         """XADD ``msg`` as JSON, trimming the stream approximately to ``maxlen`` (never above
         the stream kind's cap in ``STREAM_MAXLEN_CAPS``)."""
         entry_id = await self.redis.xadd(
-            stream, {FIELD: payload_of(msg)}, maxlen=self.maxlen_for(stream, maxlen),
-            approximate=True,
+            stream, {FIELD: payload_of(msg, self.entry_limit(stream))},
+            maxlen=self.maxlen_for(stream, maxlen), approximate=True,
         )
         return _s(entry_id)
 
+    def entry_limit(self, stream: str) -> int:
+        """The most bytes one entry of ``stream`` may have."""
+        return STREAM_ENTRY_CAPS.get(stream_kind(self.keys.ns, stream), MAX_PAYLOAD_BYTES)
+
+    async def publish_request(self, stream: str, req: WireModel,
+                              backlog_max: int = REQUEST_BACKLOG_MAX) -> str:
+        """Add a request unless ``backlog_max`` requests already wait on ``stream``
+        (``QueueFull``). The check and the write are two commands, so clients racing for the
+        last places may overshoot by their number; ``REQUEST_MAXLEN`` leaves room for that."""
+        waiting = int(await self.redis.xlen(stream))
+        if waiting >= backlog_max:
+            raise QueueFull(f"the request queue is full ({waiting} requests waiting); retry in a "
+                            "few seconds", retry_after_s=5.0)
+        try:
+            return await self.publish(stream, req)
+        except ProtocolError as err:
+            raise RequestTooLarge(f"the request is too large: {err.reason}") from None
+
     def maxlen_for(self, stream: str, asked: int | None = None) -> int:
         """The MAXLEN a write to ``stream`` trims to: what was asked (else the bus default),
-        capped for the stream kinds whose entries nobody consumes (dead letters, trace rows)."""
-        kind = stream.removeprefix(self.keys.ns + ":").split(":", 1)[0]
+        capped for the stream kinds in ``STREAM_MAXLEN_CAPS``."""
+        kind = stream_kind(self.keys.ns, stream)
         want = asked or self.maxlen
         cap = STREAM_MAXLEN_CAPS.get(kind)
         return min(want, cap) if cap is not None else want
@@ -220,11 +261,12 @@ class Bus:
         still there recreates its group on demand, see ``read``)."""
         pipe = self.redis.pipeline(transaction=ack is not None)
         for stream, msg in messages:
-            pipe.xadd(stream, {FIELD: payload_of(msg)}, maxlen=self.maxlen_for(stream), approximate=True)
+            pipe.xadd(stream, {FIELD: payload_of(msg, self.entry_limit(stream))},
+                      maxlen=self.maxlen_for(stream), approximate=True)
         for stream, ms in (expire_ms or {}).items():
             pipe.pexpire(stream, ms)
         if ack is not None and ack[2]:
-            pipe.xack(ack[0], ack[1], *ack[2])
+            self._queue_ack(pipe, ack[0], ack[1], ack[2])
         await pipe.execute()
 
     # ------------------------------------------------------------------ groups
@@ -284,10 +326,10 @@ class Bus:
             return await self.redis.xreadgroup(group, consumer, {stream: start}, count=count,
                                                block=block_ms)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.xack(stream, group, *ack)
+        self._queue_ack(pipe, stream, group, ack)
         pipe.xreadgroup(group, consumer, {stream: start}, count=count, block=block_ms)
-        acked, resp = await pipe.execute(raise_on_error=False)
-        for res in (acked, resp):
+        *acked, resp = await pipe.execute(raise_on_error=False)
+        for res in (*acked, resp):
             if isinstance(res, Exception):
                 raise res
         return resp
@@ -315,14 +357,17 @@ class Bus:
                 if history is not None:
                     self._history[history] = eid
                 if not fields:  # pending entry trimmed away from the stream
-                    await self.redis.xack(stream, group, eid)
+                    await self.ack(stream, group, eid)
                     continue
                 raw = fields.get(FIELD) if isinstance(fields, Mapping) else None
                 try:
+                    if raw is not None and len(raw) > self.entry_limit(stream):
+                        raise ProtocolError(f"payload of {len(raw)} bytes exceeds this stream's "
+                                            f"{self.entry_limit(stream)} byte limit")
                     msg = decode(model, raw)
                 except ProtocolError as err:
                     await self.dead_letter(stream, eid, group, consumer, err.reason, fields)
-                    await self.redis.xack(stream, group, eid)
+                    await self.ack(stream, group, eid)
                     continue
                 out.append(Entry(stream, eid, msg))
         return out, got
@@ -365,25 +410,25 @@ class Bus:
                 return []
             raise
         if deleted:
-            await self.redis.xack(stream, group, *[_s(d) for d in deleted])
+            await self.ack(stream, group, *[_s(d) for d in deleted])
         out: list[Entry[M]] = []
         for entry_id, fields in claimed:
             eid = _s(entry_id)
             if not fields:
-                await self.redis.xack(stream, group, eid)
+                await self.ack(stream, group, eid)
                 continue
             info = await self.redis.xpending_range(stream, group, min=eid, max=eid, count=1)
             times = int(info[0]["times_delivered"]) if info else 1
             if times > max_deliveries:
                 await self.dead_letter(stream, eid, group, consumer,
                                        f"delivered {times} times without being acked", fields)
-                await self.redis.xack(stream, group, eid)
+                await self.ack(stream, group, eid)
                 continue
             try:
                 out.append(Entry(stream, eid, decode(model, fields.get(FIELD))))
             except ProtocolError as err:
                 await self.dead_letter(stream, eid, group, consumer, err.reason, fields)
-                await self.redis.xack(stream, group, eid)
+                await self.ack(stream, group, eid)
         return out
 
     async def _claim_from_others(self, stream: str, group: str, consumer: str, min_idle_ms: int,
@@ -417,8 +462,21 @@ class Bus:
         self._groups.clear()
 
     async def ack(self, stream: str, group: str, *entry_ids: str) -> None:
-        if entry_ids:
+        """XACK; on the stream kinds in ``DELETE_ON_ACK`` the entries are deleted too, in the
+        same round trip."""
+        if not entry_ids:
+            return
+        if stream_kind(self.keys.ns, stream) not in DELETE_ON_ACK:
             await self.redis.xack(stream, group, *entry_ids)
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        self._queue_ack(pipe, stream, group, entry_ids)
+        await pipe.execute()
+
+    def _queue_ack(self, pipe: Any, stream: str, group: str, entry_ids: Sequence[str]) -> None:
+        pipe.xack(stream, group, *entry_ids)
+        if stream_kind(self.keys.ns, stream) in DELETE_ON_ACK:
+            pipe.xdel(stream, *entry_ids)
 
     async def dead_letter(
         self,
@@ -714,6 +772,19 @@ class SessionStore:
 
 class RequestFailed(RuntimeError):
     """The system answered with an error event, or never answered."""
+
+
+class QueueFull(RequestFailed):
+    """The request stream already holds ``REQUEST_BACKLOG_MAX`` waiting requests: nothing was
+    sent; retry after ``retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RequestTooLarge(RequestFailed):
+    """The request is over its stream's entry limit (``REQUEST_ENTRY_BYTES``): nothing was sent."""
 
 
 class OutputStream:

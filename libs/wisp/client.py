@@ -46,7 +46,8 @@ async def submit(
 
     ``fields`` are ``GenerateRequest`` fields (max_new_tokens, temperature, seed, ...).
     Raises ``RequestFailed`` with the system's one-line reason on an error event, and when no
-    event arrives for ``idle_timeout_s``.
+    event arrives for ``idle_timeout_s``; its ``QueueFull`` (too many requests waiting) and
+    ``RequestTooLarge`` kinds when the request was not sent at all.
     """
     if check_drafters:
         try:
@@ -70,7 +71,7 @@ async def submit(
         **fields,
     )
     stream = bus.keys.device_requests(device) if device else bus.keys.requests
-    await bus.publish(stream, req)
+    await bus.publish_request(stream, req)  # QueueFull / RequestTooLarge: nothing was sent
     try:
         return await follow(bus, req.request_id, on_event=on_event, idle_timeout_s=idle_timeout_s)
     finally:

@@ -23,7 +23,7 @@ from starlette.types import Receive, Scope, Send
 from wisp.api import ApiError, ApiKeys, RateLimiter, Translation, error_for_event, generate_fields
 from wisp.api.models import parse_request
 from wisp.api.translate import SSE_DONE, check_model, model_ids, sse
-from wisp.bus import Bus
+from wisp.bus import Bus, QueueFull, RequestTooLarge
 from wisp.client import new_request_id
 from wisp.protocol import DoneEvent, ErrorEvent, TokenEvent
 from wisp.services.gateway.run import RunningRequest
@@ -187,6 +187,11 @@ def _failure(run: RunningRequest) -> ApiError:
     still be running, only unheard of)."""
     run.abandon()
     err = run.failure
+    if isinstance(err, QueueFull):
+        return ApiError(503, str(err), type="server_error", code="queue_full",
+                        retry_after_s=err.retry_after_s)
+    if isinstance(err, RequestTooLarge):
+        return ApiError(400, f"prompt: {err}; shorten it", param="prompt", code="too_large")
     if err is not None and "no answer" in str(err):
         return ApiError(504, str(err), type="server_error", code="timeout")
     return ApiError(502, f"the request failed: {err}", type="server_error", code="upstream_error")

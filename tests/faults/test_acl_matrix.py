@@ -170,6 +170,7 @@ CLIENT = [
     may("client", "PING", cmd("PING")),
     may("client", "XADD wisp:req", xadd(f"{NS}:req")),
     may("client", "XADD wisp:req:<device>", xadd(f"{NS}:req:dev1")),
+    may("client", "XLEN wisp:req (its backlog)", cmd("XLEN", f"{NS}:req")),
     may("client", "XREAD wisp:out:<own id>", cmd("XREAD", "COUNT", "256", "STREAMS", OUT, "0-0")),
     never("client", "SCAN", cmd("SCAN", "0", "MATCH", f"{NS}:out:*")),
     never("client", "XREAD wisp:req", cmd("XREAD", "STREAMS", f"{NS}:req", "0-0")),
@@ -190,6 +191,7 @@ CLIENT = [
     never("client", "XADD wisp:verdict:<device>", xadd(f"{NS}:verdict:dev1")),
     never("client", "EVAL", script("return 1")),
     never("client", "XADD wisp:cancel", xadd(f"{NS}:cancel")),
+    never("client", "XDEL wisp:req", cmd("XDEL", f"{NS}:req", "0-1")),
 ]
 
 # services/gateway: a client's rights for the requests it forwards, cancels, its heartbeat.
@@ -197,6 +199,8 @@ GATEWAY = [
     may("gateway", "XADD wisp:req", xadd(f"{NS}:req")),
     may("gateway", "XADD wisp:req:<device>", xadd(f"{NS}:req:dev1")),
     may("gateway", "XADD wisp:cancel", xadd(f"{NS}:cancel")),
+    may("gateway", "XLEN wisp:req (its backlog)", cmd("XLEN", f"{NS}:req")),
+    never("gateway", "XDEL wisp:req", cmd("XDEL", f"{NS}:req", "0-1")),
     may("gateway", "XREAD wisp:out:<own id>", cmd("XREAD", "COUNT", "256", "STREAMS", OUT, "0-0")),
     *heartbeat_rows("gateway"),
     never("gateway", "SCAN", cmd("SCAN", "0", "MATCH", f"{NS}:out:*")),
@@ -254,6 +258,8 @@ DRAFTER = [
     never("drafter", "SET another role's sweep lease",
           cmd("SET", f"{NS}:lease:sweep:{NS}:draft:estimator", "d", "NX", "PX", "3000")),
     never("drafter", "XREAD wisp:dead", cmd("XREAD", "STREAMS", f"{NS}:dead", "0-0")),
+    may("drafter", "XDEL wisp:req (an acked request)", cmd("XDEL", f"{NS}:req", "0-1")),
+    may("drafter", "XDEL wisp:req:<device>", cmd("XDEL", f"{NS}:req:dev1", "0-1")),
     may("drafter", "XREAD wisp:cancel", cmd("XREAD", "COUNT", "64", "STREAMS", f"{NS}:cancel", "0-0")),
     never("drafter", "XADD wisp:cancel", xadd(f"{NS}:cancel")),
     Row("drafter", "EVAL arbitrary script", script("return 1"), False),

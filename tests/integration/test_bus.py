@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from wisp.bus import FIELD, Bus
 from wisp.protocol import DeadLetter, GenerateRequest, SessionTerms, decode
 
@@ -250,16 +251,17 @@ async def test_an_adoption_never_rolls_back_a_save_made_since_the_record_was_rea
 
 async def test_a_message_no_consumer_would_accept_is_refused_before_it_is_written(bus: Bus) -> None:
     """A writer checks the size before XADD: a 1M-character prompt of control characters is
-    valid but 6 MB as JSON, over the 4 MiB every consumer accepts; it must fail at the writer,
-    not sit in Redis until a consumer dead-letters it."""
-    import pytest
+    valid but 6 MB as JSON, over the 4 MiB every consumer accepts (and the 512 KiB a request
+    stream takes); it must fail at the writer, not sit in Redis until a consumer dead-letters it."""
     from wisp.protocol import ProtocolError
 
     s = bus.keys.requests
     before = await bus.redis.xlen(s)
     big = GenerateRequest(request_id="req-big-0001", prompt="\x01" * 1_000_000, submitted_ts=1.0)
-    with pytest.raises(ProtocolError, match="exceeds the 4194304 byte limit"):
+    with pytest.raises(ProtocolError, match="exceeds the 524288 byte limit"):  # wisp:req's own
         await bus.publish(s, big)
+    with pytest.raises(ProtocolError, match="exceeds the 4194304 byte limit"):  # any stream's
+        await bus.publish(bus.keys.draft, big)
     with pytest.raises(ProtocolError, match="not sent"):
         await bus.publish_many([(s, _req(1)), (s, big)])
     assert await bus.redis.xlen(s) == before
@@ -391,3 +393,37 @@ async def test_a_flood_of_large_poison_entries_cannot_fill_redis_through_dead_le
     # a caller asking for more than a capped stream's MAXLEN gets the cap
     assert bus.maxlen_for(bus.keys.trace, 1_000_000) == TRACE_MAXLEN
     assert bus.maxlen_for(bus.keys.draft, 50) == 50
+
+
+async def test_a_full_request_queue_refuses_new_requests_instead_of_trimming_waiting_ones(
+        bus: Bus) -> None:
+    """Acked requests are deleted, so a request stream's length is its backlog; a client finds
+    the queue full (nothing sent) rather than having a waiting request trimmed away unread. A
+    request over the stream's entry limit is refused before it is written, and one forged past
+    that check is dead-lettered (and deleted) by the reader."""
+    from wisp.bus import REQUEST_ENTRY_BYTES, QueueFull, RequestTooLarge
+
+    s = bus.keys.device_requests("dev1")
+    for i in range(5):
+        await bus.publish_request(s, _req(i), backlog_max=5)
+    with pytest.raises(QueueFull) as full:
+        await bus.publish_request(s, _req(5), backlog_max=5)
+    assert "5 requests waiting" in str(full.value) and full.value.retry_after_s > 0
+    assert await bus.redis.xlen(s) == 5
+    got = await bus.read(s, "drafters", "d1", GenerateRequest, count=2, block_ms=10)
+    got += await bus.read(s, "drafters", "d1", GenerateRequest, count=2, block_ms=10)
+    await bus.ack(s, "drafters", *[e.entry_id for e in got[:2]])
+    assert await bus.redis.xlen(s) == 3  # the two handled requests are gone
+    await bus.publish_request(s, _req(6), backlog_max=5)  # room again
+    big = GenerateRequest(request_id="req-big00001", prompt="x" * (REQUEST_ENTRY_BYTES + 1),
+                          submitted_ts=1.0)
+    with pytest.raises(RequestTooLarge):
+        await bus.publish_request(s, big)
+    assert await bus.redis.xlen(s) == 4
+    # forged around the writer's check: the reader dead-letters it and deletes it
+    await bus.redis.xadd(s, {FIELD: big.encode()})
+    for _ in range(3):
+        await bus.read(s, "drafters", "d1", GenerateRequest, count=10, block_ms=10)
+    dead = [decode(DeadLetter, f[FIELD]) for _, f in await bus.redis.xrange(bus.keys.dead)]
+    assert any("byte limit" in d.reason for d in dead)
+    assert big.encode() not in [f[FIELD] for _, f in await bus.redis.xrange(s)]
