@@ -24,7 +24,7 @@ from typing import Any, Generic, TypeVar
 import redis.asyncio as aioredis
 from pydantic import BaseModel
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import NoPermissionError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from wisp.protocol import (
@@ -212,6 +212,8 @@ class Bus:
         self._history: dict[tuple[str, str, str], str] = {}
         """Where each consumer's re-read of its own pending entries has got to."""
         self._cursors: dict[tuple[str, str], str] = {}
+        self.scripts = Scripts(redis)
+        """WISP's Lua scripts on this connection (functions or EVAL, found once)."""
 
     # ------------------------------------------------------------------ publish
     async def publish(self, stream: str, msg: WireModel, maxlen: int | None = None) -> str:
@@ -609,6 +611,96 @@ still the one the adopter read (same epoch, owner, round and generated length): 
 adopted, saved by its owner (a paused owner waking up) or deleted (finished) since."""
 
 
+SCRIPTS = {"save_if_owner": _SAVE_IF_OWNER, "adopt": _ADOPT}
+LIBRARY_NAME = "wisp_" + hashlib.sha256("\0".join(
+    f"{k}\0{v}" for k, v in sorted(SCRIPTS.items())).encode()).hexdigest()[:12]
+"""The Redis function library holding ``SCRIPTS``, named after their content: a build with
+changed scripts loads a new library beside the old one (a rolling upgrade keeps both working),
+and loading it again is harmless."""
+
+
+def function_library() -> str:
+    """WISP's scripts as one Redis 7 function library (``FUNCTION LOAD``), each registered as
+    ``wisp_v1_<name>``. Why functions: the drafter's ACL user may then ``FCALL`` these and
+    nothing else; with ``EVAL`` it could run any script at all."""
+    parts = [f"#!lua name={LIBRARY_NAME}"]
+    for name, body in SCRIPTS.items():
+        parts.append(f"local function {name}(KEYS, ARGV)\n{body.strip()}\nend")
+        parts.append(f"redis.register_function('{LIBRARY_NAME}_{name}', {name})")
+    parts.append(f"redis.register_function('{LIBRARY_NAME}_loaded', function() return 1 end)")
+    return "\n".join(parts) + "\n"
+
+
+class ScriptsUnavailable(RuntimeError):
+    """This Redis user may neither call WISP's functions nor run scripts; the message says what
+    an operator must do."""
+
+
+class Scripts:
+    """Runs WISP's Lua scripts: as Redis functions (``FCALL``) where the server has them,
+    loading the library itself when it may (``FUNCTION LOAD``: a default or admin user), else
+    as ``EVAL`` (Redis before 7, e.g. the embedded one). Under the least-privilege ACL the
+    library is loaded once by an admin (``wisp-cli redis load-functions``; it persists in the
+    AOF) and the drafter has ``+fcall`` only."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+        self.mode: str | None = None
+        """"fcall" or "eval", found on first use."""
+
+    async def _resolve(self) -> str:
+        try:
+            await self.redis.fcall(f"{LIBRARY_NAME}_loaded", 0)
+        except NoPermissionError:
+            self.mode = "eval"  # may not FCALL: EVAL is all this user might have
+            return self.mode
+        except ResponseError as err:
+            msg = str(err).lower()
+            if "function not found" not in msg:  # Redis < 7 (unknown command): no functions
+                self.mode = "eval"
+                return self.mode
+            try:
+                await self.redis.function_load(function_library(), replace=True)
+                self.mode = "fcall"
+            except NoPermissionError:
+                self.mode = "eval"
+        else:
+            self.mode = "fcall"
+        return self.mode
+
+    async def run(self, name: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        """Run script ``name`` (a key of ``SCRIPTS``) once."""
+        for attempt in (0, 1):
+            mode = self.mode or await self._resolve()
+            try:
+                if mode == "fcall":
+                    return await self.redis.fcall(f"{LIBRARY_NAME}_{name}", len(keys), *keys, *args)
+                return await self.redis.eval(SCRIPTS[name], len(keys), *keys, *args)
+            except NoPermissionError as err:
+                raise ScriptsUnavailable(_no_scripts(err)) from None
+            except ResponseError as err:
+                # the library went with a Redis restart that kept nothing: find out again
+                if attempt == 0 and mode == "fcall" and "function not found" in str(err).lower():
+                    self.mode = None
+                    continue
+                raise
+        raise AssertionError("unreachable")
+
+    async def queue(self, pipe: Any, name: str, keys: Sequence[Any], args: Sequence[Any]) -> None:
+        """Add script ``name`` to ``pipe`` (the mode is found first, outside the pipeline)."""
+        mode = self.mode or await self._resolve()
+        if mode == "fcall":
+            pipe.fcall(f"{LIBRARY_NAME}_{name}", len(keys), *keys, *args)
+        else:
+            pipe.eval(SCRIPTS[name], len(keys), *keys, *args)
+
+
+def _no_scripts(err: Exception) -> str:
+    return (f"this Redis user may not run WISP's session scripts ({err}): load them once as an "
+            "admin with `wisp-cli redis load-functions` (Redis >= 7) and give the user +fcall "
+            "(deploy/redis-acl.conf)")
+
+
 class TermsCache:
     """The terms of the sessions a scheduler or verifier is serving, read from Redis once per
     session (and again after a failover, by whoever replaces the reader); bounded, least
@@ -653,6 +745,7 @@ class SessionStore:
 
     def __init__(self, bus: Bus, ttl_s: int) -> None:
         self.bus = bus
+        self.scripts = bus.scripts
         self.ttl_s = ttl_s
         """Seconds a record (and the output stream written with it) lives unless written again."""
 
@@ -693,9 +786,8 @@ class SessionStore:
         ``opening``: also write the session's terms (``wisp:terms:<id>``), which the scheduler
         and the verifiers read instead of finding them on every block; later saves only keep
         the terms alive as long as the record."""
-        # EVAL, not EVALSHA: the drafter's ACL user (deploy/redis-acl.conf) may run only EVAL
-        args = self._save_args(state, emit, opening)
-        return bool(await self.bus.redis.eval(_SAVE_IF_OWNER, *args))
+        keys, args = self._save_args(state, emit, opening)
+        return bool(await self.scripts.run("save_if_owner", keys, args))
 
     async def save_many_if_owner(self, saves: Sequence[tuple[SessionState, WireModel | None]],
                                  ) -> list[bool]:
@@ -705,12 +797,12 @@ class SessionStore:
             return [await self.save_if_owner(*saves[0])]
         pipe = self.bus.redis.pipeline(transaction=False)
         for state, emit in saves:
-            pipe.eval(_SAVE_IF_OWNER, *self._save_args(state, emit))
+            await self.scripts.queue(pipe, "save_if_owner", *self._save_args(state, emit))
         return [bool(x) for x in await pipe.execute()]
 
     def _save_args(self, state: SessionState, emit: WireModel | None,
-                   opening: bool = False) -> list[Any]:
-        """``_SAVE_IF_OWNER``'s key count, keys and arguments."""
+                   opening: bool = False) -> tuple[list[Any], list[Any]]:
+        """``_SAVE_IF_OWNER``'s keys and arguments."""
         rid = state.request.request_id
         keys = [self.key(rid), self.bus.keys.terms(rid)]
         if emit is not None:
@@ -719,7 +811,7 @@ class SessionStore:
         args: list[Any] = [state.encode(), state.device, self.ttl_s, terms]
         args += [emit.encode(), OUTPUT_MAXLEN, FIELD] if emit is not None else [b"", 0, FIELD]
         args.append(state.epoch)
-        return [len(keys), *keys, *args]
+        return keys, args
 
     async def adopt(self, state: SessionState, read: SessionState) -> bool:
         """Take the session over with ``state`` (``epoch`` one above ``read``, the record it was
@@ -734,7 +826,7 @@ class SessionStore:
         keys = [self.key(rid), self.bus.keys.terms(rid)]
         args = [state.encode(), state.terms.encode(), self.ttl_s, read.epoch, read.device,
                 read.round, len(read.generated)]
-        return bool(await self.bus.redis.eval(_ADOPT, len(keys), *keys, *args))
+        return bool(await self.scripts.run("adopt", keys, args))
 
     async def lock_adoption(self, request_id: str, who: str, ms: int = 30_000) -> bool:
         """One adopter per session: True for the first caller within ``ms``."""

@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 import redis
+from wisp.bus import LIBRARY_NAME, function_library
 from wisp.services.runner import EmbeddedRedis, free_port
 
 from tests.faults.test_security import ACL_FILE, ROLES, _load_acl, redis7, redis7_binary
@@ -231,11 +232,12 @@ DRAFTER = [
     may("drafter", "SET NX PX wisp:sess:<id>:adopt",
         cmd("SET", f"{SESS}:adopt", "dev1", "NX", "PX", "30000")),
     never("drafter", "MULTI", cmd("MULTI")),  # its writes that must be atomic are scripts
-    may("drafter", "EVAL save-if-owner on sess/terms/out",
-        script("local cur = redis.call('GET', KEYS[1]); redis.call('SET', KEYS[1], '{}', 'EX', 60);"
-               "redis.call('SET', KEYS[2], '{}', 'EX', 60); redis.call('EXPIRE', KEYS[2], 60);"
-               "redis.call('XADD', KEYS[3], 'MAXLEN', '~', 100000, '*', 'd', '{}');"
-               "return redis.call('EXPIRE', KEYS[3], 60)", SESS, TERMS, OUT)),
+    # SessionStore's compare-and-set scripts, as the Redis functions an admin loaded
+    may("drafter", "FCALL save_if_owner on sess/terms/out",
+        cmd("FCALL", f"{LIBRARY_NAME}_save_if_owner", 3, SESS, TERMS, OUT, json.dumps(
+            {"device": "dev1"}), "dev1", 60, "{}", "{}", 100_000, "d", 0)),
+    may("drafter", "FCALL adopt on sess/terms",
+        cmd("FCALL", f"{LIBRARY_NAME}_adopt", 2, SESS, TERMS, "{}", "{}", 60, 0, "dev1", 0, 0)),
     may("drafter", "DEL wisp:sess + wisp:terms", cmd("DEL", SESS, TERMS)),
     may("drafter", "SCAN wisp:sess:*", cmd("SCAN", "0", "MATCH", f"{NS}:sess:*", "COUNT", "500")),
     may("drafter", "MGET drafter heartbeats", cmd("MGET", f"{NS}:hb:drafter:dev1")),
@@ -262,7 +264,8 @@ DRAFTER = [
     may("drafter", "XDEL wisp:req:<device>", cmd("XDEL", f"{NS}:req:dev1", "0-1")),
     may("drafter", "XREAD wisp:cancel", cmd("XREAD", "COUNT", "64", "STREAMS", f"{NS}:cancel", "0-0")),
     never("drafter", "XADD wisp:cancel", xadd(f"{NS}:cancel")),
-    Row("drafter", "EVAL arbitrary script", script("return 1"), False),
+    never("drafter", "EVAL arbitrary script", script("return 1")),
+    never("drafter", "FUNCTION LOAD a library of its own", cmd("FUNCTION", "LOAD", LIBRARY)),
 ]
 
 # services/estimator: consumes wisp:draft and wisp:stats (group estimator, swept), publishes
@@ -373,12 +376,9 @@ STATUS = [
 MATRIX: list[Row] = [*CLIENT, *GATEWAY, *DRAFTER, *ESTIMATOR, *SCHEDULER, *VERIFIER, *STATUS,
                      *everyone_never()]
 
-# Known gap, kept visible: the drafter runs its session compare-and-set as EVAL (SessionStore),
-# so it can EVAL any script. Scripts run with the drafter's own key and command rights (the
-# EVAL row writing the estimator model is refused), but a script can still loop and stall
-# Redis. Closing it needs the script loaded once as a Redis function and the drafter given
-# +fcall instead of +eval (docs/reliability.md).
-KNOWN_GAPS = {"drafter-not-EVAL arbitrary script"}
+# Known gaps: rows expected to fail until the gap is closed (xfail, strict). The last one, the
+# drafter's EVAL of any script, closed when its scripts became Redis functions (+fcall).
+KNOWN_GAPS: set[str] = set()
 
 
 def _seed(admin: redis.Redis) -> None:
@@ -402,6 +402,7 @@ def server() -> Iterator[tuple[EmbeddedRedis, dict[str, str]]]:
         admin.execute_command("ACL", "SETUSER", "admin", "on", f">{ADMIN_PW}", "~*", "&*", "+@all")
         admin = redis.Redis(port=srv.port, username="admin", password=ADMIN_PW)
         _load_acl(admin, passwords)  # turns the default user off
+        admin.function_load(function_library(), replace=True)  # `wisp-cli redis load-functions`
         yield srv, passwords
 
 

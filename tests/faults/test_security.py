@@ -90,6 +90,11 @@ def test_every_service_runs_as_its_acl_user(tiny_pair: tuple[Path, Path], tmp_pa
         passwords = {role: f"{role}-pw" for role in ROLES}
         admin.execute_command("ACL", "SETUSER", "admin", "on", f">{admin_pw}", "~*", "&*", "+@all")
         _load_acl(admin, passwords)  # turns the default user off
+        # the drafter may only FCALL its session scripts: an admin loads them once
+        loaded = cli(["redis", "load-functions"], {**os.environ, "WISP_REDIS_URL":
+                     f"redis://admin:{admin_pw}@127.0.0.1:{server.port}/0"}, timeout=60)
+        assert loaded.returncode == 0 and "loaded the Redis function library" in loaded.stdout, (
+            loaded.stderr)
         url = {role: f"redis://wisp-{role}:{passwords[role]}@127.0.0.1:{server.port}/0" for role in ROLES}
         c = Cluster(url["client"], "wisp", tmp_path,
                     settings={"target_model": target, "draft_model": draft, "max_wait_ms": 5})

@@ -191,6 +191,7 @@ CHEAP: dict[tuple[str, ...], tuple[list[str], int, str]] = {
     ("controller", "train"): (["out/traces.jsonl"], 1, _prepare("trace record")),
     ("controller", "eval"): ([], 1, _prepare("models prepare")),
     ("controller", "show"): ([], 0, '"threshold"'),
+    ("redis", "load-functions"): (["--show"], 0, "redis.register_function"),
     ("profile", "verifier"): (["--out", "out/profile.json"], 1, _prepare("models prepare")),
     ("estimator", "fit"): (["out/profile.json", "--out", "out/est.json"], 1, _prepare("profile verifier")),
     ("estimator", "eval"): (["out/profile.json"], 1, _prepare("profile verifier")),
