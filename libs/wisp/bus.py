@@ -680,11 +680,17 @@ class Scripts:
                 raise ScriptsUnavailable(_no_scripts(err)) from None
             except ResponseError as err:
                 # the library went with a Redis restart that kept nothing: find out again
-                if attempt == 0 and mode == "fcall" and "function not found" in str(err).lower():
-                    self.mode = None
+                if attempt == 0 and self.forget_if_gone(err):
                     continue
                 raise
         raise AssertionError("unreachable")
+
+    def forget_if_gone(self, err: Exception) -> bool:
+        """``err`` says the library is not loaded (any more): find the mode again next time."""
+        if self.mode == "fcall" and "function not found" in str(err).lower():
+            self.mode = None
+            return True
+        return False
 
     async def queue(self, pipe: Any, name: str, keys: Sequence[Any], args: Sequence[Any]) -> None:
         """Add script ``name`` to ``pipe`` (the mode is found first, outside the pipeline)."""
@@ -795,10 +801,18 @@ class SessionStore:
         together), run by Redis in the given order; whether each was saved."""
         if len(saves) == 1:
             return [await self.save_if_owner(*saves[0])]
-        pipe = self.bus.redis.pipeline(transaction=False)
-        for state, emit in saves:
-            await self.scripts.queue(pipe, "save_if_owner", *self._save_args(state, emit))
-        return [bool(x) for x in await pipe.execute()]
+        for attempt in (0, 1):
+            pipe = self.bus.redis.pipeline(transaction=False)
+            for state, emit in saves:
+                await self.scripts.queue(pipe, "save_if_owner", *self._save_args(state, emit))
+            try:
+                return [bool(x) for x in await pipe.execute()]
+            except ResponseError as err:
+                # the library went with a Redis restart that kept nothing: the scripts are
+                # idempotent per record (compare-and-set), so running them again is safe
+                if attempt == 1 or not self.scripts.forget_if_gone(err):
+                    raise
+        raise AssertionError("unreachable")
 
     def _save_args(self, state: SessionState, emit: WireModel | None,
                    opening: bool = False) -> tuple[list[Any], list[Any]]:

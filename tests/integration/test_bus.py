@@ -427,3 +427,22 @@ async def test_a_full_request_queue_refuses_new_requests_instead_of_trimming_wai
     dead = [decode(DeadLetter, f[FIELD]) for _, f in await bus.redis.xrange(bus.keys.dead)]
     assert any("byte limit" in d.reason for d in dead)
     assert big.encode() not in [f[FIELD] for _, f in await bus.redis.xrange(s)]
+
+
+async def test_session_scripts_survive_their_function_library_going_away(bus: Bus) -> None:
+    """On Redis 7 the session scripts run as a function library, loaded on first use; a Redis
+    restart that kept nothing loses it, and the next save (alone or batched) loads it again."""
+    from wisp.bus import LIBRARY_NAME, SessionStore
+    from wisp.protocol import SessionState
+
+    store = SessionStore(bus, 60)
+    req = _req(1)
+    st = SessionState(request=req, device="d1", prompt_token_ids=[1, 2], started_ts=1.0,
+                      terms=_terms(req.request_id))
+    assert await store.save_if_owner(st, opening=True)
+    assert bus.scripts.mode == "fcall"
+    await bus.redis.function_delete(LIBRARY_NAME)  # what a restart without persistence does
+    assert await store.save_if_owner(st)
+    await bus.redis.function_delete(LIBRARY_NAME)
+    assert await store.save_many_if_owner([(st, None), (st, None)]) == [True, True]
+    assert await bus.redis.function_list(library=LIBRARY_NAME)  # loaded again
