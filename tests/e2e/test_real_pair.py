@@ -34,6 +34,7 @@ import redis
 import torch
 from wisp.data import load_prompts
 from wisp.models import is_prepared
+from wisp.services.runner import free_port
 from wisp.settings import Settings
 
 from tests.harness import Cluster
@@ -67,6 +68,9 @@ class Served:
     batches: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     """mode -> the TimingSamples (one per verified batch) of that mode's run."""
     logs: dict[str, str] = field(default_factory=dict)
+    api: dict[str, Any] = field(default_factory=dict)
+    """The EOS prompt asked through the OpenAI-compatible API (the official client, sled mode):
+    its ``wisp`` extension field, with the token ids."""
 
 
 def _requests() -> dict[str, list[Req]]:
@@ -140,6 +144,19 @@ def _run_mode(c: Cluster, r: redis.Redis, device: str, reqs: list[Req]) -> tuple
     return results, batches
 
 
+def _ask_api(base_url: str) -> dict[str, Any]:
+    """The EOS prompt as a chat completion through the gateway, with the official client."""
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600)
+    resp = client.chat.completions.create(
+        model=TARGET, messages=[{"role": "user", "content": EOS_PROMPT}], max_tokens=24,
+        temperature=0, extra_body={"return_token_ids": True, **LOOSE})
+    extra = resp.model_extra or {}
+    return {**extra["wisp"], "finish_reason": resp.choices[0].finish_reason,
+            "text": resp.choices[0].message.content}
+
+
 @pytest.fixture(scope="module")
 def served(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """Run every mode, then stop all services (their memory is needed for the reference)."""
@@ -161,11 +178,14 @@ def served(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             c.start("scheduler", "sch", mode="sled")
             c.start("verifier", "verifier-real", threads=2)
             c.start("drafter", "drafter-sled", threads=2, mode="sled")
+            api_port = free_port()
+            c.start("gateway", "gw", api_port=api_port)
             t0 = time.monotonic()
-            c.wait_ready(["est", "sch", "verifier-real", "drafter-sled"], timeout_s=900)
+            c.wait_ready(["est", "sch", "verifier-real", "drafter-sled", "gw"], timeout_s=900)
             print(f"\nservices ready in {time.monotonic() - t0:.0f} s")
             out.results["sled"], out.batches["sled"] = _run_mode(c, r, "drafter-sled",
                                                                  out.requests["sled"])
+            out.api = _ask_api(f"http://127.0.0.1:{api_port}/v1")
             c.kill("drafter-sled")
 
             # centralized: the target alone, one forward per token: short requests only
@@ -232,6 +252,16 @@ def test_real_pair_matches_target_greedy(served: Served, reference: dict, mode: 
             assert res["drafted_tokens"] == 0 and res["rounds"] == len(res["token_ids"])
         else:
             assert res["drafted_tokens"] > 0
+
+
+def test_the_openai_api_answers_with_the_targets_greedy_ids(served: Served, reference: dict) -> None:
+    """The same EOS prompt through the HTTP API (a one-message chat) and the official client:
+    the same prompt ids and the target's own greedy answer, ending on its EOS."""
+    ids, want = reference[EOS_PROMPT]
+    got = served.api
+    assert got["prompt_token_ids"] == ids, "the API's chat prompt was tokenized differently"
+    assert got["token_ids"] == want, "the API's answer differs from the target's greedy output"
+    assert got["finish_reason"] == "stop" and got["mode"] == "sled" and got["text"]
 
 
 def test_long_request_and_eos_request(served: Served, reference: dict) -> None:
