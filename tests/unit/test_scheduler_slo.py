@@ -509,6 +509,12 @@ def test_a_rounds_annotation_stands_for_a_prediction_only_under_the_model_that_m
     sel, _ = SloAwarePolicy().select([r], "v1", NOW, other)
     assert sel is not None and sel.late == []
     assert alone_ms(replace(r, predicted_by=None), est) == pytest.approx(own)
+    # a refit of the same object changes its key too (the key is cached per fit)
+    refit = LinearEstimator(refit_every=2)
+    before = refit.model_key
+    for n in (10, 20, 30, 40):
+        refit.observe(BatchShape.of([n], [100]), 3.0 * n)
+    assert refit.version > 0 and refit.model_key != before
 
 
 def test_a_level_refit_since_the_annotation_rescales_it() -> None:

@@ -158,9 +158,22 @@ class LinearEstimator:
         return [20.0, 5.0, 2.0, 0.0, 0.0, 0.01, 0.0, 0.0, 0.0]
 
     @property
+    def coef(self) -> np.ndarray:
+        return self._coef
+
+    @coef.setter
+    def coef(self, value: np.ndarray) -> None:
+        self._coef = value
+        self._key: str | None = None
+
+    @property
     def model_key(self) -> str:
-        digest = hashlib.blake2b(self.coef.astype(float).tobytes(), digest_size=8).hexdigest()
-        return f"linear/{digest}"
+        """A hash of the coefficients, computed once per fit: the scheduler asks for it for
+        every round it takes."""
+        if self._key is None:
+            digest = hashlib.blake2b(self._coef.astype(float).tobytes(), digest_size=8).hexdigest()
+            self._key = f"linear/{digest}"
+        return self._key
 
     @property
     def model_scale(self) -> float:
