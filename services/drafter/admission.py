@@ -3,13 +3,15 @@ refused with what to fix) and, in wisp mode, admission control against the syste
 
 from __future__ import annotations
 
-import json
+import logging
 
 from wisp.bus import Bus
 from wisp.policy.learned_estimator import PublishedModel
 from wisp.policy.slo import AdmissionController, VerifierLoad
-from wisp.protocol import GenerateRequest
+from wisp.protocol import GenerateRequest, LoadSnapshot, ProtocolError, decode
 from wisp.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 class RequestRefused(ValueError):
@@ -57,6 +59,20 @@ def check_prompt_ids(ids: list[int], req: GenerateRequest, s: Settings) -> None:
         )
 
 
+def parse_loads(raw: bytes | str) -> list[VerifierLoad] | None:
+    """The verifiers' loads in a ``wisp:load`` snapshot, or None (logged) when it does not
+    validate: a malformed snapshot (NaN, a string for a number, a field missing) must not raise
+    inside the admission arithmetic and fail every request; without a usable snapshot the
+    drafter admits, as it does before the first scheduler publishes one."""
+    try:
+        snap = decode(LoadSnapshot, raw)
+    except ProtocolError as err:
+        log.warning("ignoring the load snapshot: %s", err.reason)
+        return None
+    return [VerifierLoad(name=v.name, backlog_ms=v.backlog_ms, sessions=v.sessions, speed=v.speed,
+                         tightest_tpot_slo_ms=v.tightest_tpot_slo_ms) for v in snap.verifiers]
+
+
 class Admission:
     """Admission control (wisp mode): refuse, with the reason, a request whose SLO the system
     cannot meet at its current load (the scheduler's snapshot in ``wisp:load``), predicted with
@@ -74,9 +90,8 @@ class Admission:
         raw, model = await self.bus.get_values(keys.load, keys.estimator_model)
         if raw is None:
             return None
-        try:
-            loads = [VerifierLoad(**v) for v in json.loads(raw)["verifiers"]]
-        except (ValueError, KeyError, TypeError):
+        loads = parse_loads(raw)
+        if loads is None:
             return None
         if not loads and any(i.get("ready") for i in (await self.bus.live("verifier")).values()):
             # the snapshot lags a verifier that just became ready (the scheduler registers it

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from typing import Any
 
@@ -21,7 +20,14 @@ from wisp.policy.health import VerifierHealth
 from wisp.policy.learned_estimator import PublishedModel, default_estimator
 from wisp.policy.scheduler import BatchPolicy, RoundInfo, SchedulerCore
 from wisp.policy.slo import batch_policy, deadline_at
-from wisp.protocol import AnnotatedBlock, SessionTerms, TimingSample, VerifyBatch
+from wisp.protocol import (
+    AnnotatedBlock,
+    LoadSnapshot,
+    SessionTerms,
+    TimingSample,
+    VerifierLoadWire,
+    VerifyBatch,
+)
 from wisp.service import Consumer, Service, now
 from wisp.settings import Settings
 
@@ -238,10 +244,11 @@ class SchedulerService(Service):
                         if not alive:
                             self.core.finish_request(rid)
                             self.terms.forget(rid)
-                loads = [vars(x) for x in snapshot(self.core, now(), self._tpot_slo_of)]
+                loads = [VerifierLoadWire(**vars(x))
+                         for x in snapshot(self.core, now(), self._tpot_slo_of)]
                 await self.bus.set_value(
                     self.keys.load,
-                    json.dumps({"ts": now(), "scheduler": self.name, "verifiers": loads}),
+                    LoadSnapshot(ts=now(), scheduler=self.name, verifiers=loads).encode(),
                     ttl_ms=int(self.settings.heartbeat_ttl_s * 1000),
                 )
             await self._pause(0.5)

@@ -4,12 +4,11 @@ a verifier that is already live and ready."""
 
 from __future__ import annotations
 
-import json
-
 from wisp.bus import Bus
 from wisp.policy import learned_estimator as le
 from wisp.policy.controller import FixedLength
 from wisp.policy.estimator import BatchShape
+from wisp.protocol import LoadSnapshot, VerifierLoadWire
 from wisp.services.drafter.service import DrafterService
 from wisp.settings import Settings
 
@@ -25,7 +24,7 @@ async def test_no_snapshot_admits(bus: Bus) -> None:
 
 async def test_empty_snapshot_refuses_only_when_no_verifier_is_ready(bus: Bus) -> None:
     d = _drafter(bus)
-    await bus.redis.set(bus.keys.load, json.dumps({"ts": 0, "scheduler": "s", "verifiers": []}))
+    await bus.redis.set(bus.keys.load, LoadSnapshot(ts=0, scheduler="s", verifiers=[]).encode())
     reason = await d.admission.refusal(40, 10_000, 1_000)
     assert reason is not None and "no live verifier" in reason
     # a verifier that is live but not ready (still loading its model) does not count
@@ -44,10 +43,8 @@ def _published(ms: float) -> str:
 
 
 async def _one_idle_verifier(bus: Bus) -> None:
-    await bus.redis.set(bus.keys.load, json.dumps({
-        "ts": 0, "scheduler": "s",
-        "verifiers": [{"name": "v1", "backlog_ms": 0.0, "sessions": 0, "speed": 1.0}],
-    }))
+    await bus.redis.set(bus.keys.load, LoadSnapshot(ts=0, scheduler="s", verifiers=[
+        VerifierLoadWire(name="v1", backlog_ms=0.0, sessions=0, speed=1.0)]).encode())
 
 
 async def test_admission_predicts_with_the_published_model(bus: Bus) -> None:

@@ -696,6 +696,19 @@ def load_estimator(text: str | bytes) -> LearnedEstimator | LinearEstimator:
     raise ValueError(f"unknown estimator model kind {kind!r} (expected {KIND!r} or 'linear')")
 
 
+_PROBES = (BatchShape.of([1], [16]), BatchShape.of([5, 5, 5, 5], [4096] * 4))
+"""Batches a usable model must price with finite, positive times."""
+
+
+def _sane(est: VerifyTimeEstimator) -> bool:
+    """Whether ``est`` prices the probe batches with finite, positive times (a published level
+    of NaN or 1e306 must not reach the batch policy and admission control)."""
+    try:
+        return all(math.isfinite(ms := est.predict(shape)) and ms > 0 for shape in _PROBES)
+    except (ValueError, ArithmeticError, TypeError):
+        return False
+
+
 class PublishedModel:
     """Follows the verify-time model the estimator service publishes (``wisp:estimator:model``).
 
@@ -723,18 +736,28 @@ class PublishedModel:
         self.raw = raw
         # the estimator service republishes after every level refit (every few batches) and
         # parsing the whole model cost the event loop ~7-18 ms: only the head changed then
+        held = self.current
         quick = self._follow_head(raw)
         if quick is not None:
+            if quick and not _sane(self.current):
+                self.current = held
+                return self._refuse("its level makes predictions that are not finite and positive")
             self.error = None
             return quick
         try:
             est = load_estimator(raw)
         except (ValueError, KeyError, TypeError) as err:
-            self.error = f"ignoring the published estimator model: {err}"
-            log.warning("%s", self.error)
-            return False
+            return self._refuse(str(err))
+        if not _sane(est):
+            return self._refuse("it predicts times that are not finite and positive")
         self.current, self.error = est, None
         return True
+
+    def _refuse(self, why: str) -> bool:
+        """Keep the model held; say why the published bytes were not used."""
+        self.error = f"ignoring the published estimator model: {why}"
+        log.warning("%s", self.error)
+        return False
 
     def _follow_head(self, raw: bytes) -> bool | None:
         """Take a level refit from the head that starts the published JSON (``{"head":{...}``,
@@ -753,7 +776,7 @@ class PublishedModel:
             if version == cur.version and level == cur.level:
                 return False
             self.current = cur.with_level(level, version)
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError):
             return None  # an unreadable head: the whole model says what to use
         return True
 

@@ -3,7 +3,7 @@
 request: client → drafter · draft: drafter → estimator → scheduler · batch: scheduler → verifier ·
 verdict: verifier → drafter · event: drafter → client · stats: verifier → estimator/scheduler ·
 cancel: client/gateway → every drafter · dead: any consumer → dead letters ·
-session: the session record kept in Redis ·
+session: the session record kept in Redis · load: the scheduler's snapshot for admission ·
 trace: drafter → trace recorder (controller training rows, only with tracing on).
 """
 
@@ -13,6 +13,7 @@ from wisp.protocol.cancel import CancelRequest
 from wisp.protocol.dead import DeadLetter
 from wisp.protocol.draft import AnnotatedBlock, DraftBlock, WireDist, WireFeatures, digest_ids
 from wisp.protocol.event import OUTPUT_ADAPTER, DoneEvent, ErrorEvent, TokenEvent
+from wisp.protocol.load import LoadSnapshot, VerifierLoadWire
 from wisp.protocol.request import ChatMessage, GenerateRequest
 from wisp.protocol.session import SessionState, SessionTerms
 from wisp.protocol.stats import TimingSample
@@ -30,6 +31,7 @@ __all__ = [
     "DraftBlock",
     "ErrorEvent",
     "GenerateRequest",
+    "LoadSnapshot",
     "ProtocolError",
     "SessionState",
     "SessionTerms",
@@ -37,6 +39,7 @@ __all__ = [
     "TokenEvent",
     "TraceRow",
     "Verdict",
+    "VerifierLoadWire",
     "VerifyBatch",
     "WireDist",
     "WireFeatures",

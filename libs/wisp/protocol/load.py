@@ -1,0 +1,33 @@
+"""scheduler → drafters: ``wisp:load``, a plain key (not a stream) holding the active
+scheduler's latest snapshot of every live verifier's load, which admission control reads.
+
+Validated like a stream message: a snapshot that does not parse, or carries NaN, negative or
+absurd numbers, is ignored by its readers (admission then admits, as with no scheduler) instead
+of raising inside the admission arithmetic and failing the request."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from wisp.protocol.base import WireModel
+
+
+class VerifierLoadWire(WireModel):
+    """``wisp.policy.slo.VerifierLoad`` on the wire."""
+
+    kind: Literal["verifier_load"] = "verifier_load"
+    name: str = Field(min_length=1, max_length=128)
+    backlog_ms: float = Field(ge=0.0, le=1e9)
+    sessions: int = Field(default=0, ge=0, le=10_000_000)
+    speed: float = Field(default=1.0, gt=0.0, le=1e6)
+    tightest_tpot_slo_ms: float | None = Field(default=None, gt=0.0, le=86_400_000)
+
+
+class LoadSnapshot(WireModel):
+    KIND = "load"
+    kind: Literal["load"] = "load"
+    ts: float = Field(ge=0.0, le=1e10)
+    scheduler: str = Field(min_length=1, max_length=128)
+    verifiers: list[VerifierLoadWire] = Field(max_length=65_536)
