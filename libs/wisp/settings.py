@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -129,6 +130,13 @@ class Settings(BaseSettings):
         "distribution sent to the verifier is sparse (lossless, small on the wire).",
     )
     draft_sessions: int = Field(default=64, ge=1, description="Draft KV caches kept (LRU).")
+    draft_backend: Literal["auto", "llamacpp", "torch"] = Field(
+        default="auto",
+        description="What runs the draft model. llamacpp: the packaged GGUF as shipped (4-bit, as "
+        "edge devices run it; 2-3x faster than torch fp32 on a CPU); torch: the converted "
+        "safetensors (GPU edges, local paths, the tiny random test models). auto: llamacpp for a "
+        "packaged alias on CPU, torch otherwise (docs/drafting.md).",
+    )
     trace: bool = Field(
         default=False,
         description="Publish one (draft features, verdict) row per drafted token to wisp:trace "

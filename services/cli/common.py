@@ -15,6 +15,7 @@ import math
 import numbers
 import sys
 from collections.abc import Coroutine, Sequence
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar, cast
 
@@ -60,6 +61,17 @@ TargetOpt = Annotated[
 TorchDeviceOpt = Annotated[
     str | None, typer.Option("--torch-device", help="cpu, cuda, cuda:1 ... (env WISP_DEVICE).")
 ]
+class DraftBackend(StrEnum):
+    """``--draft-backend`` values (``Settings.draft_backend``)."""
+
+    auto = "auto"
+    llamacpp = "llamacpp"
+    torch = "torch"
+
+
+DraftBackendOpt = Annotated[DraftBackend | None, typer.Option(
+    "--draft-backend", help="What runs the draft model: llamacpp (the packaged GGUF as shipped), "
+    "torch, or auto (llamacpp for a packaged alias on CPU, else torch). Env WISP_DRAFT_BACKEND.")]
 DraftKOpt = Annotated[
     int | None, typer.Option("--draft-k", min=0, max=64, help="Fixed draft length (env WISP_DRAFT_K).")
 ]
@@ -71,7 +83,7 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")
 def make_settings(**overrides: Any) -> Settings:
     """``Settings`` from the environment with the flags that were given (None = not given);
     a bad value is one line naming the flag or variable."""
-    clean = {k: v for k, v in overrides.items() if v is not None}
+    clean = {k: (v.value if isinstance(v, StrEnum) else v) for k, v in overrides.items() if v is not None}
     try:
         return Settings(**clean)
     except ValidationError as err:
@@ -113,6 +125,8 @@ def preflight_models(settings: Settings, roles: Sequence[str]) -> None:
             resolve(name, settings.model_cache)
         except (FileNotFoundError, ValueError) as err:
             fail(str(err))
+    if "drafter" in roles and settings.mode != Mode.centralized:
+        _preflight_draft_backend(settings)
     if "drafter" in roles and settings.controller is not None:
         from wisp.policy.controller import default_policy
 
@@ -120,6 +134,25 @@ def preflight_models(settings: Settings, roles: Sequence[str]) -> None:
             default_policy(settings)  # the error the drafter would hit, as one line
         except ValueError as err:
             fail(str(err))
+
+
+def _preflight_draft_backend(settings: Settings) -> None:
+    """The llama.cpp drafter needs its binding and the draft model's GGUF: say so in one line
+    before any model loads."""
+    from wisp.models import REGISTRY, draft_gguf
+    from wisp.services.drafter.llamacpp_binding import LlamaCppError, binding_version
+    from wisp.services.drafter.llamacpp_engine import draft_backend
+
+    if draft_backend(settings) != "llamacpp":
+        return
+    if settings.draft_model not in REGISTRY:
+        fail(f"--draft-backend llamacpp runs a packaged GGUF; {settings.draft_model!r} is not a "
+             "packaged alias (use --draft-backend torch for paths and hub ids)")
+    try:
+        binding_version()
+        draft_gguf(settings.draft_model, settings.model_cache)
+    except (LlamaCppError, FileNotFoundError) as err:
+        fail(str(err))
 
 
 def preflight_prompts(source: str, n: int, offset: int = 0) -> list[Prompt]:

@@ -11,7 +11,7 @@ import sys
 
 import typer
 from typer._click import exceptions as click_exc  # typer vendors click; its errors live here
-from wisp.services.cli import bench, controller, estimator, prepare, redis_admin, sim, system
+from wisp.services.cli import bench, controller, drafter, estimator, prepare, redis_admin, sim, system
 from wisp.services.cli.common import CliError
 
 app = typer.Typer(
@@ -31,6 +31,7 @@ app.add_typer(prepare.app)
 app.add_typer(bench.app)
 app.add_typer(controller.trace_app, name="trace")
 app.add_typer(controller.controller_app, name="controller")
+app.add_typer(drafter.drafter_app, name="drafter")
 app.add_typer(estimator.profile_app, name="profile")
 app.add_typer(estimator.estimator_app, name="estimator")
 app.add_typer(sim.sim_app, name="sim")

@@ -10,6 +10,7 @@ import typer
 from wisp.bus import redact
 from wisp.services.cli.common import (
     SAMPLE_PROMPT,
+    DraftBackendOpt,
     DraftKOpt,
     DraftOpt,
     ModeOpt,
@@ -54,6 +55,7 @@ def up(
     target_model: TargetOpt = None,
     torch_device: TorchDeviceOpt = None,
     draft_k: DraftKOpt = None,
+    draft_backend: DraftBackendOpt = None,
     api_host: ApiHostOpt = None,
     api_port: ApiPortOpt = None,
     no_api: Annotated[bool, typer.Option("--no-api", help="Do not serve the HTTP API.")] = False,
@@ -66,7 +68,7 @@ def up(
     setup_logging(verbose)
     settings = make_settings(redis_url=redis_url, mode=mode, draft_model=draft_model,
                              target_model=target_model, device=torch_device, draft_k=draft_k,
-                             api_host=api_host, api_port=api_port)
+                             draft_backend=draft_backend, api_host=api_host, api_port=api_port)
     roles = [*ALL_ROLES] if no_api else [*ALL_ROLES, "gateway"]
     preflight_models(settings, ALL_ROLES)
     if not no_api:
@@ -123,6 +125,7 @@ def serve(
     target_model: TargetOpt = None,
     torch_device: TorchDeviceOpt = None,
     draft_k: DraftKOpt = None,
+    draft_backend: DraftBackendOpt = None,
     name: Annotated[str | None,
                     typer.Option("--name", help="Consumer / device name (env WISP_NAME).")] = None,
     api_host: ApiHostOpt = None,
@@ -137,7 +140,8 @@ def serve(
     setup_logging(verbose)
     settings = make_settings(redis_url=redis_url, mode=mode, draft_model=draft_model,
                              target_model=target_model, device=torch_device, draft_k=draft_k,
-                             name=name, api_host=api_host, api_port=api_port)
+                             draft_backend=draft_backend, name=name, api_host=api_host,
+                             api_port=api_port)
     preflight_models(settings, [role])
     if role == "gateway":
         _preflight_api_port(settings)
@@ -251,6 +255,7 @@ def demo(
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 96,
     draft_model: DraftOpt = None,
     target_model: TargetOpt = None,
+    draft_backend: DraftBackendOpt = None,
 ) -> None:
     """The main job on a fresh machine: prepare the packaged model pair, start all four
     services on an embedded Redis, answer a sample prompt with streaming output, stop."""
@@ -260,7 +265,8 @@ def demo(
     from wisp.protocol import DoneEvent, TokenEvent
 
     quiet_logging()
-    settings = make_settings(mode=mode, draft_model=draft_model, target_model=target_model)
+    settings = make_settings(mode=mode, draft_model=draft_model, target_model=target_model,
+                             draft_backend=draft_backend)
     wanted = [m for m in (settings.draft_model, settings.target_model) if m in REGISTRY]
     if wanted:
         try:

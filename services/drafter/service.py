@@ -89,10 +89,10 @@ class DrafterService(Service):
             self.tokenizer = await self.in_worker(models.load_tokenizer, s.target_model, s)
             self.eos = frozenset(await self.in_worker(tokens.eos_token_ids, s.target_model, s))
         if self.speculative and self.engine is None:
-            from wisp.services.drafter.engine import DraftEngine
+            # llama.cpp on the packaged GGUF or torch (settings.draft_backend); same interface
+            from wisp.services.drafter.llamacpp_engine import make_draft_engine
 
-            model = await self.in_worker(models.load_model, s.draft_model, s)
-            self.engine = DraftEngine(model, max_sessions=s.draft_sessions)
+            self.engine = await self.in_worker(make_draft_engine, s, self.tokenizer)
             await self.in_worker(self._warm_up)
         self.rounds = RoundDrafter(self, s, self.bus, self.engine)
         self.emitter = Emitter(self, self.output, self.tokenizer)
