@@ -7,9 +7,13 @@ code path of every benchmark that starts its own system; ``sim validate`` runs i
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import secrets
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -34,7 +38,7 @@ from wisp.services.cli.common import (
     run_async,
     say,
 )
-from wisp.services.runner import ALL_ROLES, connected, with_services
+from wisp.services.runner import ALL_ROLES, connected, free_port, with_services
 from wisp.settings import Mode, Settings
 
 T = TypeVar("T")
@@ -310,3 +314,169 @@ async def _overhead_row(bus: Bus, services: Sequence[Any], t0: float, res: Bench
         "segments_p99_ms": {k: percentile(v, 99) for k, v in segments.items()},
         "load_avg": list(load), "target": None, "target_met": None,
     }
+
+
+# ---------------------------------------------------------------------- bench-api
+API_BENCH_STARTUP_S = 60.0
+"""How long the gateway process may take to answer /healthz (imports, Redis, the port)."""
+
+
+@app.command("bench-api")
+def bench_api(
+    concurrency: Annotated[str, typer.Option(
+        help="Concurrent streams, or a comma list of levels run in turn.")] = "1,32",
+    requests: Annotated[int, typer.Option(
+        min=1, help="Measured requests per path at each level.")] = 200,
+    max_new_tokens: Annotated[int, typer.Option(min=2, help="Tokens per request (all of them: "
+                                                "null engines never stop early).")] = 64,
+    rounds: Annotated[int, typer.Option(
+        min=1, max=50, help="ABBA pairs of phases per level (the paths alternate, so drift "
+        "favours neither).")] = 2,
+    mode: Annotated[str, typer.Option(help="wisp | sled | centralized.")] = "sled",
+    draft_k: DraftKOpt = None,
+    prompts: Annotated[int, typer.Option(min=1, help="Distinct prompts from the packaged data.")] = 30,
+    gateway_in_process: Annotated[bool, typer.Option(
+        "--gateway-in-process", help="Run the gateway in the services' process and event loop, "
+        "as `wisp-cli up` does, instead of its own process (`wisp-cli serve gateway`, as in a "
+        "cluster).")] = False,
+    out: Annotated[Path | None, typer.Option(
+        help="Where to write the JSON results (default out/api-latency.json).")] = None,
+) -> None:
+    """The HTTP API's added latency: the same requests through the gateway (streamed
+    /v1/completions) and straight on the bus (wisp.client.submit), side by side on one system
+    with null engines; per request (e2e) and per token (TPOT, inter-token gaps), p50/p99, at
+    each concurrency level (table + JSON)."""
+    from wisp.bench_api import ApiBenchConfig, hardware
+
+    if mode not in {x.value for x in Mode}:
+        raise typer.BadParameter(f"unknown mode {mode!r}: use wisp, sled, centralized", param_hint="--mode")
+    levels = parse_counts(concurrency, "--concurrency")
+    quiet_logging()
+    texts = tuple(p.text for p in preflight_prompts("mixed", prompts))
+    path = output_path(out or Path("out/api-latency.json"))
+    settings = null_settings(make_settings(mode=mode, null_models=True, draft_k=draft_k))
+    key = "wisp-bench-" + secrets.token_hex(12)
+    settings = settings.model_copy(update={
+        "api_keys": key, "api_keys_file": None, "api_host": "127.0.0.1", "api_port": free_port(),
+        # the bench sends hundreds of requests a minute on one key
+        "api_rate_per_min": 1e9,
+        "max_new_tokens_limit": max(settings.max_new_tokens_limit, max_new_tokens)})
+    cfg = ApiBenchConfig(concurrency=tuple(levels), requests=requests, max_new_tokens=max_new_tokens,
+                         prompts=texts, rounds=rounds)
+    hw_before = hardware()
+    t0 = time.time()
+    result = run_async(_bench_api(settings, cfg, key, gateway_in_process))
+    doc = {
+        "what": "latency the OpenAI-compatible HTTP API (the gateway) adds over the Redis path "
+                "(wisp.client.submit), same requests side by side on one system with null engines; "
+                "client-side clocks; added = API minus Redis",
+        "command": "wisp-cli " + " ".join(sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t0)),
+        "duration_s": round(time.time() - t0, 1),
+        "config": {"concurrency": levels, "requests_per_path_per_level": requests,
+                   "max_new_tokens": max_new_tokens, "rounds": rounds, "order": "ABBA phases",
+                   "mode": str(settings.mode), "draft_k": settings.draft_k, "null_models": True,
+                   "prompts": len(texts), "endpoint": "POST /v1/completions, stream: true",
+                   "gateway": "in the services' process" if gateway_in_process
+                   else "own process (wisp-cli serve gateway)",
+                   "redis": "embedded redis-server on 127.0.0.1; services in the bench's process"},
+        "hardware": {**hw_before, "load_avg_after": list(os.getloadavg())},
+        **result,
+    }
+    _print_api_table(doc)
+    path.write_text(json.dumps(doc, indent=2))
+    say(f"results written to {path}")
+
+
+def _print_api_table(doc: dict[str, Any]) -> None:
+    hw = doc["hardware"]
+    header = ["streams", "path", "ok/sent", "e2e p50", "e2e p99", "TTFT p50", "TTFT p99",
+              "TPOT p50", "TPOT p99", "ITL p50", "ITL p99", "outside drafter p50"]
+    body = []
+    for r in doc["results"]:
+        body.append([str(r["concurrency"]), r["path"], f"{r['ok']}/{r['requests']}",
+                     *(fmt(r[f][s]) for f in ("e2e_ms", "ttft_ms", "tpot_ms", "itl_ms")
+                       for s in ("p50", "p99")), fmt(r["outside_drafter_ms"]["p50"])])
+        if r["path"] == "api":
+            a = next(d for d in doc["added"] if d["concurrency"] == r["concurrency"])
+            body.append([str(r["concurrency"]), "added (api - redis)", "",
+                         *(fmt(a[f][s]) for f in ("e2e_ms", "ttft_ms", "tpot_ms", "itl_ms")
+                           for s in ("p50", "p99")), fmt(a["outside_drafter_ms"]["p50"])])
+    print_table(f"HTTP API vs Redis path, ms ({doc['config']['mode']}, null engines, "
+                f"{doc['config']['max_new_tokens']} tokens; {hw['cpu_model']}, "
+                f"{hw['os_cpu_count']} CPUs)", header, body)
+
+
+async def _bench_api(settings: Settings, cfg: Any, key: str, in_process: bool) -> dict[str, Any]:
+    """The services (and, ``in_process``, the gateway) on a fresh embedded Redis; otherwise
+    the gateway as its own ``wisp-cli serve gateway`` process against it."""
+    from wisp.bench_api import run_api_bench
+
+    roles = [*ALL_ROLES, "gateway"] if in_process else list(ALL_ROLES)
+    async with with_services(settings, roles) as system:
+        await submit(system.bus, cfg.prompts[0], max_new_tokens=4)  # warm-up, not measured
+        if in_process:
+            base_url = next(s.base_url for s in system.services if s.role == "gateway")
+            return await run_api_bench(system.bus, base_url, key, cfg, say)
+        with tempfile.TemporaryDirectory(prefix="wisp-bench-api-") as tmp:
+            log_path = Path(tmp) / "gateway.log"
+            proc = _start_gateway(settings, system.url, log_path)
+            try:
+                base_url = f"http://127.0.0.1:{settings.api_port}/v1"
+                await _wait_for_gateway(proc, base_url, log_path)
+                return await run_api_bench(system.bus, base_url, key, cfg, say)
+            finally:
+                proc.terminate()
+                try:
+                    await asyncio.to_thread(proc.wait, 15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+def _start_gateway(settings: Settings, url: str, log_path: Path) -> subprocess.Popen[bytes]:
+    """``wisp-cli serve gateway`` against the bench's Redis, with the bench's API settings and
+    nothing else of this environment's WISP_ settings (a password meant for another Redis)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WISP_")}
+    env.update({
+        "WISP_REDIS_URL": url, "WISP_NAMESPACE": settings.namespace, "WISP_MODE": str(settings.mode),
+        "WISP_TARGET_MODEL": settings.target_model, "WISP_DRAFT_MODEL": settings.draft_model,
+        "WISP_NULL_MODELS": "true", "WISP_API_HOST": settings.api_host,
+        "WISP_API_PORT": str(settings.api_port), "WISP_API_KEYS": settings.api_keys or "",
+        "WISP_API_RATE_PER_MIN": str(settings.api_rate_per_min),
+        "WISP_MAX_NEW_TOKENS_LIMIT": str(settings.max_new_tokens_limit),
+    })
+    with open(log_path, "wb") as log:
+        return subprocess.Popen([sys.executable, "-m", "wisp.services.cli", "serve", "gateway"],
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+async def _wait_for_gateway(proc: subprocess.Popen[bytes], base_url: str, log_path: Path) -> None:
+    """Until the gateway answers ``GET /healthz`` (fail with its log if it exits or is slow)."""
+    health = base_url.removesuffix("/v1") + "/healthz"
+    host, port = "127.0.0.1", int(base_url.rsplit(":", 1)[1].split("/")[0])
+    deadline = time.monotonic() + API_BENCH_STARTUP_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            fail(f"the gateway exited ({proc.returncode}): {_tail(log_path)}")
+        try:
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(f"GET {health.split(str(port), 1)[1]} HTTP/1.1\r\nHost: {host}\r\n"
+                         "Connection: close\r\n\r\n".encode())
+            await writer.drain()
+            status = await reader.readline()
+            writer.close()
+            if b" 200 " in status:
+                return
+        except OSError:
+            pass
+        await asyncio.sleep(0.2)
+    fail(f"the gateway did not answer {health} within {API_BENCH_STARTUP_S:.0f} s: "
+         f"{_tail(log_path)}")
+
+
+def _tail(path: Path, chars: int = 1500) -> str:
+    """The end of a log, for an error line (read once, at the failure)."""
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return "(no log)"

@@ -94,6 +94,7 @@ def speed(
     settings = make_settings(draft_model=draft_model)
     if settings.draft_model not in REGISTRY:
         fail(f"{settings.draft_model!r} is not a packaged alias (the GGUF comes from the package)")
+    _preflight(chosen, settings)  # one line, before any "loading" line
     output_path(out)
     n_threads = threads or os.cpu_count() or 1
     prompt = list(range(1000, 1064))  # 64 ordinary ids: a warm prompt of typical length
@@ -122,3 +123,17 @@ def speed(
               f"{r['tokens_per_s']:9.1f}")
     print(f"({settings.draft_model}, {n_threads} thread(s), {tokens} tokens per session, median of "
           f"{reps}; load average {result['load_avg_1m']:.1f}; JSON: {out})")
+
+
+def _preflight(backends: list[str], settings: Any) -> None:
+    """Refuse in one line, before anything loads, when a chosen backend's weights are missing."""
+    from wisp.models import ModelNotPreparedError, draft_gguf, is_prepared
+
+    if "llamacpp" in backends:
+        try:
+            draft_gguf(settings.draft_model, settings.model_cache)
+        except ModelNotPreparedError as err:
+            fail(str(err))
+    if "torch" in backends and not is_prepared(settings.draft_model, settings.model_cache):
+        fail(f"{settings.draft_model!r} is not prepared in {settings.model_cache}; run "
+             f"`wisp-cli models prepare {settings.draft_model}`")

@@ -306,6 +306,26 @@ def dangling_references(docs: list[Obj]) -> list[str]:
                     "is not a port of the selected pods"
                 )
 
+    # --- Ingress backends: a Service of the render, and one of its ports
+    for ing in of_kind(docs, "Ingress"):
+        backends = [ing["spec"]["defaultBackend"]] if "defaultBackend" in ing["spec"] else []
+        backends += [
+            path["backend"]
+            for rule in ing["spec"].get("rules", [])
+            for path in rule.get("http", {}).get("paths", [])
+        ]
+        for b in backends:
+            if "service" not in b:
+                continue
+            where = f"Ingress/{name(ing)} backend"
+            svc = need("Service", b["service"]["name"], ns(ing), where)
+            port = b["service"].get("port", {})
+            if svc is not None and not any(
+                p.get("name") == port.get("name") if "name" in port else p["port"] == port.get("number")
+                for p in svc["spec"].get("ports", [])
+            ):
+                problems.append(f"{where}: Service {name(svc)} has no port {port}")
+
     # --- selectors of PDBs and NetworkPolicies
     for pdb in of_kind(docs, "PodDisruptionBudget"):
         if not any(

@@ -4,7 +4,8 @@ Every kustomization is rendered with ``kubectl kustomize`` (offline); the result
 ``kubernetes-validate --strict`` against the newest Kubernetes it knows (and an older floor) and
 checked for what a schema cannot see: references that resolve inside the render (also under a
 namePrefix/nameSuffix/namespace overlay), KEDA objects field by field, security settings, probes,
-GPU placement, edge placement and the Redis NetworkPolicy. The last tests break renders on
+GPU placement, edge placement, the Redis NetworkPolicy and the API gateway (its Service, keys
+Secret, Ingress and autoscaling). The last tests break renders on
 purpose to show the checks catch it.
 """
 
@@ -46,7 +47,9 @@ ROLES = {
     "estimator": "Deployment",
     "verifier": "Deployment",
     "drafter": "DaemonSet",
+    "gateway": "Deployment",
 }
+API_PORT = 8000
 IMAGE_REPO = "ghcr.io/wisp-serving/wisp"
 
 
@@ -490,6 +493,10 @@ def test_keda_scales_verifiers_on_the_scheduler_backlog(key: str) -> None:
             if h["spec"]["scaleTargetRef"]["name"] == kc.name(target)
         ]
         for trig in spec["triggers"]:
+            if kc.component(target) == "gateway":  # CPU-bound, no backlog of its own
+                assert trig["type"] == "cpu" and trig["metricType"] == "Utilization"
+                assert trig["metadata"]["containerName"] == "gateway"
+                continue
             assert trig["type"] == "redis-streams"
             meta = trig["metadata"]
             assert meta["stream"].startswith(conf["WISP_NAMESPACE"] + ":")
@@ -522,9 +529,10 @@ def test_keda_for_simulated_devices_follows_the_request_backlog() -> None:
 def test_hpa_alternative_scales_verifiers_on_cpu() -> None:
     d = docs("gpu-hpa")
     assert not kc.of_kind(d, "ScaledObject")
-    [hpa] = kc.of_kind(d, "HorizontalPodAutoscaler")
-    assert hpa["apiVersion"] == "autoscaling/v2"
     verifier = kc.wisp_workload(d, "verifier")
+    [hpa] = [h for h in kc.of_kind(d, "HorizontalPodAutoscaler")
+             if h["spec"]["scaleTargetRef"]["name"] == kc.name(verifier)]
+    assert hpa["apiVersion"] == "autoscaling/v2"
     assert hpa["spec"]["scaleTargetRef"] == {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -630,3 +638,88 @@ def test_checks_catch_hand_made_breakage() -> None:
     }
     for what, mutate in sec_cases.items():
         assert any(what in p for p in kc.security_problems(broken(mutate))), what
+
+
+# ------------------------------------------------------------------------------ API gateway
+@pytest.mark.parametrize("key", ALL)
+def test_gateway_serves_the_api_port_with_keys_from_a_secret_file(key: str) -> None:
+    """The gateway faces the pod network on the API port behind its Service, and always with
+    API keys: the Secret mounted read-only as the file WISP_API_KEYS_FILE names (never an open
+    API, never the keys in the environment)."""
+    d = docs(key)
+    w = kc.wisp_workload(d, "gateway")
+    assert w["kind"] == "Deployment"
+    spec = kc.pod_template(w)["spec"]
+    c = kc.container(w, "gateway")
+    env = {e["name"]: e for e in c["env"]}
+    assert env["WISP_API_HOST"]["value"] == "0.0.0.0"
+    assert int(env["WISP_API_PORT"]["value"]) == API_PORT
+    assert "WISP_API_KEYS" not in env and "WISP_API_KEYS" not in settings(d)
+    assert {"name": "http", "containerPort": API_PORT, "protocol": "TCP"} in c["ports"]
+    # the keys file is a key of a Secret of the render, mounted read-only where the env says
+    keys_file = Path(env["WISP_API_KEYS_FILE"]["value"])
+    [mount] = [m for m in c["volumeMounts"] if keys_file.is_relative_to(m["mountPath"])]
+    assert mount.get("readOnly") is True
+    vol = {v["name"]: v for v in spec["volumes"]}[mount["name"]]["secret"]
+    rel = str(keys_file.relative_to(mount["mountPath"]))
+    [item] = [i for i in vol["items"] if i["path"] == rel]
+    assert item["key"] in (kc.config_keys(d, "Secret", vol["secretName"], kc.ns(w)) or set())
+    assert vol["secretName"] != _redis_password_ref(d)["name"], "API keys and Redis apart"
+    assert vol.get("defaultMode", 0o644) & 0o007 == 0, "keys not world-readable"
+    # its Service targets the API port (by name), and only that
+    svcs = [s for s in kc.of_kind(d, "Service")
+            if s["spec"].get("clusterIP") != "None"
+            and kc.selector_matches(s["spec"]["selector"], kc.pod_template(w)["metadata"]["labels"])]
+    [svc] = svcs
+    assert [(p["port"], p["targetPort"]) for p in svc["spec"]["ports"]] == [(API_PORT, "http")]
+    # scaled like the stateless roles: two replicas (or an autoscaler with at least two), a PDB
+    scalers = [o for o in kc.of_kind(d, "HorizontalPodAutoscaler") + kc.of_kind(d, "ScaledObject")
+               if o["spec"]["scaleTargetRef"]["name"] == kc.name(w)]
+    if scalers:
+        [scaler] = scalers
+        assert "replicas" not in w["spec"], "the autoscaler owns the replica count"
+        low = scaler["spec"].get("minReplicas", scaler["spec"].get("minReplicaCount"))
+        assert low >= 2
+    else:
+        assert w["spec"]["replicas"] >= 2
+    labels = kc.pod_template(w)["metadata"]["labels"]
+    assert [p for p in kc.of_kind(d, "PodDisruptionBudget")
+            if kc.label_selector_matches(p["spec"]["selector"], labels)]
+    assert "cpu" in c["resources"]["requests"]  # the autoscalers' utilisation is of the request
+
+
+def test_gateway_api_keys_secret_is_a_generated_placeholder() -> None:
+    base = yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())
+    [gen] = [g for g in base["secretGenerator"] if g["name"] == "wisp-api-keys"]
+    assert any(lit.startswith("keys=CHANGE-ME") for lit in gen["literals"])
+    assert "API gateway" in (REPO / "docs" / "deploy.md").read_text()
+
+
+@pytest.mark.parametrize("key", ["gpu-hpa", *WITH_KEDA])
+def test_autoscaling_components_cover_the_gateway(key: str) -> None:
+    d = docs(key)
+    w = kc.wisp_workload(d, "gateway")
+    scalers = [o for o in kc.of_kind(d, "HorizontalPodAutoscaler") + kc.of_kind(d, "ScaledObject")
+               if o["spec"]["scaleTargetRef"]["name"] == kc.name(w)]
+    assert len(scalers) == 1, "one autoscaler for the gateway, of the chosen kind"
+    assert "replicas" not in w["spec"]
+
+
+def test_gateway_ingress_routes_the_api_to_the_gateway_service() -> None:
+    """components/gateway-ingress (in the renamed test overlay): /v1 to the gateway's Service
+    on its API port, with response buffering off so server-sent events stream."""
+    d = docs("prefixed-keda")
+    [ing] = kc.of_kind(d, "Ingress")
+    [rule] = ing["spec"]["rules"]
+    [path] = rule["http"]["paths"]
+    assert path["path"] == "/v1" and path["pathType"] == "Prefix"
+    svc = kc.find(d, "Service", path["backend"]["service"]["name"], kc.ns(ing))
+    assert svc is not None and kc.name(svc) == "acme-wisp-gateway-v2"
+    assert path["backend"]["service"]["port"] == {"name": "http"}
+    assert ing["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+    assert rule["host"] in ing["spec"]["tls"][0]["hosts"]
+    # the check follows Ingress backends: a wrong port or Service is reported
+    path["backend"]["service"]["port"] = {"name": "metrics"}
+    assert any("Ingress/" in p and "no port" in p for p in kc.dangling_references(d))
+    path["backend"]["service"]["name"] = "ghost"
+    assert any("Ingress/" in p and "'ghost'" in p for p in kc.dangling_references(d))
