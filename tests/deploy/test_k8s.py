@@ -37,6 +37,7 @@ RENDERS = {
     "prefixed-keda": OVERLAYS / "prefixed-keda",  # cpu + keda + keda-drafter-sim, renamed
     "gpu-hpa": OVERLAYS / "gpu-hpa",  # gpu + hpa, namePrefix
     "gpu-keda": OVERLAYS / "gpu-keda",  # gpu + keda
+    "cpu-acl": OVERLAYS / "cpu-acl",  # cpu + acl-users: every workload as its Redis ACL user
 }
 ALL = sorted(RENDERS)
 WITH_KEDA = ["prefixed-keda", "gpu-keda"]
@@ -194,7 +195,7 @@ def test_wisp_services_commands_identity_and_probes(key: str) -> None:
         field = kc.env_value(c, "WISP_NAME")["valueFrom"]["fieldRef"]["fieldPath"]
         assert field == ("spec.nodeName" if role == "drafter" else "metadata.name")
         assert "secretKeyRef" in kc.env_value(c, "WISP_REDIS_PASSWORD")["valueFrom"]
-        assert kc.env_value(c, "WISP_REDIS_URL")["value"] == "redis://$(REDIS_HOST):$(REDIS_PORT)/0"
+        assert USER_URL.match(kc.env_value(c, "WISP_REDIS_URL")["value"])
         assert {"name": "metrics", "containerPort": port, "protocol": "TCP"} in c["ports"]
         for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
             assert c[probe]["httpGet"] == {"path": path, "port": "metrics"}, (role, probe)
@@ -289,12 +290,15 @@ def test_redis_is_persistent_password_protected_and_fenced(key: str) -> None:
     assert {"name": claim["metadata"]["name"], "mountPath": "/data"} in redis["volumeMounts"]
     assert redis["image"].startswith("redis:7")  # lagCount needs XINFO GROUPS lag (Redis >= 7)
     # AOF on, password from the Secret (via stdin, not argv)
-    conf_vol = next(v for v in spec["volumes"] if "configMap" in v)
+    conf_vol = next(v for v in spec["volumes"] if "configMap" in v and v["name"] == "config")
     conf = kc.find(d, "ConfigMap", conf_vol["configMap"]["name"], kc.ns(sts))["data"]["redis.conf"]
     lines = [line.strip() for line in conf.splitlines()]
     assert "appendonly yes" in lines and "dir /data" in lines
     assert not any(line.startswith("requirepass") for line in lines)
-    assert 'requirepass "${REDIS_PASSWORD}"' in redis["args"][0]
+    # the default user's password, or (components/acl-users) the default user off and an admin
+    assert ('requirepass "${REDIS_PASSWORD}"' in redis["args"][0]
+            or ("user default off" in redis["args"][0]
+                and "user admin on >${REDIS_PASSWORD}" in redis["args"][0]))
     assert "secretKeyRef" in kc.env_value(redis, "REDIS_PASSWORD")["valueFrom"]
     secret_name = kc.env_value(redis, "REDIS_PASSWORD")["valueFrom"]["secretKeyRef"]["name"]
     # every WISP pod authenticates with that same Secret
@@ -346,13 +350,26 @@ def _redis_password_ref(d: list[dict]) -> dict:
     return kc.env_value(redis, "REDIS_PASSWORD")["valueFrom"]["secretKeyRef"]
 
 
-def _check_redis_credentials(c: dict, ref: dict, where: str) -> None:
-    """What a process needs to log in: a URL without credentials and the password from the
-    same Secret and key as Redis (the services apply it to their first connection)."""
+USER_URL = re.compile(r"^redis://(?:(admin|wisp-[a-z]+)@)?\$\(REDIS_HOST\):\$\(REDIS_PORT\)/0$")
+"""The bare URL, or with a user name (components/acl-users): never a password."""
+
+
+def _check_redis_credentials(c: dict, ref: dict, where: str, d: list[dict] | None = None) -> None:
+    """What a process needs to log in: a URL without a password and the password from the
+    Secret and key Redis takes that user's password from (the services apply it to their
+    first connection): Redis's own ``REDIS_PASSWORD`` for no user or ``admin``, its
+    ``<ROLE>_PASSWORD`` for ``wisp-<role>`` (components/acl-users)."""
     url = kc.env_value(c, "WISP_REDIS_URL")
     pw = kc.env_value(c, "WISP_REDIS_PASSWORD")
     assert url is not None and pw is not None, f"{where}: needs WISP_REDIS_URL and WISP_REDIS_PASSWORD"
-    assert url.get("value") == BARE_URL, f"{where}: {url} (no credentials in the URL)"
+    m = USER_URL.match(url.get("value", ""))
+    assert m, f"{where}: {url} (no password in the URL)"
+    if m.group(1) not in (None, "admin"):
+        assert d is not None, where
+        [sts] = kc.of_kind(d, "StatefulSet")
+        role = m.group(1).removeprefix("wisp-").upper()
+        ref = kc.env_value(sts["spec"]["template"]["spec"]["containers"][0],
+                           f"{role}_PASSWORD")["valueFrom"]["secretKeyRef"]
     got = pw.get("valueFrom", {}).get("secretKeyRef", {})
     assert {k: got.get(k) for k in ("name", "key")} == {"name": ref["name"], "key": ref["key"]}, where
 
@@ -373,7 +390,7 @@ def test_every_wisp_container_that_talks_to_redis_gets_the_url_and_the_password(
             if tuple(c.get("args", [])[:2]) in OFFLINE_COMMANDS:
                 assert kc.env_value(c, "WISP_REDIS_PASSWORD") is None, f"{where} needs no password"
                 continue
-            _check_redis_credentials(c, ref, where)
+            _check_redis_credentials(c, ref, where, d)
             checked.append(where)
     assert len(checked) >= len(ROLES), checked
 
@@ -399,7 +416,7 @@ def test_documented_kubectl_exec_wisp_cli_commands_can_log_in() -> None:
         default = tpl["metadata"].get("annotations", {}).get("kubectl.kubernetes.io/default-container")
         cs = tpl["spec"]["containers"]
         c = next((x for x in cs if x["name"] == default), cs[0])
-        _check_redis_credentials(c, ref, f"kubectl exec {target} -- wisp-cli {cmd}")
+        _check_redis_credentials(c, ref, f"kubectl exec {target} -- wisp-cli {cmd}", d)
 
 
 def test_redis_password_secret_is_a_generated_placeholder() -> None:

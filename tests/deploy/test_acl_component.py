@@ -1,0 +1,113 @@
+"""components/acl-users: every workload logs in to Redis as its role's ACL user.
+
+Rendered with ``kubectl kustomize`` (a CPU overlay with the component), then the Redis
+container's own start-up script is run with a real redis-server >= 7 (its paths pointed at a
+temporary directory, a free port): the ACL lines it builds with sed must load, the default user
+must be off, every role's user must log in with its password from the Secret, and the
+``admin`` user must be able to load WISP's function library (the scheduler's init container
+does that), after which the drafter user may FCALL it and may not EVAL."""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from wisp.bus import LIBRARY_NAME, function_library
+from wisp.services.runner import free_port
+
+from tests.deploy import k8s_checks as kc
+from tests.faults.test_security import ROLES, redis7_binary
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPONENT = ROOT / "deploy" / "k8s" / "components" / "acl-users"
+OVERLAY = Path(__file__).resolve().parent / "overlays" / "cpu-acl"
+
+pytestmark = pytest.mark.skipif(kc.kubectl() is None, reason=kc.KUBECTL_HINT)
+
+
+def _objs() -> list[dict[str, Any]]:
+    return kc.render(OVERLAY)
+
+
+def _workloads(objs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {o["metadata"]["name"]: o for o in objs if o["kind"] in ("Deployment", "DaemonSet")}
+
+
+def test_the_components_acl_file_is_the_shipped_one() -> None:
+    assert (COMPONENT / "redis-acl.conf").read_text() == (ROOT / "deploy" / "redis-acl.conf").read_text(), (
+        "copy deploy/redis-acl.conf to deploy/k8s/components/acl-users/redis-acl.conf")
+
+
+def test_every_workload_logs_in_as_its_roles_user() -> None:
+    expected = {"wisp-drafter": "drafter", "wisp-drafter-sim": "drafter", "wisp-estimator": "estimator",
+                "wisp-scheduler": "scheduler", "wisp-verifier": "verifier", "wisp-gateway": "gateway"}
+    work = _workloads(_objs())
+    assert set(expected) <= set(work)
+    for name, role in expected.items():
+        spec = work[name]["spec"]["template"]["spec"]
+        main = spec["containers"][0]
+        env = {e["name"]: e for e in main["env"]}
+        assert env["WISP_REDIS_URL"]["value"].startswith(f"redis://wisp-{role}@"), name
+        assert env["WISP_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == f"{role}-password"
+        for c in spec.get("initContainers", []):  # only the loader has the admin password
+            for e in c.get("env", []):
+                if e["name"] == "WISP_REDIS_PASSWORD":
+                    assert (name, c["name"]) == ("wisp-scheduler", "load-functions"), (name, c["name"])
+    loader = work["wisp-scheduler"]["spec"]["template"]["spec"]["initContainers"]
+    assert [c["args"] for c in loader if c["name"] == "load-functions"] == [["redis", "load-functions"]]
+
+
+def test_the_redis_start_script_builds_working_users(tmp_path: Path) -> None:
+    exe = redis7_binary()
+    if exe is None:
+        pytest.skip("needs redis-server >= 7")
+    objs = _objs()
+    secret = next(o for o in objs
+                  if o["kind"] == "Secret" and o["metadata"]["name"].startswith("wisp-redis-auth"))
+    pw = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    sts = next(o for o in objs if o["kind"] == "StatefulSet")
+    container = sts["spec"]["template"]["spec"]["containers"][0]
+    script = container["args"][0]
+    port = free_port()
+    (tmp_path / "redis.conf").write_text(f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\nappendonly no\n")
+    script = (script.replace("/etc/redis/redis.conf", str(tmp_path / "redis.conf"))
+              .replace("/etc/redis-acl/", f"{COMPONENT}/")
+              .replace("exec redis-server -", f"exec {exe} -"))
+    env = {**os.environ, "PATH": f"{Path(exe).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for e in container["env"]:
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        if ref is not None:
+            env[e["name"]] = pw[ref["key"]]
+    log = open(tmp_path / "redis.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(["sh", "-c", script], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        admin = redis.Redis(port=port, username="admin", password=pw["password"])
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                admin.ping()
+                break
+            except redis.exceptions.ConnectionError:
+                assert proc.poll() is None, (tmp_path / "redis.log").read_text()
+                assert time.monotonic() < deadline, (tmp_path / "redis.log").read_text()
+                time.sleep(0.1)
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis(port=port, password=pw["password"]).ping()  # the default user is off
+        for role in ROLES:
+            user = redis.Redis(port=port, username=f"wisp-{role}", password=pw[f"{role}-password"])
+            assert user.ping(), role
+        admin.function_load(function_library(), replace=True)  # the scheduler's init container
+        drafter = redis.Redis(port=port, username="wisp-drafter", password=pw["drafter-password"])
+        assert drafter.fcall(f"{LIBRARY_NAME}_loaded", 0) == 1
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            drafter.eval("return 1", 0)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
