@@ -169,10 +169,20 @@ def submit(
     device: Annotated[str | None,
                       typer.Option("--device", help="Send to this edge device (drafter name).")] = None,
     redis_url: RedisUrl = None,
+    url: Annotated[str | None, typer.Option(
+        "--url", help="Base URL of WISP's OpenAI-compatible API (default: the one `wisp-cli up` "
+        "serves, if it is running).")] = None,
+    via_redis: Annotated[bool, typer.Option(
+        "--via-redis", help="Submit straight to Redis (operators; needs Redis credentials) "
+        "instead of through the API.")] = False,
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", envvar="WISP_API_KEY", help="Bearer key for the API (env WISP_API_KEY).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end.")] = False,
     timeout: Annotated[float, typer.Option(min=1.0, help="Give up after this many idle seconds.")] = 600.0,
 ) -> None:
-    """Submit a prompt and stream the committed tokens as they are verified."""
+    """Submit a prompt and stream the committed tokens as they are verified: through the HTTP
+    API when one is known (--url, or the one `wisp-cli up` serves), else (or with --via-redis,
+    or an explicit --redis-url) straight to Redis."""
     from wisp.client import RequestFailed
     from wisp.client import submit as do_submit
     from wisp.protocol import DoneEvent, TokenEvent
@@ -198,6 +208,28 @@ def submit(
             sys.stdout.write(ev.text)
             sys.stdout.flush()
 
+    api = None if (via_redis or redis_url) else (url or recorded_api_url(settings))
+    if api is not None:
+        from wisp.api_client import submit_http
+
+        def text(piece: str) -> None:
+            if not as_json:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+
+        try:
+            got = run_async(submit_http(
+                api, prompt, chat_template=not no_chat_template, max_new_tokens=max_new_tokens,
+                temperature=temperature, seed=seed, ttft_slo_ms=ttft_slo_ms,
+                tpot_slo_ms=tpot_slo_ms, speculation=spec, device=device, api_key=api_key,
+                idle_timeout_s=timeout, on_text=text))
+        except RequestFailed as err:
+            if not as_json and tty:
+                sys.stdout.write("\n")
+            fail(str(err))
+        _report(got, as_json)
+        return
+
     async def run() -> DoneEvent:
         async with connected(settings, broker_url(settings, redis_url), timeout_s=3.0) as bus:
             try:
@@ -215,14 +247,22 @@ def submit(
                 fail(f"bad request: {err}")
 
     done = run_async(run())
+    _report(done.model_dump(exclude={"version", "kind"}), as_json)
+
+
+def _report(done: dict[str, Any], as_json: bool) -> None:
+    """The end of `submit`, the same whichever path it took: one JSON object, or a newline
+    after the streamed text and a summary line on stderr."""
     if as_json:
-        print(json.dumps(done.model_dump(exclude={"version", "kind"})))
+        print(json.dumps(done))
         return
     sys.stdout.write("\n")
-    rate = done.accepted_tokens / done.drafted_tokens if done.drafted_tokens else float("nan")
-    print(f"[{len(done.token_ids)} tokens · {done.mode} · TTFT {done.ttft_ms:.0f} ms · "
-          f"TPOT {done.tpot_ms:.0f} ms · {done.rounds} rounds · acceptance {rate:.2f} · "
-          f"{done.finish_reason}]", file=sys.stderr)
+    drafted, accepted = done["drafted_tokens"], done["accepted_tokens"]
+    rate = accepted / drafted if drafted else float("nan")
+    via = f" · via {done['via']}" if done.get("via") else ""
+    print(f"[{len(done['token_ids'])} tokens · {done['mode']} · TTFT {done['ttft_ms']:.0f} ms · "
+          f"TPOT {done['tpot_ms']:.0f} ms · {done['rounds']} rounds · acceptance {rate:.2f} · "
+          f"{done['finish_reason']}{via}]", file=sys.stderr)
 
 
 @app.command()

@@ -38,10 +38,18 @@ def test_up_serves_on_embedded_redis_and_submit_finds_it(tiny_pair: tuple[Path, 
         assert url.startswith("redis://127.0.0.1:") and not url.endswith(":6379/0")
         state = json.loads((tmp_path / "cache" / "wisp" / "up.json").read_text())
         assert state["redis_url"] == url
+        # submit goes through the API `up` serves (no broker credential), or straight to Redis
+        # with --via-redis: the same greedy answer either way
         res = cli(["submit", "Write a short poem about streams.", "--json", "--max-new-tokens", "10"], env)
         assert res.returncode == 0, res.stderr
         out = json.loads(res.stdout)
         assert len(out["token_ids"]) == 10 and out["mode"] == "sled"
+        assert out["via"] == f"http://127.0.0.1:{port}/v1"
+        direct = cli(["submit", "Write a short poem about streams.", "--json", "--max-new-tokens",
+                      "10", "--via-redis"], env)
+        assert direct.returncode == 0, direct.stderr
+        assert json.loads(direct.stdout)["token_ids"] == out["token_ids"]
+        assert "via" not in json.loads(direct.stdout)
         streamed = cli(["submit", "Say hi.", "--max-new-tokens", "6"], env)
         assert streamed.returncode == 0 and "6 tokens" in streamed.stderr
         status = cli(["status", "--json"], env)
