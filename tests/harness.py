@@ -47,6 +47,9 @@ def service_env(redis_url: str, namespace: str, **settings: Any) -> dict[str, st
         "PYTHONUNBUFFERED": "1",
         "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1"),
         "TOKENIZERS_PARALLELISM": "false",
+        # a drafter's own API binds 127.0.0.1:8000 by default: the tests' many drafters would
+        # race for it; the test of that API turns it on with a free port
+        "WISP_DEVICE_API": "false",
     })
     for k, v in settings.items():
         env[f"WISP_{k.upper()}"] = str(v)

@@ -219,6 +219,18 @@ class Settings(BaseSettings):
     api_allow_devices: bool = Field(
         default=True, description="Let an API request name a device (the extra body parameter "
         "`device`) to run on that drafter; false: every request goes to the shared queue.")
+    api_device: str | None = Field(
+        default=None, max_length=100, description="Run every API request on this device (the "
+        "drafter's own API sets it to the drafter's name); a request naming another is a 400.")
+    device_api: bool | None = Field(
+        default=None, description="A drafter serves the OpenAI-compatible API for its own device "
+        "on device_api_host:device_api_port (loopback), as Ollama does, so an application on the "
+        "device needs no Redis credential. Unset: on for `wisp-cli serve drafter` (an edge "
+        "device), off where drafters run beside a gateway (`wisp-cli up`, demo, bench).")
+    device_api_host: str = Field(default="127.0.0.1", description="Bind address of a drafter's own API.")
+    device_api_port: int = Field(
+        default=8000, ge=0, le=65535, description="Port of a drafter's own API (0: any free port). "
+        "Taken by something else: the drafter logs it and serves without its API.")
     api_min_ttft_slo_ms: float = Field(
         default=10_000.0, gt=0, le=86_400_000, description="The tightest TTFT SLO an API client "
         "may ask for (the extra body parameter ttft_slo_ms); tighter is a 400. Deadlines decide "

@@ -145,6 +145,8 @@ def serve(
     preflight_models(settings, [role])
     if role == "gateway":
         _preflight_api_port(settings)
+    if role == "drafter" and settings.device_api is None:  # an edge device: its own API too
+        settings = settings.model_copy(update={"device_api": True})
     try:
         run_async(run_services([role], settings, broker_url(settings, redis_url)))
     except OSError as err:  # the API's port taken since the preflight

@@ -69,6 +69,8 @@ class DrafterService(Service):
         self.eos: frozenset[int] = frozenset()
         self.rounds = RoundDrafter(self, settings, bus, None)
         self.emitter = Emitter(self, self.output, None)
+        self.api_url: str | None = None
+        """This device's own API (``device_api_loop``), once it listens."""
         self.cancelled = RecentCancels()
         """Recent cancels, from the cancel broadcast."""
 
@@ -103,7 +105,10 @@ class DrafterService(Service):
         self.engine.drop("__warmup__")
 
     def heartbeat_info(self) -> dict[str, Any]:
-        return {**super().heartbeat_info(), "sessions": len(self.sessions)}
+        info = {**super().heartbeat_info(), "sessions": len(self.sessions)}
+        if self.api_url is not None:
+            info["api_url"] = self.api_url
+        return info
 
     def consumers(self) -> list[Consumer]:
         """Requests for any drafter (a shared group: one a dead drafter took is swept to a
@@ -118,7 +123,33 @@ class DrafterService(Service):
         ]
 
     def loops(self) -> list:
-        return [self.adopt_loop, self.round_watch_loop, self.cancel_loop]
+        loops = [self.adopt_loop, self.round_watch_loop, self.cancel_loop]
+        return [*loops, self.device_api_loop] if self.settings.device_api is True else loops
+
+    async def device_api_loop(self) -> None:
+        """Serve the OpenAI-compatible API for this device on loopback (``device_api_*``):
+        every request runs here (``api_device``), so an application on the device talks to
+        its drafter the way it would talk to Ollama, and no Redis credential leaves the
+        drafter. A port already taken is logged and the drafter serves on without its API."""
+        from wisp.services.gateway.service import GatewayService
+
+        s = self.settings
+        gw = GatewayService(s.model_copy(update={
+            "api_host": s.device_api_host, "api_port": s.device_api_port, "api_device": self.name,
+        }), self.bus, name=self.name)
+        gw.stopping = self.stopping
+        try:
+            await gw.setup()
+        except OSError as err:
+            log.warning("%s; serving without this device's API (WISP_DEVICE_API_PORT chooses "
+                        "another port, WISP_DEVICE_API=0 turns it off)", err)
+            return
+        self.api_url = gw.base_url
+        log.info("this device's OpenAI-compatible API: %s", self.api_url)
+        try:
+            await gw.serve_loop()
+        finally:
+            await gw.teardown()
 
     # ------------------------------------------------------------------ requests
     async def on_request(self, entry: Entry[GenerateRequest]) -> None:

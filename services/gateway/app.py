@@ -138,8 +138,14 @@ async def _complete(gw: Gateway, request: Request, kind: Literal["chat", "text"]
     check_model(req, gw.settings)
     rid = new_request_id()
     fields = generate_fields(req, gw.settings, rid)
-    await gw.check_drafters(req.device)
-    run = RunningRequest(gw.bus, rid, fields, device=req.device,
+    device = req.device
+    if gw.settings.api_device is not None:  # a drafter's own API: its device, no other
+        if device not in (None, gw.settings.api_device):
+            raise ApiError(400, f"device: this API serves device {gw.settings.api_device!r} only",
+                           param="device", code="unsupported_parameter")
+        device = gw.settings.api_device
+    await gw.check_drafters(device)
+    run = RunningRequest(gw.bus, rid, fields, device=device,
                          idle_timeout_s=gw.settings.api_idle_timeout_s)
     tr = Translation(kind, rid, req.model, int(time.time()), stops=req.stops(),
                      include_usage=bool(req.stream_options and req.stream_options.include_usage),

@@ -263,7 +263,9 @@ DRAFTER = [
     may("drafter", "XDEL wisp:req (an acked request)", cmd("XDEL", f"{NS}:req", "0-1")),
     may("drafter", "XDEL wisp:req:<device>", cmd("XDEL", f"{NS}:req:dev1", "0-1")),
     may("drafter", "XREAD wisp:cancel", cmd("XREAD", "COUNT", "64", "STREAMS", f"{NS}:cancel", "0-0")),
-    never("drafter", "XADD wisp:cancel", xadd(f"{NS}:cancel")),
+    # its device's own API (services/drafter: device_api_loop): submit to its stream, cancel
+    may("drafter", "XLEN wisp:req:<device>", cmd("XLEN", f"{NS}:req:dev1")),
+    may("drafter", "XADD wisp:cancel", xadd(f"{NS}:cancel")),
     never("drafter", "EVAL arbitrary script", script("return 1")),
     never("drafter", "FUNCTION LOAD a library of its own", cmd("FUNCTION", "LOAD", LIBRARY)),
 ]
