@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Annotated, Any
 
@@ -38,6 +39,7 @@ from wisp.services.runner import (
     run_services,
     with_services,
 )
+from wisp.settings import Mode
 
 app = typer.Typer()
 
@@ -294,13 +296,16 @@ def status(
 def demo(
     prompt: Annotated[str, typer.Argument(help="The prompt to answer.")] = SAMPLE_PROMPT,
     mode: ModeOpt = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1)] = 96,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens at most (the sample "
+                                                "prompt's answer ends well before).")] = 256,
     draft_model: DraftOpt = None,
     target_model: TargetOpt = None,
     draft_backend: DraftBackendOpt = None,
 ) -> None:
     """The main job on a fresh machine: prepare the packaged model pair, start all four
-    services on an embedded Redis, answer a sample prompt with streaming output, stop."""
+    services on an embedded Redis, answer a sample prompt with streaming output, stop. It shows
+    the product: wisp mode (unless --mode or WISP_MODE says otherwise) with the llama.cpp
+    drafter on the packaged 4-bit draft model."""
     from wisp.client import RequestFailed
     from wisp.client import submit as do_submit
     from wisp.models import REGISTRY, prepare
@@ -309,6 +314,8 @@ def demo(
     quiet_logging()
     settings = make_settings(mode=mode, draft_model=draft_model, target_model=target_model,
                              draft_backend=draft_backend)
+    if mode is None and "WISP_MODE" not in os.environ:
+        settings = settings.model_copy(update={"mode": Mode.wisp})
     wanted = [m for m in (settings.draft_model, settings.target_model) if m in REGISTRY]
     if wanted:
         try:
