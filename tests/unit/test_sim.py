@@ -357,17 +357,36 @@ def test_capacity_and_ratios() -> None:
         "sled": {10: (0.95, 90), 20: (0.6, 100), 40: (0.2, 80), 80: (0.0, 0), 160: (0.0, 0)},
         "centralized": {10: (1.0, 100), 20: (0.92, 200), 40: (0.5, 200), 80: (0.1, 50), 160: (0.0, 0)},
     })
-    assert res.capacity("wisp") == 40  # the lucky 160 past the knee does not count
+    # the mean curve's first crossing of 90%, interpolated: 40 + 0.01 / 0.41 x 40 (the lucky
+    # 160 past the knee does not count); one value per point: no interval
+    cap = res.capacity("wisp")
+    assert cap["mean"] == pytest.approx(40 + 40 * 0.01 / 0.41) == cap["lo"] == cap["hi"]
+    assert res.capacity_point("wisp") == 40
     s = res.summary()
-    assert s["modes"]["sled"]["capacity_devices"] == 10
-    assert s["capacity_ratio_vs_centralized"] == pytest.approx(2.0)
-    assert s["capacity_ratio_vs_sled"] == pytest.approx(4.0)
+    assert s["modes"]["sled"]["capacity"]["mean"] == pytest.approx(10 + 10 * 0.05 / 0.35)
+    assert s["modes"]["sled"]["capacity_point"] == 11
+    central = 20 + 20 * 0.02 / 0.42
+    assert s["capacity_ratio_vs_centralized"] == pytest.approx(cap["mean"] / central)
+    assert s["capacity_ratio_vs_sled"] == pytest.approx(cap["mean"] / (10 + 10 * 0.05 / 0.35))
     assert s["goodput_ratio_devices"] == 40
     assert s["goodput_ratio_vs_centralized"] == pytest.approx(2.0)
     assert s["goodput_ratio_vs_sled"] == pytest.approx(5.0)
     assert s["meets_paper_targets"]["capacity_ratio_vs_sled"] is False
     zero = _fake({"wisp": {10: (0.95, 1)}, "sled": {10: (0.1, 1)}, "centralized": {10: (0.95, 1)}})
     assert zero.summary()["capacity_ratio_vs_sled"] == math.inf
+
+
+def test_a_censored_capacity_makes_its_ratio_a_bound() -> None:
+    # wisp never falls below 90% in the sweep: its capacity is >= 40, the ratio at least 40 / c
+    res = _fake({"wisp": {20: (0.99, 1), 40: (0.95, 1)}, "centralized": {20: (0.95, 1), 40: (0.85, 1)},
+                 "sled": {20: (0.99, 1), 40: (0.97, 1)}})
+    s = res.summary()
+    assert s["modes"]["wisp"]["capacity"]["censored"] == "above"
+    assert s["capacity_ratio_vs_centralized"] == pytest.approx(40 / (20 + 20 * 0.05 / 0.10))
+    assert s["capacity_ratio_vs_centralized_bound"] == "at_least"
+    assert s["capacity_ratio_vs_sled"] is None  # both censored: unknown
+    flipped = _fake({"wisp": {20: (0.95, 1), 40: (0.85, 1)}, "centralized": {20: (0.99, 1), 40: (0.95, 1)}})
+    assert flipped.summary()["capacity_ratio_vs_centralized_bound"] == "at_most"
 
 
 def test_tiny_sweep_writes_the_report(tmp_path: Path) -> None:
@@ -380,9 +399,16 @@ def test_tiny_sweep_writes_the_report(tmp_path: Path) -> None:
     assert all(p["seeds"] == 2 for m in summary["modes"].values() for p in m["points"])
     for mode in ("wisp", "sled", "centralized"):
         m = summary["modes"][mode]
-        assert {"capacity_devices", "goodput_tokens_per_s", "slo_attainment", "verifier_utilisation",
+        assert {"capacity", "goodput_tokens_per_s", "slo_attainment", "slo_attainment_ci",
+                "goodput_tokens_per_s_ci", "verifier_utilisation",
                 "mean_wasted_draft_ms_per_request"} <= set(m)
+        assert {"mean", "lo", "hi"} <= set(m["capacity"])
         assert {"4", "24"} <= set(m["slo_attainment"])
+        for p in m["points"]:  # the point is the seeds' mean, inside its interval
+            assert len(p["slo_attainment_seeds"]) == 2
+            assert p["slo_attainment"] == pytest.approx(sum(p["slo_attainment_seeds"]) / 2)
+            lo, hi = p["slo_attainment_ci"]
+            assert lo <= p["slo_attainment"] <= hi
     for k in ("capacity_ratio_vs_centralized", "capacity_ratio_vs_sled", "goodput_ratio_vs_centralized",
               "goodput_ratio_vs_sled"):
         assert k in summary

@@ -29,14 +29,52 @@ def breakdown_devices(summary: dict[str, Any]) -> int | None:
     want = summary["scenario"]["config"]["sweep"].get("breakdown_devices") or 0
     if want:
         return int(want)
-    cap = summary["modes"].get("wisp", {}).get("capacity_devices")
+    cap = summary["modes"].get("wisp", {}).get("capacity_point")
     if cap:
         return int(cap)
     devs = sorted({n for m in summary["modes"].values() for n in m["devices"]})
     return devs[0] if devs else None
 
 
+def capacity_text(cap: dict[str, Any] | None, fmt: str = "{:.0f}") -> str:
+    """A capacity {mean, lo, hi} as text: ``83 [78, 88]``; a bound outside the sweep as
+    ``>= 250`` or ``< 10``."""
+    if not cap:
+        return "n/a"
+    swept = cap.get("swept") or [None, None]
+    st = cap.get("status", {})
+
+    def one(key: str) -> str:
+        v = cap.get(key)
+        if v is not None:
+            return fmt.format(v)
+        if st.get(key) == "above":
+            return f">= {swept[1]}"
+        return f"< {swept[0]}"
+
+    if st.get("mean") == "empty":
+        return "n/a (no request in the window)"
+    if cap.get("seeds", 0) <= 1:
+        return one("mean") + " (1 seed, no interval)"
+    return f"{one('mean')} [{one('lo')}, {one('hi')}]"
+
+
+def _band(m: dict[str, Any], key: str, xs: list[int]) -> tuple[list[float], list[float]] | None:
+    ci = m.get(f"{key}_ci") or {}
+    lo, hi = [], []
+    for n in xs:
+        c = ci.get(str(n))
+        if not c or c[0] is None or c[1] is None:
+            return None
+        lo.append(float(c[0]))
+        hi.append(float(c[1]))
+    return lo, hi
+
+
 def write_plots(summary: dict[str, Any], out: Path) -> list[Path]:
+    """Attainment and goodput vs devices (the seeds' mean, with the 95% band shaded, and each
+    mode's capacity interval as a shaded span on the attainment plot), and the round-time
+    breakdown at WISP's capacity."""
     plt = _plt()
     out.mkdir(parents=True, exist_ok=True)
     files = []
@@ -50,12 +88,18 @@ def write_plots(summary: dict[str, Any], out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(7, 4.2))
         for mode, m in summary["modes"].items():
             st = MODE_STYLE.get(mode, {"label": mode})
-            xs = [int(n) for n in m[key]]
+            xs = sorted(int(n) for n in m[key])
             ys = [m[key][str(n)] for n in xs]
             ax.plot(xs, ys, color=st.get("color"), marker=st.get("marker"), label=st["label"])
-            cap = m.get("capacity_devices")
-            if key == "slo_attainment" and cap:
-                ax.axvline(cap, color=st.get("color"), lw=0.8, ls=":")
+            band = _band(m, key, xs)
+            if band is not None:
+                ax.fill_between(xs, band[0], band[1], color=st.get("color"), alpha=0.18, lw=0)
+            cap = m.get("capacity") or {}
+            if key == "slo_attainment" and cap.get("mean") is not None:
+                ax.axvline(cap["mean"], color=st.get("color"), lw=0.8, ls=":")
+                lo = cap.get("lo") if cap.get("lo") is not None else min(xs)
+                hi = cap.get("hi") if cap.get("hi") is not None else max(xs)
+                ax.axvspan(lo, hi, ymin=0.0, ymax=0.04, color=st.get("color"), alpha=0.5, lw=0)
         if key == "slo_attainment":
             ax.axhline(target, color="grey", lw=1, ls="--", label=f"{target:.0%} target")
             ax.set_ylim(-0.02, 1.02)
@@ -135,10 +179,13 @@ def render_report(summary: dict[str, Any], plots: list[Path] | None = None) -> s
         f"- Command: `{summary.get('command') or 'n/a'}`",
         f"- Scenario: `{sc['path']}` (digest `{sc['digest']}`), seed {sc['seed']}, "
         f"{_f(sc['duration_s'], '{:.0f}')} s measured after {_f(sc['warmup_s'], '{:.0f}')} s warm-up, "
-        f"{summary.get('seeds_per_point', 1)} seed(s) pooled per point",
+        f"{summary.get('seeds_per_point', 1)} seed(s) per point "
+        f"(seeds {', '.join(str(x) for x in summary.get('seeds') or [])})",
         f"- SLOs: TTFT <= {_f(sc['slo']['ttft_ms'], '{:.0f}')} ms and TPOT <= "
-        f"{_f(sc['slo']['tpot_ms'], '{:.0f}')} ms; capacity = the largest swept device count with "
-        f"SLO attainment >= {summary.get('attainment_target', 0.9):.0%}",
+        f"{_f(sc['slo']['tpot_ms'], '{:.0f}')} ms; capacity = the first crossing of the mean SLO "
+        f"attainment curve with {summary.get('attainment_target', 0.9):.0%} (interpolated), "
+        f"shown as mean [95% interval]",
+        f"- Intervals: {summary.get('interval_method', 'n/a')}",
         f"- Acceptance: {_assets_line(summary)}",
         f"- Verify time: {summary['assets'].get('timing', {}).get('name')} model "
         f"({json.dumps(summary['assets'].get('timing', {}).get('hardware', {}))})",
@@ -161,27 +208,40 @@ def render_report(summary: dict[str, Any], plots: list[Path] | None = None) -> s
               f"point of each mode) ratios: WISP/centralized "
               f"{_f(summary.get('peak_goodput_ratio_vs_centralized'))}, WISP/SLED "
               f"{_f(summary.get('peak_goodput_ratio_vs_sled'))}.", ""]
-    lines += ["| mode | capacity (devices) | goodput at WISP's capacity (tok/s) | "
+    ranges = [f"{k[: -len('_range')]} {_f(summary[k][0])} to {_f(summary[k][1])}"
+              for k in ("capacity_ratio_vs_centralized_range", "capacity_ratio_vs_sled_range")
+              if summary.get(k) and any(v is not None for v in summary[k])]
+    bounds = [f"{k} is {summary.get(k + '_bound', '').replace('_', ' ')} {_f(summary.get(k))}"
+              for k in ("capacity_ratio_vs_centralized", "capacity_ratio_vs_sled")
+              if summary.get(k + "_bound")]
+    if bounds:
+        lines += ["A capacity ratio with a censored capacity is a bound: " + "; ".join(bounds) + ".", ""]
+    if ranges:
+        lines += ["Capacity ratio ranges (each end from the two capacity intervals' opposite ends; "
+                  "conservative): " + "; ".join(ranges) + ".", ""]
+    lines += ["| mode | capacity (devices, mean [95% interval]) | goodput at WISP's capacity (tok/s) | "
               "peak goodput (tok/s @ devices) | mean wasted drafting ms/request | "
               "mean verifier utilisation |",
               "|---|---:|---:|---:|---:|---:|"]
     gd = summary.get("goodput_ratio_devices")
     for mode, m in summary["modes"].items():
         g = m["goodput_tokens_per_s"].get(str(gd)) if gd else None
-        cap = f"{m['capacity_devices']}" + (" (>=, sweep ended)" if m.get("capacity_censored") else "")
+        cap = capacity_text(m.get("capacity"), "{:.1f}")
         peak = f"{_f(m.get('peak_goodput_tokens_per_s'), '{:.1f}')} @ {m.get('peak_goodput_devices')}"
         lines.append(f"| {mode} | {cap} | {_f(g, '{:.1f}')} | {peak} | "
                      f"{_f(m['mean_wasted_draft_ms_per_request'], '{:.0f}')} | "
                      f"{_f(m['mean_verifier_utilisation'], '{:.2f}')} |")
     lines += ["", "## Per device count", "",
-              "| mode | devices | requests | SLO att. | goodput tok/s | TTFT p90 ms | TPOT mean ms | "
-              "TPOT p90 ms | accept | waste ms/req | util | refused | batch rows | est. MAPE |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| mode | devices | seeds | requests | SLO att. [95%] | goodput tok/s [95%] | "
+              "TTFT p90 ms | TPOT mean ms | TPOT p90 ms | accept | waste ms/req | util | refused | "
+              "batch rows | est. MAPE |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for mode, m in summary["modes"].items():
         for p in m["points"]:
             lines.append(
-                f"| {mode} | {p['devices']} | {p['requests']} | {_f(p['slo_attainment'])} | "
-                f"{_f(p['goodput_tokens_per_s'], '{:.1f}')} | {_f(p['ttft_p90_ms'], '{:.0f}')} | "
+                f"| {mode} | {p['devices']} | {p.get('seeds', 1)} | {p['requests']} | "
+                f"{_with_ci(p, 'slo_attainment', '{:.3f}')} | "
+                f"{_with_ci(p, 'goodput_tokens_per_s', '{:.1f}')} | {_f(p['ttft_p90_ms'], '{:.0f}')} | "
                 f"{_f(p['tpot_mean_ms'], '{:.0f}')} | {_f(p['tpot_p90_ms'], '{:.0f}')} | "
                 f"{_f(p['acceptance_rate'])} | {_f(p['wasted_draft_ms_per_request'], '{:.0f}')} | "
                 f"{_f(p['verifier_utilisation'])} | {p.get('refused', 0)} | "
@@ -235,6 +295,13 @@ def render_report(summary: dict[str, Any], plots: list[Path] | None = None) -> s
         lines.append(f"- Note: {note}")
     lines.append("")
     return "\n".join(lines)
+
+
+def _with_ci(p: dict[str, Any], key: str, fmt: str) -> str:
+    ci = p.get(f"{key}_ci")
+    if not ci or p.get("seeds", 1) <= 1 or ci[0] is None or ci[1] is None:
+        return _f(p.get(key), fmt)
+    return f"{_f(p.get(key), fmt)} [{_f(ci[0], fmt)}, {_f(ci[1], fmt)}]"
 
 
 def _assets_line(summary: dict[str, Any]) -> str:

@@ -19,12 +19,14 @@ scheduler queue (after the KV reservation of a new session) -> batch on a verifi
 from the timing model) -> downlink -> device commits ``accepted + 1`` tokens and drafts again.
 Centralized mode with ``loop = "server"`` keeps the rounds on the server (a continuous-batching
 decode loop) and only streams tokens down.
+
+Randomness is drawn per device (``wisp.sim.streams``: common random numbers), so a device asks
+the same requests in every mode and the modes are compared on identical workloads.
 """
 
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -56,6 +58,7 @@ from wisp.sim.server import (
     lognormal_unit,
     synthetic_profile,
 )
+from wisp.sim.streams import DeviceStreams, PlannedRequest, server_stream
 from wisp.sim.workload import AcceptanceBank, RequestShape, load_acceptance, load_shapes
 
 # event kinds
@@ -127,13 +130,15 @@ class Session:
     __slots__ = (
         "rid", "dev", "prompt_len", "out_len", "seq_start", "t_submit", "in_window", "spec",
         "r_drafted", "r_accepted", "r_feats", "r_draft_ms", "r_passes", "r_up_ms", "r_ready",
-        "t_arrive", "t_dispatch", "kv_reserved", "key", "host_wait", "prefill_ready",
+        "t_arrive", "t_dispatch", "kv_reserved", "key", "host_wait", "prefill_ready", "req_index",
     )
 
     def __init__(self, rid: str, dev: DeviceSpec, shape: RequestShape, seq_start: int, t_submit: float,
-                 in_window: bool, max_new: int) -> None:
+                 in_window: bool, max_new: int, req_index: int = -1) -> None:
         self.rid = rid
         self.dev = dev
+        self.req_index = req_index
+        """Which of its device's planned requests this is (``DeviceStreams.requests``)."""
         self.prompt_len = shape.prompt_len
         self.out_len = shape.output_len
         self.seq_start = seq_start
@@ -232,11 +237,17 @@ class Simulation:
         self.seed = sc.scenario.seed if seed is None else seed
         self.assets = assets or load_assets(sc)
         seed_ = self.seed
-        self.r_work = random.Random(f"{seed_}:workload")
-        self.r_user = random.Random(f"{seed_}:users")
-        self.r_net = random.Random(f"{seed_}:network")
-        self.r_time = random.Random(f"{seed_}:timing")
         self.devs = make_devices(sc, devices, seed_)
+        # common random numbers: every device draws from its own streams, in its own order, so
+        # it asks the same requests in every mode (wisp.sim.streams); the batch-time noise is
+        # the server's one stream
+        self.streams = [DeviceStreams(seed_, d.index, self.assets.shapes, self.assets.bank.starts)
+                        for d in self.devs]
+        self.r_server = server_stream(seed_)
+        self.retry_req: list[PlannedRequest | None] = [None] * devices
+        """A closed-loop user's refused request, submitted again after the back-off (a user
+        retries the same question), so a refusal does not shift the device's later requests.
+        A refused Poisson arrival is dropped: the k-th arrival carries the k-th request."""
         self.q = EventQueue()
         self.warmup = sc.scenario.warmup_s
         self.t_end = self.warmup + sc.scenario.duration_s
@@ -351,13 +362,13 @@ class Simulation:
         q = self.q
         users = self.sc.workload.users
         for d in self.devs:
+            st = self.streams[d.index]
             if users == "closed":
                 stagger = self.sc.workload.stagger_s
                 span = self.sc.workload.think_s if stagger < 0 else stagger
-                q.push(self.r_user.uniform(0.0, span) if span > 0 else 0.0, K_REQUEST, d)
+                q.push(st.stagger(span), K_REQUEST, d)
             else:
-                rate = self.sc.workload.rate_per_device
-                q.push(self.r_user.expovariate(rate), K_ARRIVAL, d)
+                q.push(st.arrival_gap(self.sc.workload.rate_per_device), K_ARRIVAL, d)
         heap = q.heap
         t_end, hard_end = self.t_end, self.hard_end
         while heap:
@@ -396,7 +407,7 @@ class Simulation:
     def _on_arrival(self, dev: DeviceSpec, t: float) -> None:
         if t >= self.t_end:
             return
-        self.q.push(t + self.r_user.expovariate(self.sc.workload.rate_per_device), K_ARRIVAL, dev)
+        self.q.push(t + self.streams[dev.index].arrival_gap(self.sc.workload.rate_per_device), K_ARRIVAL, dev)
         if self.dev_busy[dev.index]:
             self.queued_requests[dev.index].append(t)
             if self.warmup <= t < self.t_end:
@@ -412,13 +423,13 @@ class Simulation:
         if in_window and not counted:
             self.submitted_in_window += 1
             self.open_in_window += 1
-        shape = self.shapes[self.r_work.randrange(len(self.shapes))]
-        if shape.seq >= 0:
-            start = self.starts[shape.seq % len(self.starts)]
-        else:
-            start = self.starts[self.r_work.randrange(len(self.starts))]
+        req = self.retry_req[dev.index]
+        self.retry_req[dev.index] = None
+        if req is None:
+            req = self.streams[dev.index].next_request()
+        shape = req.shape
         self._rid += 1
-        sess = Session(f"r{self._rid}", dev, shape, start, ts, in_window, self.max_new)
+        sess = Session(f"r{self._rid}", dev, shape, req.seq_start, ts, in_window, self.max_new, req.index)
         self.dev_busy[dev.index] = True
         if self.admission is not None:
             decision = self.admission.decide(self._load_snapshot(t), self.ttft_slo, self.tpot_slo,
@@ -427,6 +438,8 @@ class Simulation:
                 self.refused += 1
                 if in_window:
                     self._record_failed(ts, sess)
+                if self.sc.workload.users == "closed":  # a Poisson arrival is not retried
+                    self.retry_req[dev.index] = req
                 self._device_free(dev, t, refused=True)
                 return
         self.active.add(sess)
@@ -443,8 +456,8 @@ class Simulation:
         self.dev_busy[dev.index] = False
         wl = self.sc.workload
         if wl.users == "closed":
-            mean = wl.retry_s if refused else wl.think_s
-            self.q.push(t + (self.r_user.expovariate(1.0 / mean) if mean > 0 else 0.0), K_REQUEST, dev)
+            st = self.streams[dev.index]
+            self.q.push(t + (st.retry(wl.retry_s) if refused else st.think(wl.think_s)), K_REQUEST, dev)
         else:
             dq = self.queued_requests[dev.index]
             if dq:
@@ -485,7 +498,7 @@ class Simulation:
         s.r_accepted = accepted
         s.r_passes = passes
         if passes:
-            jit = lognormal_unit(self.r_time, dev.round_jitter_cv)
+            jit = lognormal_unit(self.streams[dev.index].draft, dev.round_jitter_cv)
             if s.round == 0:
                 ms = (s.prompt_len * dev.prefill_ms_per_token + (passes - 1) * dev.draft_ms) * jit
             else:
@@ -539,7 +552,8 @@ class Simulation:
         """ms for one message between device and server."""
         ms = dev.rtt_ms * 0.5 + nbytes / (dev.up_bytes_per_ms if up else dev.down_bytes_per_ms)
         if dev.jitter_ms > 0:
-            ms += self.r_net.expovariate(1.0 / dev.jitter_ms)
+            st = self.streams[dev.index]
+            ms += (st.uplink if up else st.downlink).expovariate(1.0 / dev.jitter_ms)
         return ms
 
     def _send(self, s: Session, t_ready: float) -> None:
@@ -627,7 +641,7 @@ class Simulation:
         ms = self.model.mean_ms(new, ctx)
         if self.prefill_extra > 0:
             ms += self.prefill_extra * prefill_tokens
-        ms *= lognormal_unit(self.r_time, self.noise_cv) / self.vspeed[vi]
+        ms *= lognormal_unit(self.r_server, self.noise_cv) / self.vspeed[vi]
         if self.contention > 1.0 and self.hosts and any(h.busy for h in self.hosts):
             ms *= self.contention
         self.vbusy[vi] += 1

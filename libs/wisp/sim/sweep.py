@@ -1,9 +1,12 @@
 """Sweep device counts for several modes and condense the runs into ``summary.json``.
 
-Capacity is ``wisp.metrics.capacity`` over the swept counts (the largest count whose SLO
-attainment is >= 90% with every smaller count also >= 90%); ``refine`` bisects between each
-mode's last passing and first failing count to sharpen it. Goodput ratios are taken at WISP's
-capacity point (every mode is run at that count).
+Every point is run with several seeds (5 by default): its attainment and goodput are the mean
+over seeds with a 95% t-interval. Capacity is the first crossing of the mean attainment curve
+with the 90% target, linearly interpolated between swept counts, with the 95% interval where
+the per-point band crosses the target (``wisp.sim.stats`` says why this interval). ``refine``
+bisects between the swept counts that bracket each mode's mean crossing. Goodput ratios are
+taken at WISP's capacity point (the largest whole device count under its mean crossing; every
+mode is run there).
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from wisp.metrics import ATTAINMENT_TARGET, capacity
+from wisp.metrics import ATTAINMENT_TARGET
 from wisp.sim.scenario import Scenario
 from wisp.sim.simulator import Assets, SimResult, load_assets, simulate
+from wisp.sim.stats import INTERVAL_METHOD, capacity_interval, mean_ci, ratio_range
 
 PAPER_TARGETS = {
     "capacity_ratio_vs_centralized": 2.1,
@@ -33,6 +37,10 @@ POINT_KEYS = (
     "tpot_p50_ms", "tpot_p90_ms", "tpot_p99_ms", "tpot_mean_ms", "acceptance_rate",
     "mean_accepted_per_round", "wasted_draft_ms_per_request",
 )
+INTERVAL_KEYS = ("slo_attainment", "goodput_tokens_per_s")
+"""Per-point figures given as the mean over seeds with a 95% interval (``KEY_ci``) and the
+per-seed values (``KEY_seeds``); the other figures are computed on the pooled records."""
+DEFAULT_SEEDS = 5
 
 
 def point_of(r: SimResult) -> dict[str, Any]:
@@ -47,12 +55,26 @@ def point_of(r: SimResult) -> dict[str, Any]:
     return out
 
 
+def _with_intervals(out: dict[str, Any], results: Sequence[SimResult]) -> dict[str, Any]:
+    """Attainment and goodput as the seeds' mean, its 95% t-interval and the per-seed values:
+    the capacity crossing and its interval are computed from exactly these."""
+    for k in INTERVAL_KEYS:
+        vals = [r.summary.get(k) for r in results]
+        m, lo, hi = mean_ci(vals, (0.0, 1.0) if k == "slo_attainment" else (0.0, math.inf))
+        out[k] = m
+        out[f"{k}_ci"] = [lo, hi]
+        out[f"{k}_seeds"] = vals
+    out["seed_list"] = [r.seed for r in results]
+    return out
+
+
 def pooled_point(results: Sequence[SimResult]) -> dict[str, Any]:
-    """One point from runs of the same (mode, devices) with different seeds: the metrics of the
-    pooled request records over the pooled measured time (``summarize``), breakdown weighted by
-    rounds, other figures averaged."""
+    """One point from runs of the same (mode, devices) with different seeds: attainment and
+    goodput as the mean over seeds with a 95% interval (``_with_intervals``); the other metrics
+    (percentiles, acceptance, waste) of the pooled request records over the pooled measured time
+    (``summarize``), breakdown weighted by rounds, the rest averaged."""
     if len(results) == 1:
-        return point_of(results[0])
+        return _with_intervals(point_of(results[0]), results)
     from wisp.metrics import summarize
 
     recs = [rec for r in results for rec in r.records]
@@ -80,7 +102,7 @@ def pooled_point(results: Sequence[SimResult]) -> dict[str, Any]:
             classes.setdefault(c, []).append(v)
     out["attainment_by_class"] = {c: sum(v) / len(v) for c, v in classes.items()}
     out["seeds"] = n
-    return out
+    return _with_intervals(out, results)
 
 
 def _duration(r: SimResult) -> float:
@@ -96,24 +118,38 @@ class SweepResult:
     command: str = ""
     seeds: int = 1
 
-    def capacity(self, mode: str) -> int:
+    def capacity(self, mode: str) -> dict[str, Any]:
+        """``mode``'s capacity {mean, lo, hi, ...} (``wisp.sim.stats.capacity_interval``)."""
         pts = self.points.get(mode, {})
-        return capacity({n: p["slo_attainment"] for n, p in pts.items()
-                         if p["slo_attainment"] == p["slo_attainment"]})
+        ns = sorted(pts)
+        return capacity_interval(ns, [pts[n].get("slo_attainment_seeds", [pts[n]["slo_attainment"]])
+                                      for n in ns], ATTAINMENT_TARGET)
+
+    def capacity_point(self, mode: str) -> int | None:
+        """The whole device count at ``mode``'s capacity, where goodput is compared: the largest
+        count under the mean crossing; the largest swept count when the sweep ended above the
+        target; None when the mean attainment is below it at the first count."""
+        cap = self.capacity(mode)
+        st = cap["status"]["mean"]
+        if st == "crossed":
+            return max(1, math.floor(cap["mean"]))
+        if st == "above":
+            return int(cap["swept"][1])
+        return None
 
     def summary(self) -> dict[str, Any]:
         modes_out: dict[str, Any] = {}
         for mode, pts in self.points.items():
             ns = sorted(pts)
-            cap = self.capacity(mode)
-            at = pts.get(cap) if cap else None
+            cp = self.capacity_point(mode)
             modes_out[mode] = {
-                "capacity_devices": cap,
-                # censored: even the largest swept count met the target, capacity is at least that
-                "capacity_censored": bool(ns) and cap == ns[-1],
+                "capacity": self.capacity(mode),
+                "capacity_point": cp,
                 "devices": ns,
                 "goodput_tokens_per_s": {str(n): pts[n]["goodput_tokens_per_s"] for n in ns},
+                "goodput_tokens_per_s_ci": {str(n): pts[n].get("goodput_tokens_per_s_ci") for n in ns},
                 "slo_attainment": {str(n): pts[n]["slo_attainment"] for n in ns},
+                "slo_attainment_ci": {str(n): pts[n].get("slo_attainment_ci") for n in ns},
                 "wasted_draft_ms_per_request": {str(n): pts[n]["wasted_draft_ms_per_request"] for n in ns},
                 "verifier_utilisation": {str(n): pts[n]["verifier_utilisation"] for n in ns},
                 "tpot_mean_ms": {str(n): pts[n]["tpot_mean_ms"] for n in ns},
@@ -122,7 +158,7 @@ class SweepResult:
                 "mean_verifier_utilisation": _mean([pts[n]["verifier_utilisation"] for n in ns]),
                 "peak_goodput_tokens_per_s": max((pts[n]["goodput_tokens_per_s"] for n in ns), default=None),
                 "peak_goodput_devices": max(ns, key=lambda n: pts[n]["goodput_tokens_per_s"]) if ns else None,
-                "at_capacity": at,
+                "at_capacity": pts.get(cp) if cp else None,
                 "points": [pts[n] for n in ns],
             }
         ratios = self.ratios()
@@ -135,6 +171,8 @@ class SweepResult:
                          "config": sc.as_dict()},
             "command": self.command,
             "seeds_per_point": self.seeds,
+            "seeds": [sc.scenario.seed + i for i in range(self.seeds)],
+            "interval_method": INTERVAL_METHOD,
             "attainment_target": ATTAINMENT_TARGET,
             "assets": self.assets,
             "modes": modes_out,
@@ -146,20 +184,56 @@ class SweepResult:
         }
 
     def ratios(self) -> dict[str, Any]:
-        cw = self.capacity("wisp") if "wisp" in self.points else 0
-        out: dict[str, Any] = {"goodput_ratio_devices": cw or None}
+        """Capacity ratios of the mean crossings (a censored capacity counts as its bound: the
+        largest swept count, or 0 below the sweep), each with a conservative range from the
+        two intervals (``ratio_range``); goodput ratios at WISP's capacity point; peak goodput
+        ratios over the swept points."""
+        has_w = "wisp" in self.points
+        cw = self.capacity_point("wisp") if has_w else None
+        capw = self.capacity("wisp") if has_w else None
+        out: dict[str, Any] = {"goodput_ratio_devices": cw}
         peak = {m: max((p["goodput_tokens_per_s"] for p in pts.values()), default=None)
                 for m, pts in self.points.items()}
         for other in ("centralized", "sled"):
             out[f"peak_goodput_ratio_vs_{other}"] = _ratio(peak.get("wisp"), peak.get(other))
         for other in ("centralized", "sled"):
-            co = self.capacity(other) if other in self.points else 0
-            both = other in self.points and "wisp" in self.points
-            out[f"capacity_ratio_vs_{other}"] = _ratio(cw, co) if both else None
+            both = other in self.points and capw is not None
+            capo = self.capacity(other) if both else None
+            ratio, bound = _cap_ratio(capw, capo) if capw is not None and capo is not None else (None, None)
+            out[f"capacity_ratio_vs_{other}"] = ratio
+            out[f"capacity_ratio_vs_{other}_bound"] = bound
+            out[f"capacity_ratio_vs_{other}_range"] = (
+                ratio_range(capw, capo) if capw is not None and capo is not None else None)
             gw = self.points.get("wisp", {}).get(cw, {}).get("goodput_tokens_per_s") if cw else None
             go = self.points.get(other, {}).get(cw, {}).get("goodput_tokens_per_s") if cw else None
             out[f"goodput_ratio_vs_{other}"] = _ratio(gw, go)
         return out
+
+
+def _cap_ratio(w: dict[str, Any], o: dict[str, Any]) -> tuple[float | None, str | None]:
+    """WISP's capacity over another mode's, and whether that is a bound: ``at_least`` when
+    WISP's sweep ended above the target (its capacity is at least the largest swept count),
+    ``at_most`` when the other's did; None (unknown) when both did."""
+    ws, os_ = w["status"]["mean"], o["status"]["mean"]
+    if "empty" in (ws, os_) or (ws == "above" and os_ == "above"):
+        return None, None
+    r = _ratio(_cap_value(w), _cap_value(o))
+    if ws == "above" and os_ != "below":
+        return r, "at_least"
+    if os_ == "above" and ws != "below":
+        return r, "at_most"
+    return r, None
+
+
+def _cap_value(cap: dict[str, Any]) -> float:
+    """A capacity as one number: the mean crossing; the largest swept count if the sweep ended
+    above the target (a lower bound); 0 below the sweep."""
+    st = cap["status"]["mean"]
+    if st == "crossed":
+        return float(cap["mean"])
+    if st == "above" and cap.get("swept"):
+        return float(cap["swept"][1])
+    return 0.0
 
 
 def _mean(xs: Sequence[Any]) -> float | None:
@@ -202,7 +276,7 @@ def run_sweep(
     assets: Assets | None = None,
     jobs: int = 1,
     refine: int = 0,
-    seeds: int = 1,
+    seeds: int = DEFAULT_SEEDS,
     on_point: Callable[[str, int, dict[str, Any]], None] | None = None,
     on_plan: Callable[[int], None] | None = None,
     command: str = "",
@@ -250,7 +324,7 @@ def run_sweep(
                 break
             run_many(extra)
         if "wisp" in modes:
-            cw = res.capacity("wisp")
+            cw = res.capacity_point("wisp")
             if cw:
                 run_many([(m, cw) for m in modes])
     finally:
@@ -261,14 +335,18 @@ def run_sweep(
 
 
 def _bracket(res: SweepResult, mode: str) -> tuple[int | None, int | None]:
-    """(last passing count, first failing count) of ``mode`` in the capacity sense."""
+    """The swept counts around ``mode``'s mean crossing: (last count at or above the target,
+    first below it); (0, first count) when the first is already below; (None, None) when the
+    sweep never fell below the target."""
     pts = res.points[mode]
     ns = sorted(pts)
     cap = res.capacity(mode)
-    lo = cap if cap else None
-    hi = next((n for n in ns if n > (cap or 0) and pts[n]["slo_attainment"] < ATTAINMENT_TARGET), None)
-    if lo is None and ns:
-        lo, hi = None, ns[0]
-        if hi > 1:
-            return 0, hi
+    st = cap["status"]["mean"]
+    if st == "below":
+        return (0, ns[0]) if ns and ns[0] > 1 else (None, None)
+    if st == "above":
+        return None, None
+    x = float(cap["mean"])
+    lo = max(n for n in ns if n <= x)
+    hi = min(n for n in ns if n > x)
     return lo, hi

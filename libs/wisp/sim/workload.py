@@ -350,21 +350,40 @@ def trace_shapes(cfg: WorkloadCfg, bank: AcceptanceBank) -> list[RequestShape]:
 
 
 def load_shapes(cfg: WorkloadCfg, bank: AcceptanceBank, seed: int = 0) -> tuple[list[RequestShape], str]:
-    """The request-shape table and where it came from. ShareGPT falls back to log-normal
-    lengths (with a note) when the data package is missing."""
+    """The request-shape table and where it came from.
+
+    A named data set that cannot be read is a ``ScenarioError`` naming `wisp-cli data prepare`:
+    it used to fall back to log-normal lengths with only a note in the report, so a sweep that
+    claimed ShareGPT lengths could silently have run on synthetic ones. Synthetic lengths are
+    used only when the scenario asks for them (``workload.source = "synthetic"``)."""
     if cfg.source == "traces":
         if bank.source != "traces":
             raise ScenarioError("workload.source = traces needs recorded traces (acceptance.source)")
         return trace_shapes(cfg, bank), "traces"
     if cfg.source in ("sharegpt", "mixed"):
+        what = "ShareGPT" if cfg.source == "sharegpt" else "HumanEval/MT-Bench/ShareGPT"
         try:
             shapes = sharegpt_shapes(cfg) if cfg.source == "sharegpt" else mixed_shapes(cfg)
-            if shapes:
-                return shapes, f"{cfg.source} ({len(shapes)} prompts)"
-        except (FileNotFoundError, ValueError, OSError):
-            pass
-        return synthetic_shapes(cfg, seed), f"synthetic ({cfg.source} data packages not installed)"
+        except (FileNotFoundError, OSError) as err:
+            raise ScenarioError(
+                f"workload.source = {cfg.source!r} needs the {what} data package, which is not "
+                f"installed ({_one_line(err)}): run `wisp-cli data prepare`, or set "
+                f"workload.source = 'synthetic' for log-normal lengths") from None
+        except ValueError as err:
+            raise ScenarioError(
+                f"workload.source = {cfg.source!r}: {_one_line(err)} (workload.prompts = {cfg.prompts}; "
+                f"run `wisp-cli data prepare` or lower workload.prompts)") from None
+        if not shapes:
+            raise ScenarioError(f"workload.source = {cfg.source!r}: the {what} data has no usable "
+                                f"prompt with a reference answer; run `wisp-cli data prepare`")
+        return shapes, f"{cfg.source} ({len(shapes)} prompts)"
+    if cfg.source != "synthetic":
+        raise ScenarioError(f"workload.source = {cfg.source!r}: use sharegpt, mixed, traces or synthetic")
     return synthetic_shapes(cfg, seed), "synthetic"
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
 
 
 def fixed_k_frontier(bank: AcceptanceBank,
