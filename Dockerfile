@@ -78,8 +78,9 @@ WORKDIR /home/wisp
 
 # Model cache (`wisp-cli models prepare` writes here); mount a volume in production.
 VOLUME ["/models"]
-# /healthz, /readyz and Prometheus /metrics of every service.
-EXPOSE 9090
+# /healthz, /readyz and Prometheus /metrics of every service; 8000: the OpenAI-compatible API
+# (`serve gateway`, and a drafter's own API on loopback).
+EXPOSE 9090 8000
 
 ENTRYPOINT ["wisp-cli"]
 CMD ["--help"]

@@ -59,7 +59,7 @@ def test_runtime_stage_contract(dockerfile: str) -> None:
     assert words["USER"] == "10001:10001"  # == runAsUser/runAsGroup in deploy/k8s
     assert words["ENTRYPOINT"] == '["wisp-cli"]'
     assert words["VOLUME"] == '["/models"]'
-    assert words["EXPOSE"] == "9090"
+    assert words["EXPOSE"] == "9090 8000"
     env = " ".join(rest for word, rest in stage if word == "ENV")
     assert "WISP_MODEL_CACHE=/models" in env
     assert "WISP_HTTP_PORT=9090" in env
