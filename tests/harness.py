@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,3 +156,20 @@ def collect(p: subprocess.Popen[str], timeout: float = 600.0) -> dict[str, Any]:
     if p.returncode != 0:
         raise AssertionError(f"submit failed ({p.returncode}): {err.strip()}")
     return json.loads(out.strip().splitlines()[-1])
+
+
+def api_get(url: str, timeout: float = 30.0) -> Any:
+    """GET a JSON answer of the HTTP API (plain urllib: the test checks the wire, not a client)."""
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def api_completion(api: str, model: str, prompt: str, max_tokens: int,
+                   timeout: float = 120.0) -> Any:
+    """A greedy, non-streamed ``/v1/completions`` request to the API at ``api`` (``.../v1``)."""
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                       "temperature": 0}).encode()
+    req = urllib.request.Request(f"{api}/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from redis.exceptions import NoPermissionError
 
@@ -74,7 +74,7 @@ async def follow_cancels(bus: Bus, recent: RecentCancels,
         for _stream, entries in resp or []:
             for entry_id, fields in entries:
                 last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-                raw = fields.get(FIELD, fields.get(FIELD.decode())) if hasattr(fields, "get") else None
+                raw = fields.get(FIELD) if isinstance(fields, Mapping) else None  # as Bus.read
                 try:
                     msg = decode(CancelRequest, raw)
                 except ProtocolError as err:

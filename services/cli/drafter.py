@@ -110,8 +110,7 @@ def speed(
             say(f"{backend}: {n} session(s)")
             rows.append({"backend": backend, "sessions": n,
                          **measure(engine, prompt, n, tokens, reps)})
-        if hasattr(engine, "close"):
-            engine.close()
+        engine.close()
         del engine
     result = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "draft_model": settings.draft_model,
               "threads": n_threads, "tokens": tokens, "reps": reps, "cpu": platform.processor() or

@@ -81,6 +81,12 @@ class DraftEngine:
         """Session id -> number of cached positions, least recently used first."""
         return self._sessions.lengths()
 
+    def close(self) -> None:
+        """Free every session's KV cache (the llama.cpp engine's ``close`` frees its native
+        memory; callers close either kind the same way)."""
+        for session_id in list(self._sessions.lengths()):
+            self._sessions.drop(session_id)
+
     def drop(self, session_id: str) -> None:
         """Forget a session's cache (no-op when unknown)."""
         self._sessions.drop(session_id)

@@ -160,14 +160,11 @@ class DrafterService(Service):
         try:
             if rid in self.sessions:  # re-delivered after a failure: finish what it started
                 await self._continue(self.sessions[rid])
-            elif not await self.store.known(rid) and rid in self.cancelled:
-                # cancelled before it reached a drafter: never opened, nothing drafted
-                self.count("cancelled")
-                await self.emitter.error(rid, f"cancelled: {self.cancelled[rid].reason}",
-                                         code="cancelled")
             elif not await self.store.known(rid):
-                sess = await self._open(req, entry.added_ts(now()))
-                if rid in self.cancelled:  # cancelled while it was tokenised: never opened
+                # cancelled before it reached a drafter, or while it was tokenised: never
+                # opened, nothing drafted
+                sess = None if rid in self.cancelled else await self._open(req, entry.added_ts(now()))
+                if sess is None or rid in self.cancelled:
                     self.count("cancelled")
                     await self.emitter.error(rid, f"cancelled: {self.cancelled[rid].reason}",
                                              code="cancelled")

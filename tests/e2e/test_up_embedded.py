@@ -9,12 +9,11 @@ import os
 import signal
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 from wisp.services.runner import free_port
 
-from tests.harness import CLI, cli
+from tests.harness import CLI, api_completion, api_get, cli
 
 
 def test_up_serves_on_embedded_redis_and_submit_finds_it(tiny_pair: tuple[Path, Path],
@@ -58,15 +57,9 @@ def test_up_serves_on_embedded_redis_and_submit_finds_it(tiny_pair: tuple[Path, 
         assert roles == {"drafter", "verifier", "scheduler", "estimator", "gateway"}
         api = f"http://127.0.0.1:{port}/v1"
         assert json.loads(status.stdout)["api_url"] == api and api in text
-        with urllib.request.urlopen(f"{api}/models", timeout=30) as resp:
-            models = json.loads(resp.read())
+        models = api_get(f"{api}/models")
         assert [m["id"] for m in models["data"]] and models["object"] == "list"
-        body = json.dumps({"model": models["data"][0]["id"], "prompt": "Say hi.", "max_tokens": 4,
-                           "temperature": 0}).encode()
-        req = urllib.request.Request(f"{api}/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            answer = json.loads(resp.read())
+        answer = api_completion(api, models["data"][0]["id"], "Say hi.", 4, timeout=60)
         assert answer["usage"]["completion_tokens"] == 4, answer
     finally:
         up.send_signal(signal.SIGINT)

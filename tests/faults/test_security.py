@@ -16,7 +16,6 @@ import shlex
 import shutil
 import subprocess
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +25,7 @@ import pytest
 import redis
 from wisp.services.runner import EmbeddedRedis, free_port, redis_server_binary
 
-from tests.harness import Cluster, cli, service_env, submit_json
+from tests.harness import Cluster, api_completion, api_get, cli, service_env, submit_json
 
 ACL_FILE = Path(__file__).resolve().parents[2] / "deploy" / "redis-acl.conf"
 ROLES = ("drafter", "estimator", "scheduler", "verifier", "gateway", "client", "status")
@@ -111,14 +110,8 @@ def test_every_service_runs_as_its_acl_user(tiny_pair: tuple[Path, Path], tmp_pa
             assert len(out["token_ids"]) == 8
             # the HTTP API, as the gateway user: a request answered, no NOPERM
             api = f"http://127.0.0.1:{api_port}/v1"
-            with urllib.request.urlopen(f"{api}/models", timeout=30) as resp:
-                model = json.loads(resp.read())["data"][0]["id"]
-            body = json.dumps({"model": model, "prompt": "Say hi.", "max_tokens": 5,
-                               "temperature": 0}).encode()
-            req = urllib.request.Request(f"{api}/completions", data=body,
-                                         headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(req, timeout=120) as resp:
-                answer = json.loads(resp.read())
+            model = api_get(f"{api}/models")["data"][0]["id"]
+            answer = api_completion(api, model, "Say hi.", 5)
             assert answer["usage"]["completion_tokens"] == 5, answer
             status = cli(["status", "--json"], c.env(redis_url=url["status"]), timeout=60)
             assert status.returncode == 0, status.stderr
