@@ -422,7 +422,7 @@ def select_timings(estimator: Any, queue_sizes: Iterable[int], *, reps: int = 20
                     context_len=ctx, arrival=now - rng.uniform(0, 0.2),
                     deadline=now + rng.uniform(-0.05, 0.6), predicted_ms=alone, predicted_by=key,
                     predicted_scale=estimator.model_scale,
-                    expected_commit=1.0 + draft * rng.random(), generated_len=rng.randint(0, 100),
+                    expected_commit=1.0 + draft * rng.random(), generated_len=rng.randint(1, 100),
                     max_new_tokens=128, tpot_slo_ms=100.0))
             bare = [RoundInfo(**{**r.__dict__, "predicted_by": None}) for r in queue]
             policy.select(bare, "v", now, estimator)  # untimed: both arms then find warm caches

@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 from wisp.bus import Bus, Entry
-from wisp.policy.estimator import BatchShape, SpeedNormalizer, VerifyTimeEstimator
+from wisp.policy.estimator import BatchShape, SpeedNormalizer, VerifyTimeEstimator, round_shape
 from wisp.policy.learned_estimator import default_estimator
 from wisp.protocol import AnnotatedBlock, DraftBlock, TimingSample
 from wisp.service import Consumer, Service, now
@@ -21,8 +21,9 @@ GROUP = "estimator"
 
 
 def block_shape(b: DraftBlock) -> BatchShape:
-    """A round alone: its draft plus the last committed token, over its cached context."""
-    return BatchShape.of([len(b.draft_tokens) + 1], [b.base_committed_len - 1])
+    """A round alone (``round_shape``: a first round is priced as the prefill it is)."""
+    new, ctx = round_shape(len(b.draft_tokens), b.base_committed_len, b.generated_len)
+    return BatchShape.of([new], [ctx])
 
 
 class EstimatorService(Service):

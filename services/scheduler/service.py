@@ -18,7 +18,7 @@ from wisp.bus import Bus, Entry, SessionStore, TermsCache
 from wisp.policy.estimator import BatchShape, VerifyTimeEstimator
 from wisp.policy.health import VerifierHealth
 from wisp.policy.learned_estimator import PublishedModel, default_estimator
-from wisp.policy.scheduler import BatchPolicy, RoundInfo, SchedulerCore
+from wisp.policy.scheduler import BatchPolicy, RoundInfo, SchedulerCore, round_terms
 from wisp.policy.slo import batch_policy, deadline_at
 from wisp.protocol import (
     AnnotatedBlock,
@@ -44,8 +44,7 @@ def round_info(ab: AnnotatedBlock, terms: SessionTerms, arrival: float) -> Round
         key=b.key,
         request_id=b.request_id,
         round=b.round,
-        draft_len=len(b.draft_tokens),
-        context_len=b.base_committed_len - 1,
+        **round_terms(len(b.draft_tokens), b.base_committed_len, b.generated_len),
         arrival=arrival,
         deadline=deadline_at(b.generated_len, terms.arrival_ts, terms.ttft_slo_ms,
                              terms.tpot_slo_ms, b.first_token_ts),

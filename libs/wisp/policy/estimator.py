@@ -41,6 +41,20 @@ class BatchShape:
         return len(self.new_tokens)
 
 
+def round_shape(draft_len: int, committed_len: int, generated_len: int) -> tuple[int, int]:
+    """(tokens fed, cached context) of one round verified alone.
+
+    A round that builds on generated tokens feeds its draft plus the last committed token (whose
+    KV the verifier computes with it) over the other ``committed_len - 1`` cached ones. A session's
+    first round (nothing generated yet) finds no cache: the verifier prefills the whole prompt in
+    that forward, so it feeds ``committed_len + draft_len`` tokens over none. Pricing it as
+    ``draft_len + 1`` tokens on a prompt-long context (as this project once did) hid the prefill
+    from the estimator hop, the batch policy and the simulator's scheduler alike."""
+    if generated_len <= 0:
+        return committed_len + draft_len, 0
+    return draft_len + 1, committed_len - 1
+
+
 FEATURE_NAMES = (
     "bias", "rounds", "sum_new", "max_new", "padded_new", "sum_ctx", "max_ctx",
     "padded_attn", "sum_new_ctx",

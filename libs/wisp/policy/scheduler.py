@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from wisp.policy.estimator import BatchShape, VerifyTimeEstimator
+from wisp.policy.estimator import BatchShape, VerifyTimeEstimator, round_shape
 
 
 @dataclass(frozen=True)
@@ -51,10 +51,21 @@ class RoundInfo:
     tpot_slo_ms: float | None = None
     """Its request's TPOT SLO. With the two above, lets the SLO policy tell a late round that can
     still catch up from one whose request has already lost its SLO."""
+    prefill_len: int = 0
+    """Uncached prompt tokens the verifier prefills with this round beyond the usual last
+    committed one (a session's first round: the prompt less one; ``round_info_shape``)."""
 
     @property
     def new_tokens(self) -> int:
-        return self.draft_len + 1
+        return self.draft_len + 1 + self.prefill_len
+
+
+def round_terms(draft_len: int, committed_len: int, generated_len: int) -> dict[str, int]:
+    """``RoundInfo``'s ``draft_len``, ``context_len`` and ``prefill_len`` for a round, from
+    ``wisp.policy.estimator.round_shape`` (the one rule for what a round feeds), so the
+    scheduler service and the simulator price first rounds as the prefills they are."""
+    new, ctx = round_shape(draft_len, committed_len, generated_len)
+    return {"draft_len": draft_len, "context_len": ctx, "prefill_len": new - draft_len - 1}
 
 
 @dataclass(frozen=True)

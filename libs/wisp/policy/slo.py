@@ -56,7 +56,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from wisp.policy.estimator import BatchShape, VerifyTimeEstimator
+from wisp.policy.estimator import BatchShape, VerifyTimeEstimator, round_shape
 from wisp.policy.scheduler import BatchPolicy, FcfsPolicy, RoundInfo, SchedulerCore, Selection
 from wisp.settings import Mode, Settings
 
@@ -387,6 +387,10 @@ class VerifierLoad:
     tightest_tpot_slo_ms: float | None = None
     """The smallest TPOT SLO among its running sessions, if known: a new session must not push
     them over it."""
+    kv_free_tokens: int | None = None
+    """KV cache tokens free on it (None: not reported, KV not considered)."""
+    kv_waiting: int = 0
+    """Sessions already waiting for KV memory on it (preempted or not yet admitted)."""
 
 
 @dataclass(frozen=True)
@@ -407,7 +411,7 @@ class AdmissionController:
     ``m = min(n, max_batch_size)`` rounds and ``T(shape) = estimator.predict(shape) / speed``:
 
     * predicted TTFT = ``backlog_ms + T(first batch) + round_overhead_ms``, where the first batch
-      holds the newcomer's first round (``draft_len + 1`` tokens on ``prompt_len`` context) and
+      holds the newcomer's first round (a prefill of its prompt plus its draft, ``round_shape``) and
       ``m - 1`` typical rounds (``draft_len + 1`` tokens on ``context_len``);
     * predicted TPOT = ``max(ceil(n / max_batch_size) x T(m typical rounds),
       round_overhead_ms + T(m typical rounds)) / (1 + acceptance x draft_len)``: every session on
@@ -418,6 +422,10 @@ class AdmissionController:
     <= its tightest running TPOT SLO (the newcomer slows everyone on ``v`` down). The request is
     admitted on the fitting verifier with the least predicted TTFT (ties by name); if none fits,
     it is refused with the reason of the verifier with the least predicted TTFT.
+
+    Where a verifier reports its KV cache (``kv_free_tokens``), a request is also refused while
+    sessions are waiting there for memory or the newcomer's prompt does not fit: admitting it
+    would only lengthen that queue, whose wait no SLO prediction above can see.
     """
 
     estimator: VerifyTimeEstimator
@@ -457,13 +465,20 @@ class AdmissionController:
         def t(new: list[int], ctx: list[int]) -> float:
             return self.estimator.predict(BatchShape.of(new, ctx)) / speed
 
-        first = t([k1] * m, [prompt_len] + [self.context_len] * (m - 1))
+        p_new, p_ctx = round_shape(self.draft_len, max(prompt_len, 1), 0)  # a prefill
+        first = t([p_new] + [k1] * (m - 1), [p_ctx] + [self.context_len] * (m - 1))
         ttft = max(0.0, v.backlog_ms) + first + self.round_overhead_ms
         typical = t([k1] * m, [self.context_len] * m)
         cycle = math.ceil(n / self.max_batch_size) * typical
         tpot = max(cycle, self.round_overhead_ms + typical) / (1.0 + self.acceptance * self.draft_len)
         out = dict(verifier=v.name, predicted_ttft_ms=ttft, predicted_tpot_ms=tpot)
 
+        if v.kv_free_tokens is not None:
+            need = max(prompt_len, 1) + k1
+            if v.kv_waiting > 0 or v.kv_free_tokens < need:
+                return Admission(False, f"verifier {v.name}'s KV cache is full ({v.kv_free_tokens} tokens "
+                                        f"free, {v.kv_waiting} sessions already waiting for memory); "
+                                        f"retry later or add verifiers", **out)
         cap = self.max_sessions_per_verifier
         if cap is not None and v.sessions >= cap:
             return Admission(False, f"verifier {v.name} already serves {v.sessions} sessions (the cap is "

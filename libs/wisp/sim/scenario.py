@@ -98,6 +98,11 @@ class AcceptanceCfg:
     """Stationary share of easy tokens."""
     synthetic_sequences: int = 64
     synthetic_length: int = 1024
+    target_rate: float = 0.0
+    """0: replay the verdicts as recorded. A rate in (0, 1) below the bank's own match rate
+    models a weaker draft/target pair: matched positions are turned into mismatches, the least
+    confident first (``wisp.sim.workload.scale_acceptance``), until the bank's match rate is
+    about this. A rate above the recorded one is refused (nothing invents agreement)."""
 
 
 @dataclass

@@ -37,7 +37,7 @@ from wisp.metrics import RequestRecord, summarize
 from wisp.policy.controller import DraftLengthPolicy, FixedLength, LearnedController, default_policy
 from wisp.policy.estimator import BatchShape, LinearEstimator
 from wisp.policy.learned_estimator import default_estimator, load_estimator
-from wisp.policy.scheduler import RoundInfo, SchedulerCore
+from wisp.policy.scheduler import RoundInfo, SchedulerCore, round_terms
 from wisp.policy.session import REPLAY_EOS, SpecSession, expected_commit, replay_tokens
 from wisp.policy.slo import AdmissionController, batch_policy, deadline_at, snapshot
 from wisp.settings import Mode, Settings
@@ -588,8 +588,7 @@ class Simulation:
             key=key,
             request_id=s.rid,
             round=s.round,
-            draft_len=s.r_drafted,
-            context_len=s.prompt_len + s.pos - 1,
+            **round_terms(s.r_drafted, s.prompt_len + s.pos, s.pos),
             arrival=now,
             deadline=deadline_at(s.pos, s.t_submit, self.ttft_slo, self.tpot_slo, s.spec.first_token_ts),
             predicted_ms=0.0,

@@ -58,6 +58,8 @@ class AcceptanceBank:
     features: list[TokenFeatures] = field(default_factory=list)
     match: list[bool] = field(default_factory=list)
     starts: list[int] = field(default_factory=list)
+    scaled_to: float = 0.0
+    """The ``acceptance.target_rate`` its verdicts were scaled to (0: as recorded)."""
 
     def __post_init__(self) -> None:
         if not self.seqs or not any(len(s) for s in self.seqs):
@@ -79,7 +81,7 @@ class AcceptanceBank:
     def describe(self) -> dict[str, Any]:
         return {"source": self.source, "path": self.path, "sequences": len(self.seqs),
                 "positions": self.size, "match_rate": round(self.acceptance_rate(), 4),
-                "imputed": sum(s.imputed for s in self.seqs)}
+                "imputed": sum(s.imputed for s in self.seqs), "scaled_to": self.scaled_to}
 
 
 def _features(row: dict[str, Any]) -> TokenFeatures:
@@ -266,9 +268,65 @@ def resolve_traces(cfg: AcceptanceCfg) -> Path | None:
     return banks[0] if banks else None
 
 
+def scale_acceptance(seqs: Sequence[AcceptanceSeq], target: float, seed: int = 0) -> list[AcceptanceSeq]:
+    """The same sequences with matched positions turned into mismatches until the match rate
+    is about ``target``: a weaker pair, for the simulator's acceptance axis.
+
+    Position ``i`` with draft confidence ``p_i`` (its ``top1_prob``) that matched is kept with
+    probability ``p_i ** g``, one exponent ``g >= 0`` for the whole bank, found by bisection so
+    the expected match rate is ``target``; the draws are seeded, so a bank is the same for a
+    seed in every mode. Why this keeps the replay plausible: a weaker pair disagrees first where
+    the draft was already unsure, so the recorded features keep predicting the verdicts in the
+    same direction (lower confidence, more rejections), and runs of agreement on confident
+    stretches (boilerplate, closing brackets) survive longer than on uncertain ones, as they do
+    between real pairs of different strength. The features are left as recorded, so a learned
+    controller trained on the stronger pair is over-confident here: the grid's low-acceptance
+    cells err against speculation, not for it."""
+    total = sum(len(s) for s in seqs)
+    matched = sum(sum(s.match) for s in seqs)
+    if not 0.0 < target < 1.0:
+        raise ScenarioError(f"acceptance.target_rate = {target}: use a rate between 0 and 1 "
+                            "(0 replays the verdicts as recorded)")
+    if total == 0 or target * total >= matched:
+        raise ScenarioError(f"acceptance.target_rate = {target} is not below the recorded match rate "
+                            f"{matched / max(total, 1):.3f}: scaling only removes agreement")
+    probs = [f.top1_prob for s in seqs for f, m in zip(s.features, s.match, strict=True) if m]
+
+    def expected(g: float) -> float:
+        return sum(min(max(p, 0.0), 1.0) ** g for p in probs)
+
+    want = target * total
+    lo, hi = 0.0, 1.0
+    while expected(hi) > want and hi < 1e6:
+        hi *= 2.0
+    for _ in range(60):
+        mid = (lo + hi) / 2.0
+        if expected(mid) > want:
+            lo = mid
+        else:
+            hi = mid
+    g = (lo + hi) / 2.0
+    rng = random.Random(f"{seed}:acceptance-scale:{target}")
+    out: list[AcceptanceSeq] = []
+    for s in seqs:
+        match = [m and rng.random() < min(max(f.top1_prob, 0.0), 1.0) ** g
+                 for f, m in zip(s.features, s.match, strict=True)]
+        out.append(AcceptanceSeq(list(s.features), match, s.request_id, s.prompt_len, s.output_len,
+                                 s.imputed))
+    return out
+
+
 def load_acceptance(cfg: AcceptanceCfg, seed: int = 0) -> AcceptanceBank:
     """The acceptance bank of a scenario: recorded traces (``source = traces``, or ``auto``
-    when a trace file is found), else the synthetic model."""
+    when a trace file is found), else the synthetic model; scaled to ``target_rate`` if set."""
+    bank = _load_bank(cfg, seed)
+    if cfg.target_rate:
+        scaled = scale_acceptance(bank.seqs, cfg.target_rate, seed)
+        return AcceptanceBank(scaled, bank.source, bank.path, scaled_to=cfg.target_rate)
+    return bank
+
+
+def _load_bank(cfg: AcceptanceCfg, seed: int) -> AcceptanceBank:
     if cfg.source in ("auto", "traces"):
         path = resolve_traces(cfg)
         if path is not None:
