@@ -63,7 +63,8 @@ def test_admission_prices_the_newcomer_prefill() -> None:
 def test_admission_refuses_while_sessions_wait_for_kv() -> None:
     ac = AdmissionController(PER_TOKEN, max_batch_size=8, draft_len=4)
     slo = (10_000.0, 10_000.0)
-    assert ac.decide([VerifierLoad(name="v", backlog_ms=0.0, kv_free_tokens=5000)], *slo, prompt_len=100).admit
+    roomy = VerifierLoad(name="v", backlog_ms=0.0, kv_free_tokens=5000)
+    assert ac.decide([roomy], *slo, prompt_len=100).admit
     waiting = ac.decide([VerifierLoad(name="v", backlog_ms=0.0, kv_free_tokens=5000, kv_waiting=2)], *slo,
                         prompt_len=100)
     assert not waiting.admit and "KV" in waiting.reason

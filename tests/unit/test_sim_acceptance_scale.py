@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from wisp.sim.scenario import ScenarioError, load_scenario, with_overrides
 from wisp.sim.workload import load_acceptance, scale_acceptance
 
