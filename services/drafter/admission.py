@@ -70,7 +70,8 @@ def parse_loads(raw: bytes | str) -> list[VerifierLoad] | None:
         log.warning("ignoring the load snapshot: %s", err.reason)
         return None
     return [VerifierLoad(name=v.name, backlog_ms=v.backlog_ms, sessions=v.sessions, speed=v.speed,
-                         tightest_tpot_slo_ms=v.tightest_tpot_slo_ms) for v in snap.verifiers]
+                         tightest_tpot_slo_ms=v.tightest_tpot_slo_ms, kv_free_tokens=v.kv_free_tokens,
+                         kv_waiting=v.kv_waiting) for v in snap.verifiers]
 
 
 class Admission:

@@ -7,6 +7,7 @@ of raising inside the admission arithmetic and failing the request."""
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from pydantic import Field
@@ -23,6 +24,12 @@ class VerifierLoadWire(WireModel):
     sessions: int = Field(default=0, ge=0, le=10_000_000)
     speed: float = Field(default=1.0, gt=0.0, le=1e6)
     tightest_tpot_slo_ms: float | None = Field(default=None, gt=0.0, le=86_400_000)
+    kv_free_tokens: int | None = Field(default=None, ge=0, le=10**12)
+    """KV cache tokens free (omitted on the wire while no verifier reports its KV: a reader of
+    the previous version forbids unknown fields, so a scheduler must not send them for nothing)."""
+    kv_waiting: int = Field(default=0, ge=0, le=10_000_000)
+
+KV_FIELDS = ("kv_free_tokens", "kv_waiting")
 
 
 class LoadSnapshot(WireModel):
@@ -31,3 +38,13 @@ class LoadSnapshot(WireModel):
     ts: float = Field(ge=0.0, le=1e10)
     scheduler: str = Field(min_length=1, max_length=128)
     verifiers: list[VerifierLoadWire] = Field(max_length=65_536)
+
+    def encode(self) -> bytes:
+        """JSON bytes, leaving out the KV fields of a verifier that reports none, so drafters of
+        the previous protocol version (unknown fields forbidden) keep reading the snapshot."""
+        data = self.model_dump(mode="json")
+        for v in data["verifiers"]:
+            if v.get("kv_free_tokens") is None and not v.get("kv_waiting"):
+                for k in KV_FIELDS:
+                    v.pop(k, None)
+        return json.dumps(data, separators=(",", ":")).encode()
