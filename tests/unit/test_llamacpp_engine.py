@@ -209,3 +209,53 @@ def test_glibc_retarget_rewrites_only_the_c23_imports(gguf: Path) -> None:
     assert changed in (0, 4)  # 0: a wheel built for an older glibc needs no retargeting
     assert _retarget_isoc23(data) == 0  # idempotent
     assert len(data) == lib.stat().st_size
+
+
+SAMPLING_DRAWS = 1000
+SAMPLING_T = 1.3
+
+
+def test_sampled_drafts_follow_the_q_they_report_from_the_models_own_logits(
+        engine: LlamaCppDraftEngine, prompts: list[list[int]]) -> None:
+    """Rejection sampling is lossless only if every drafted token was drawn from exactly the
+    ``q`` the drafter ships. With llama.cpp supplying the logits, check both halves: ``q`` is the
+    renormalised top-k of ``softmax(logits / T)`` of the GGUF model's own logits at that position
+    (raw C API, not the engine's bookkeeping), and 1,000 seeded draws follow ``q`` (G-test, cells
+    of expected count >= 5, the rest pooled). It fails for a q taken at the wrong position or
+    temperature, or a sampler that ignores q (checked: T = 1.0 in the reference gives
+    max |dq| = 0.19; drawing the argmax always is rejected at p ~ 0)."""
+    from scipy.stats import chi2
+
+    ids = prompts[1]
+    top_k = 32
+    raw = torch.from_numpy(engine.model.decode([(t, i, 7, i == len(ids) - 1)
+                                                for i, t in enumerate(ids)])[0]).to(torch.float64)
+    engine.model.seq_rm(7, 0)
+    values, want_ids = torch.topk(raw / SAMPLING_T, k=top_k)
+    want = dict(zip(want_ids.tolist(), torch.softmax(values, -1).tolist(), strict=True))
+
+    counts: dict[int, int] = {}
+    q: dict[int, float] | None = None
+    for seed in range(SAMPLING_DRAWS):
+        out = engine.draft("sampling", ids, 1, SAMPLING_T, top_k, torch.Generator().manual_seed(seed))
+        assert out.dists is not None
+        dist = dict(zip(out.dists[0].token_ids, out.dists[0].probs, strict=True))
+        if q is None:
+            q = dist
+            assert set(q) == set(want)
+            assert max(abs(q[t] - want[t]) for t in want) < 2e-3  # Q4 logits, float32 vs float64
+        else:
+            assert dist == q  # the same prefix: the same q on every draw
+        counts[out.tokens[0]] = counts.get(out.tokens[0], 0) + 1
+    assert q is not None and set(counts) <= set(q)
+    cells = sorted((t for t in q if q[t] * SAMPLING_DRAWS >= 5.0), key=lambda t: -q[t])
+    obs = [counts.get(t, 0) for t in cells]
+    exp = [q[t] * SAMPLING_DRAWS for t in cells]
+    rest_o, rest_e = SAMPLING_DRAWS - sum(obs), SAMPLING_DRAWS - sum(exp)
+    if rest_e >= 5.0:
+        obs.append(rest_o)
+        exp.append(rest_e)
+    g = 2.0 * sum(o * math.log(o / e) for o, e in zip(obs, exp, strict=True) if o > 0)
+    p = chi2.sf(g, len(obs) - 1)
+    assert len(obs) >= 4, "q is too peaked to test at this temperature"
+    assert p > 1e-3, f"drafts do not follow their reported q: G = {g:.1f}, p = {p:.2g}, cells {len(obs)}"
