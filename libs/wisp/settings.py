@@ -137,6 +137,16 @@ class Settings(BaseSettings):
         "safetensors (GPU edges, local paths, the tiny random test models). auto: llamacpp for a "
         "packaged alias on CPU, torch otherwise (docs/drafting.md).",
     )
+    verifier_cpus: str = Field(
+        default="",
+        description="Pin the verifier's model thread (and torch's threads) to these CPUs, e.g. "
+        "0-3 (empty: no pinning). `--isolate-cores` sets it and drafter_cpus apart.",
+    )
+    drafter_cpus: str = Field(
+        default="",
+        description="Pin the drafter's model thread (and llama.cpp's or torch's threads) to these "
+        "CPUs, e.g. 4-7 (empty: no pinning).",
+    )
     trace: bool = Field(
         default=False,
         description="Publish one (draft features, verdict) row per drafted token to wisp:trace "
@@ -247,6 +257,14 @@ class Settings(BaseSettings):
     name: str | None = Field(
         default=None, min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.\-]+$",
         description="Consumer / device name; default: hostname-pid (pod name in k8s).")
+
+    @field_validator("verifier_cpus", "drafter_cpus")
+    @classmethod
+    def _cpu_list(cls, v: str) -> str:
+        from wisp.cpus import parse_cpus
+
+        parse_cpus(v)  # a CpuSetError (ValueError) names what is wrong
+        return v.strip()
 
     @field_validator("redis_url")
     @classmethod

@@ -24,11 +24,14 @@ from wisp.bench import BenchConfig, BenchResult, run_bench, table_rows
 from wisp.bus import Bus
 from wisp.client import submit
 from wisp.services.cli.common import (
+    DraftBackendOpt,
     DraftKOpt,
     DraftOpt,
+    IsolateOpt,
     TargetOpt,
     fail,
     fmt,
+    isolate_cores,
     make_settings,
     output_path,
     preflight_models,
@@ -107,6 +110,8 @@ def bench(
     draft_model: DraftOpt = None,
     target_model: TargetOpt = None,
     draft_k: DraftKOpt = None,
+    draft_backend: DraftBackendOpt = None,
+    isolate: IsolateOpt = False,
     redis_url: Annotated[str | None, typer.Option(
         "--redis-url", help="Drive an already running system instead of starting one per mode.")] = None,
     out: Annotated[Path | None, typer.Option(
@@ -133,6 +138,9 @@ def bench(
         raise typer.BadParameter("--null-models starts its own system", param_hint="--redis-url")
     if null_models and len(modes) != 1:
         raise typer.BadParameter("--null-models measures one mode at a time", param_hint="--mode")
+    if isolate and redis_url:
+        raise typer.BadParameter("--isolate-cores pins the services this command starts; a running "
+                                 "system's are pinned where it was started", param_hint="--redis-url")
     counts = parse_counts(devices) if devices else (list(NULL_DEVICES) if null_models else [2])
     quiet_logging()
     texts = tuple(p.text for p in preflight_prompts("mixed", prompts))
@@ -147,6 +155,10 @@ def bench(
     path = output_path(out or Path("out/bench.json"))
     seconds = duration or 60.0
     rows = []
+    cores = {}
+    if isolate:  # the same split for every run, announced once
+        pinned = isolate_cores(make_settings(), True)
+        cores = {"verifier_cpus": pinned.verifier_cpus, "drafter_cpus": pinned.drafter_cpus}
     for n in counts:
         cfg = BenchConfig(devices=n, duration_s=seconds, max_new_tokens=max_new_tokens,
                           ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms, think_s=think_s, prompts=texts)
@@ -154,7 +166,9 @@ def bench(
         for rep in range(repeat):
             for m in modes:
                 settings = make_settings(mode=m, draft_model=draft_model, target_model=target_model,
-                                         draft_k=draft_k, redis_url=redis_url)
+                                         draft_k=draft_k, draft_backend=draft_backend, redis_url=redis_url)
+                if isolate:
+                    settings = settings.model_copy(update=dict(cores))
                 tag = f" (run {rep + 1}/{repeat})" if repeat > 1 else ""
                 say(f"[{m}] {n} devices x {seconds:.0f} s{tag} ...")
                 if redis_url:
@@ -172,7 +186,8 @@ def bench(
     print_table(f"wisp-cli bench: {','.join(map(str, counts))} devices, {seconds:.0f} s, "
                 f"{max_new_tokens} new tokens", header, body)
     config = {**{k: v for k, v in cfg.__dict__.items() if k != "prompts"},
-              "devices": counts[0] if len(counts) == 1 else counts, "repeat": repeat}
+              "devices": counts[0] if len(counts) == 1 else counts, "repeat": repeat,
+              "draft_backend": draft_backend or "auto", "cores": cores or None}
     path.write_text(json.dumps({"config": config, "results": rows}, indent=2))
     say(f"results written to {path}")
 

