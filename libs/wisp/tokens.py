@@ -27,9 +27,9 @@ def eos_token_ids(name: str, settings: Settings) -> list[int]:
     ``eos_token_id`` (what ``generate`` stops on), else the tokenizer's EOS."""
     from transformers import GenerationConfig
 
-    from wisp.models import load_tokenizer, resolve
+    from wisp.models import load_tokenizer, resolve_tokenizer
 
-    path = resolve(name, settings.model_cache)
+    path = resolve_tokenizer(name, settings.model_cache)
     ids: list[int] = []
     try:
         cfg = GenerationConfig.from_pretrained(path)

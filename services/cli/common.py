@@ -14,7 +14,7 @@ import logging
 import math
 import numbers
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar, cast
@@ -23,7 +23,7 @@ import typer
 from pydantic import ValidationError
 from redis.exceptions import NoPermissionError
 from wisp.data import SOURCES, Prompt, Source, load_prompts, mixed_prompts
-from wisp.models import ModelLoadError, resolve
+from wisp.models import ModelLoadError, resolve, resolve_tokenizer
 from wisp.services.runner import BrokerUnavailable, ServicesStopped, resolve_url
 from wisp.settings import Mode, Settings
 
@@ -140,17 +140,21 @@ def preflight_models(settings: Settings, roles: Sequence[str]) -> None:
     names `wisp-cli models prepare ALIAS` for a packaged model that is not prepared."""
     if settings.null_models:
         return
-    needed = []
-    if "verifier" in roles or "drafter" in roles:
-        needed.append(settings.target_model)
-    if "drafter" in roles and settings.mode != Mode.centralized:
-        needed.append(settings.draft_model)
-    for name in needed:
+
+    drafting = "drafter" in roles and settings.mode != Mode.centralized
+    checks: list[tuple[str, Callable[[str, Path], str]]] = []
+    if "verifier" in roles:
+        checks.append((settings.target_model, resolve))
+    elif "drafter" in roles:  # a drafter needs only the target's tokenizer (edge preparation)
+        checks.append((settings.target_model, resolve_tokenizer))
+    if drafting and _backend(settings) == "torch":  # llama.cpp needs only the GGUF (below)
+        checks.append((settings.draft_model, resolve))
+    for name, check in checks:
         try:
-            resolve(name, settings.model_cache)
+            check(name, settings.model_cache)
         except (FileNotFoundError, ValueError) as err:
             fail(str(err))
-    if "drafter" in roles and settings.mode != Mode.centralized:
+    if drafting:
         _preflight_draft_backend(settings)
     if "drafter" in roles and settings.controller is not None:
         from wisp.policy.controller import default_policy
@@ -159,6 +163,12 @@ def preflight_models(settings: Settings, roles: Sequence[str]) -> None:
             default_policy(settings)  # the error the drafter would hit, as one line
         except ValueError as err:
             fail(str(err))
+
+
+def _backend(settings: Settings) -> str:
+    from wisp.services.drafter.llamacpp_engine import draft_backend
+
+    return draft_backend(settings)
 
 
 def _preflight_draft_backend(settings: Settings) -> None:
