@@ -60,11 +60,18 @@ class RoundInfo:
         return self.draft_len + 1 + self.prefill_len
 
 
-def round_terms(draft_len: int, committed_len: int, generated_len: int) -> dict[str, int]:
+def round_terms(
+    draft_len: int, committed_len: int, generated_len: int, *, cached: bool = True
+) -> dict[str, int]:
     """``RoundInfo``'s ``draft_len``, ``context_len`` and ``prefill_len`` for a round, from
     ``wisp.policy.estimator.round_shape`` (the one rule for what a round feeds), so the
-    scheduler service and the simulator price first rounds as the prefills they are."""
-    new, ctx = round_shape(draft_len, committed_len, generated_len)
+    scheduler service and the simulator price first rounds as the prefills they are.
+
+    ``cached=False``: the verifier holds none of this session's KV although tokens were
+    generated (a session preempted for memory and readmitted, as vLLM's recompute preemption
+    does): the round recomputes the whole committed context, so it is priced as the prefill of
+    ``committed_len`` tokens plus the draft, like a first round."""
+    new, ctx = round_shape(draft_len, committed_len, generated_len if cached else 0)
     return {"draft_len": draft_len, "context_len": ctx, "prefill_len": new - draft_len - 1}
 
 
@@ -334,6 +341,14 @@ class SchedulerCore:
                         self.queue[key] = r
                         requeued.append(key)
         return requeued
+
+    def withdraw(self, key: str) -> RoundInfo | None:
+        """Take a queued (not yet dispatched) round back out of the queue and return it (None
+        if it is not queued: unknown, superseded or already in a batch). The engine's memory
+        manager does this when it preempts the round's session to free KV memory: the round
+        must not be verified now, and comes back later with ``add`` (the same key may be added
+        again). Placement and the request's round history are kept."""
+        return self.queue.pop(key, None)
 
     def finish_request(self, request_id: str) -> None:
         """Forget a finished request's placement."""

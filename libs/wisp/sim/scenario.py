@@ -19,6 +19,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 MODES = ("wisp", "sled", "centralized")
+ENGINES = ("ragged", "padded")
+"""``server.engine``: how a verifier executes a batch (docs/simulator.md, "Server engines")."""
 
 
 class ScenarioError(ValueError):
@@ -221,9 +223,32 @@ class ServerCfg:
     prefill_ms_per_token: float = -1.0
     """Profile timing only: extra ms per uncached prompt token beyond what the profile's model
     predicts; -1: trust the profile's model for prefill shapes."""
+    engine: str = "ragged"
+    """How a verifier executes a batch (docs/simulator.md, "Server engines"). ragged (vLLM-like):
+    the truth model prices the rows as they are, and prefill rows are chunked under
+    ``max_num_batched_tokens``; padded (this project's HF verifier): every row is padded to the
+    batch's longest fed input and longest context, and a prefill is fed whole. The same engine
+    and KV model serve every mode."""
     kv_tokens: int = 0
-    """KV cache capacity per verifier in tokens (0 = unlimited). A session reserves
-    prompt + output tokens when its first round reaches the server and waits if none are free."""
+    """KV cache capacity per verifier in tokens (0 = unlimited), paged in blocks of
+    ``kv_block_tokens`` (``wisp.sim.kv.PagedKv``): a session holds the blocks of its cached
+    context plus the tokens its current round feeds, allocated as they are produced (never from
+    the true output length); a new session waits (FIFO) until its first round (prompt + draft)
+    fits above the watermark; a running session that needs a block when none is free preempts
+    the most recently admitted one (vLLM's recompute preemption)."""
+    kv_block_tokens: int = 16
+    """Tokens per KV block (vLLM's default block size, ``CacheConfig.DEFAULT_BLOCK_SIZE``)."""
+    kv_watermark: float = 0.01
+    """Share of the blocks a new session must leave free to be admitted (vLLM's
+    ``BlockSpaceManager`` default watermark, 0.01)."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one forward (0 = none). The ragged engine cuts prefill rows (first rounds,
+    recomputes) to fit it and carries the rest to the next forward(s); verify rows are never cut.
+    2048: vLLM's V1 default for the OpenAI API server on an A100-80GB (``EngineArgs.
+    _set_default_args``; 8192 on other GPUs of >= 70 GiB such as the H100)."""
+    max_num_seqs: int = 256
+    """Rows per batch at most, in every mode (caps ``modes.*.max_batch_size``; 0 = no cap).
+    256: vLLM's V1 default for the OpenAI API server on an A100-80GB (1024 on an H100)."""
     max_inflight: int = 1
     contention: float = 1.0
     """Shared-CPU slowdown: drafting and verification that overlap take this many times longer
@@ -344,6 +369,14 @@ class Scenario:
         _check(s.server.truth_fit in ("learned", "linear"),
                f"server.truth_fit {s.server.truth_fit!r}: use learned or linear")
         _check(s.server.contention >= 1.0, "server.contention must be >= 1.0")
+        _check(s.server.engine in ENGINES,
+               f"server.engine {s.server.engine!r}: use {' or '.join(ENGINES)}")
+        _check(s.server.kv_tokens >= 0, "server.kv_tokens must be >= 0 (0 = unlimited)")
+        _check(s.server.kv_block_tokens >= 1, "server.kv_block_tokens must be >= 1")
+        _check(0.0 <= s.server.kv_watermark < 1.0, "server.kv_watermark must be in [0, 1)")
+        _check(s.server.max_num_batched_tokens >= 0,
+               "server.max_num_batched_tokens must be >= 0 (0 = no budget)")
+        _check(s.server.max_num_seqs >= 0, "server.max_num_seqs must be >= 0 (0 = no cap)")
         _check(s.devices.drafter_batch >= 1, "devices.drafter_batch must be >= 1")
         _check(s.devices.drafter_batch_growth >= 0.0, "devices.drafter_batch_growth must be >= 0")
         for m in MODES:

@@ -1,5 +1,6 @@
 """The simulated server: how long a verification batch really takes, what the scheduler
-believes it takes, and the KV memory that bounds concurrent sessions.
+believes it takes, and how the engine executes a batch (``EngineModel``: ragged or padded rows,
+chunked prefill). The paged KV memory that bounds concurrent sessions is ``wisp.sim.kv``.
 
 Two "truth" timing models, both functions of a batch's composition (per row: tokens fed and
 cached context before them, exactly ``BatchShape``):
@@ -372,11 +373,55 @@ def synthetic_profile(model: TimeModel, seed: int = 0, n: int = 400) -> list[Pro
     return out
 
 
+# ---------------------------------------------------------------------- engines
+@dataclass(frozen=True)
+class EngineModel:
+    """How a verifier executes one forward (``server.engine``, docs/simulator.md "Server
+    engines"): what shape the truth model prices, and how much of each prefill a forward feeds.
+
+    * ``ragged`` (vLLM-like): rows are priced as they are; under a token budget
+      (``max_num_batched_tokens`` > 0) the verify rows go whole and first (vLLM schedules its
+      running requests first and never splits a decode), then the prefills, oldest first, each
+      cut to what is left of the budget (chunked prefill); what is left of a prefill waits for
+      the next forward.
+    * ``padded`` (this project's HF verifier): every row is padded to the batch's longest fed
+      input and longest context, and a prefill is fed whole (no chunked prefill, no budget)."""
+
+    kind: str = "ragged"
+    token_budget: int = 0
+    """Tokens per forward (0 = none); only the ragged engine chunks prefills under it."""
+
+    @property
+    def chunked(self) -> bool:
+        return self.kind == "ragged" and self.token_budget > 0
+
+    def chunks(self, fixed_tokens: int, prefill_left: Sequence[int]) -> list[int]:
+        """Tokens of each prefill (in order: oldest first) fed in a forward whose verify rows
+        feed ``fixed_tokens``; a prefill that gets 0 waits whole for the next forward."""
+        if not self.chunked:
+            return list(prefill_left)
+        left = self.token_budget - fixed_tokens
+        out: list[int] = []
+        for rem in prefill_left:
+            c = rem if rem <= left else max(0, left)
+            out.append(c)
+            left -= c
+        return out
+
+    def priced(self, new: list[int], ctx: list[int]) -> tuple[list[int], list[int]]:
+        """The shape the truth model is asked to price for rows (``new``, ``ctx``)."""
+        if self.kind != "padded" or len(new) < 2:
+            return new, ctx
+        n = len(new)
+        return [max(new)] * n, [max(ctx)] * n
+
+
 # ---------------------------------------------------------------------- KV memory
 class KvPool:
-    """KV cache capacity in tokens (0 = unlimited). A session reserves its whole footprint
-    (prompt + output) when its first round reaches the server; sessions that do not fit wait
-    first-come-first-served."""
+    """Static KV reservation (the simulator's model before ``wisp.sim.kv.PagedKv``; kept for
+    comparison and its tests, no longer used by the simulator): capacity in tokens (0 =
+    unlimited); a session reserves its whole footprint (prompt + output) when its first round
+    reaches the server; sessions that do not fit wait first-come-first-served."""
 
     def __init__(self, capacity_tokens: int) -> None:
         self.capacity = int(capacity_tokens)

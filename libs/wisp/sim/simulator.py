@@ -15,8 +15,11 @@ The simulation drives the services' own policy objects on a virtual clock:
 
 Time flows: device drafts (per-token time of its class, plus the prompt prefill in the first
 round) -> uplink (half the RTT, jitter, block bytes / bandwidth, fixed software overhead) ->
-scheduler queue (after the KV reservation of a new session) -> batch on a verifier (true time
-from the timing model) -> downlink -> device commits ``accepted + 1`` tokens and drafts again.
+paged KV memory (``wisp.sim.kv``: a new session waits FIFO for its prompt's blocks, a running
+one grows its blocks, preempting the newest session when none are free) -> scheduler queue ->
+forward(s) on a verifier (the engine's shape, ``server.engine``: ragged rows with chunked
+prefill, or padded rows; true time from the timing model) -> downlink -> device commits
+``accepted + 1`` tokens and drafts again.
 Centralized mode with ``loop = "server"`` keeps the rounds on the server (a continuous-batching
 decode loop) and only streams tokens down.
 
@@ -26,6 +29,7 @@ the same requests in every mode and the modes are compared on identical workload
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import deque
@@ -43,10 +47,11 @@ from wisp.policy.slo import AdmissionController, batch_policy, deadline_at, snap
 from wisp.settings import Mode, Settings
 from wisp.sim.devices import DeviceSpec, make_devices
 from wisp.sim.engine import EventQueue
+from wisp.sim.kv import PagedKv
 from wisp.sim.scenario import Scenario, ScenarioError
 from wisp.sim.server import (
+    EngineModel,
     FastLinear,
-    KvPool,
     ProfileModel,
     ProfileSample,
     RooflineModel,
@@ -73,6 +78,13 @@ K_DRAFTED = 7   # a shared drafter host finished a round (a = host, b = session)
 
 SNAPSHOT_PERIOD_S = 0.5
 """The scheduler publishes its load snapshot every 0.5 s (housekeeping_loop)."""
+
+# a session's place in the KV memory (wisp.sim.kv.PagedKv)
+KV_NEW = 0       # its first round has not reached the server yet
+KV_RUNNING = 1   # admitted: holds blocks
+KV_WAITING = 2   # its round is at the server, waiting in the KV queue for admission
+KV_EVICTED = 3   # preempted while its round was away (on the device or the network)
+KV_DONE = 4      # finished or failed
 
 
 # ---------------------------------------------------------------------- assets
@@ -130,7 +142,8 @@ class Session:
     __slots__ = (
         "rid", "dev", "prompt_len", "out_len", "seq_start", "t_submit", "in_window", "spec",
         "r_drafted", "r_accepted", "r_feats", "r_draft_ms", "r_passes", "r_up_ms", "r_ready",
-        "t_arrive", "t_dispatch", "kv_reserved", "key", "host_wait", "prefill_ready", "req_index",
+        "t_arrive", "t_dispatch", "key", "host_wait", "prefill_ready", "req_index",
+        "kv_state", "on_gpu", "recompute", "pf_total", "pf_done", "pf_seq", "pf_cut",
     )
 
     def __init__(self, rid: str, dev: DeviceSpec, shape: RequestShape, seq_start: int, t_submit: float,
@@ -154,11 +167,23 @@ class Session:
         self.r_ready = 0.0
         self.t_arrive = 0.0
         self.t_dispatch = 0.0
-        self.kv_reserved = False
         self.key = ""
         self.host_wait = 0.0
         self.prefill_ready = 0.0
         """When the device's background prefill ends (after a draft-less prefill round)."""
+        self.kv_state = KV_NEW
+        self.on_gpu = False
+        """Its round is in a batch handed to a verifier (or its prefill is being chunked there):
+        it cannot be preempted until the round's verdict."""
+        self.recompute = False
+        """Preempted: the verifier holds none of its KV, so its next round recomputes the whole
+        context (a prefill of prompt + generated tokens)."""
+        self.pf_total = 0
+        """Tokens its prefill round feeds in all (context + draft) ..."""
+        self.pf_done = 0
+        """... and how many of them the forwards so far fed (chunked prefill)."""
+        self.pf_seq = 0
+        self.pf_cut = False
 
     @property
     def pos(self) -> int:
@@ -258,8 +283,14 @@ class Simulation:
         self.centralized = mode == Mode.centralized.value
         self.server_loop = self.centralized and self.mc.loop == "server"
 
+        # --- the engine: every mode's batches are capped at the engine's max_num_seqs
+        srv = sc.server
+        self.max_batch = (self.mc.max_batch_size if srv.max_num_seqs <= 0
+                          else min(self.mc.max_batch_size, srv.max_num_seqs))
+        self.engine = EngineModel(srv.engine, srv.max_num_batched_tokens)
+
         # --- policies: the services' own objects, built by the same functions
-        settings = Settings(mode=mode, draft_k=self.mc.draft_k, max_batch_size=self.mc.max_batch_size,
+        settings = Settings(mode=mode, draft_k=self.mc.draft_k, max_batch_size=self.max_batch,
                             max_wait_ms=self.mc.max_wait_ms, max_inflight_batches=sc.server.max_inflight,
                             prefill_round=self.mc.prefill_round)
         self.settings = settings
@@ -286,7 +317,7 @@ class Simulation:
         self.vindex = {n: i for i, n in enumerate(self.vnames)}
         self.vbusy = [0] * len(self.vnames)
         self.admission = (
-            AdmissionController(self.estimator, max_batch_size=self.mc.max_batch_size,
+            AdmissionController(self.estimator, max_batch_size=self.max_batch,
                                 draft_len=max(self.mc.draft_k, 1), headroom=self.mc.admission_headroom)
             if self.mc.admission else None
         )
@@ -297,7 +328,18 @@ class Simulation:
         self.model = self.assets.model
         self.noise_cv = self.model.noise_cv
         self.prefill_extra = getattr(self.model, "prefill_ms_per_token", -1.0)
-        self.kv = KvPool(sc.server.kv_tokens * sc.server.verifiers if sc.server.kv_tokens > 0 else 0)
+        # one paged pool of kv_tokens per verifier, shared (a session is admitted before the
+        # scheduler places it on a verifier)
+        self.kv: PagedKv[Session] = PagedKv(srv.kv_tokens * srv.verifiers if srv.kv_tokens > 0 else 0,
+                                            srv.kv_block_tokens, srv.kv_watermark)
+        nv = len(self.vnames)
+        self.carry: list[list[Session]] = [[] for _ in range(nv)]
+        """Per verifier: prefill rounds whose chunks are not all fed yet, oldest first."""
+        self.vhold = [False] * nv
+        """Per verifier: a forward of carried prefill chunks alone is running (the scheduler does
+        not know it: a batch it dispatches meanwhile waits in ``vpending``)."""
+        self.vpending: list[list[tuple[Any, list[Session]]]] = [[] for _ in range(nv)]
+        self._pf_seq = 0
         self.contention = sc.server.contention
         self.hosts = [_Host() for _ in range(sc.devices.drafter_hosts)]
         self.by_key: dict[str, Session] = {}
@@ -319,6 +361,10 @@ class Simulation:
         self.open_in_window = 0
         self.refused = 0
         self.kv_waits = 0
+        self.kv_failed = 0
+        self.kv_leaked_blocks = 0
+        self.forwards = 0
+        self.chunked_prefills = 0
         self.bd = Breakdown()
         self.busy_ms = [0.0] * len(self.vnames)
         self.batches = 0
@@ -397,6 +443,10 @@ class Simulation:
         for s in sorted(self.active, key=lambda s: s.rid):
             if s.in_window:
                 self._record_failed(s.t_submit, s)
+        # KV blocks held by no live session at the end (0 unless the bookkeeping is wrong)
+        kv = self.kv
+        self.kv_leaked_blocks = (kv.used_blocks - sum(kv.held.values())
+                                 + sum(n for s, n in kv.held.items() if s not in self.active))
         for dev, dq in zip(self.devs, self.queued_requests, strict=True):
             for t_sub in dq:
                 if self.warmup <= t_sub < t_end:
@@ -446,9 +496,17 @@ class Simulation:
         self._begin_round(sess, t)
 
     def _load_snapshot(self, now: float) -> list[Any]:
+        """The scheduler's load snapshot, as stale as the service's, with the KV memory's report
+        (one pool shared by the verifiers: each reports the pool's free tokens above the
+        watermark and its wait queue)."""
         if now - self._loads_at >= SNAPSHOT_PERIOD_S:
             tpot = self.tpot_slo
-            self._loads = snapshot(self.core, now, lambda _rid: tpot)
+            loads = snapshot(self.core, now, lambda _rid: tpot)
+            kv = self.kv
+            if not kv.unlimited:
+                free, waiting = kv.admissible_tokens(), len(kv.waiting)
+                loads = [dataclasses.replace(v, kv_free_tokens=free, kv_waiting=waiting) for v in loads]
+            self._loads = loads
             self._loads_at = now
         return self._loads
 
@@ -567,33 +625,113 @@ class Simulation:
         self.q.push(t_ready + up / 1000.0, K_ROUND, s)
 
     # ------------------------------------------------------------------ server side
-    def _footprint(self, s: Session) -> int:
-        return s.prompt_len + s.out_len
-
     def _on_round(self, s: Session, now: float) -> None:
+        """A round reaches the server. A running session's KV grows to hold it (preempting the
+        newest sessions when memory is short) and it enters the scheduler; a new session joins
+        the KV wait queue (FIFO) and a preempted one its front, and enters when admitted."""
         s.t_arrive = now
-        if not s.kv_reserved:
-            if self.kv.try_reserve(self._footprint(s)):
-                s.kv_reserved = True
-            else:
-                self.kv.waiting.append(s)
-                self.kv_waits += 1
+        if s.kv_state == KV_RUNNING:
+            if self.kv.grow(s, s.prompt_len + len(s.spec.generated) + s.r_drafted) or self._kv_grow(s, now):
+                self._enqueue(s, now)
+            return
+        kv = self.kv
+        if s.kv_state == KV_EVICTED:
+            kv.waiting.appendleft(s)
+        else:
+            kv.waiting.append(s)
+        s.kv_state = KV_WAITING
+        self._kv_admit(now)
+        if s.kv_state == KV_WAITING:
+            self.kv_waits += 1
+
+    @staticmethod
+    def _kv_need(s: Session) -> int:
+        """Tokens whose KV a session holds while its round is verified: its committed context
+        plus the draft's slots (the first round: prompt + draft)."""
+        return s.prompt_len + s.pos + s.r_drafted
+
+    def _kv_admit(self, now: float) -> None:
+        """Admit waiting sessions in order while the head fits above the watermark; a head that
+        can never fit fails (it would block the queue for ever)."""
+        kv = self.kv
+        wq = kv.waiting
+        while wq:
+            s = wq[0]
+            need = self._kv_need(s)
+            if not kv.fits_ever(need):
+                wq.popleft()
+                self._kv_fail(s, now)
+                continue
+            if not kv.can_admit(need):
                 return
-        self._enqueue(s, now)
+            wq.popleft()
+            kv.admit(s, need)
+            s.kv_state = KV_RUNNING
+            self._enqueue(s, now)
+
+    def _kv_grow(self, s: Session, now: float) -> bool:
+        """Give running session ``s`` the blocks of its round, preempting the most recently
+        admitted session whose round is not on a verifier until they fit (vLLM's recompute
+        preemption). False when ``s`` itself was preempted (or can never fit, and failed)."""
+        kv = self.kv
+        need = self._kv_need(s)
+        if kv.blocks(need) > kv.total:
+            kv.release(s)
+            self._kv_fail(s, now)
+            self._kv_admit(now)
+            return False
+        while not kv.grow(s, need):
+            victim = next(v for v in kv.newest_first() if not v.on_gpu)  # s itself qualifies
+            self._preempt(victim, here=victim is s)
+            if victim is s:
+                return False
+        return True
+
+    def _preempt(self, v: Session, here: bool) -> None:
+        """Free every block of running session ``v``; nothing of it stays cached, so its next
+        round recomputes its context. If that round is at the server (``here``: the session
+        growing, or a round queued in the scheduler, which is withdrawn) it waits at the front of
+        the KV queue; otherwise it goes there when the round arrives."""
+        kv = self.kv
+        kv.release(v)
+        kv.preemptions += 1
+        v.recompute = True
+        if not here and v.key in self.by_key:  # queued, not dispatched: take it back
+            self.core.withdraw(v.key)
+            del self.by_key[v.key]
+            here = True
+        if here:
+            kv.waiting.appendleft(v)
+            v.kv_state = KV_WAITING
+            self.kv_waits += 1
+        else:
+            v.kv_state = KV_EVICTED
+
+    def _kv_fail(self, s: Session, now: float) -> None:
+        """A session that can never fit in KV memory fails (recorded like any failed request)."""
+        self.kv_failed += 1
+        s.kv_state = KV_DONE
+        self.active.discard(s)
+        self.core.finish_request(s.rid)
+        if s.in_window:
+            self._record_failed(s.t_submit, s)
+        self._device_free(s.dev, now)
 
     def _enqueue(self, s: Session, now: float) -> None:
-        key = f"{s.rid}:{s.round}"
+        spec = s.spec
+        pos = len(spec.generated)
+        key = f"{s.rid}:{spec.round}"
         s.key = key
         info = RoundInfo(
             key=key,
             request_id=s.rid,
-            round=s.round,
-            **round_terms(s.r_drafted, s.prompt_len + s.pos, s.pos),
+            round=spec.round,
+            **round_terms(s.r_drafted, s.prompt_len + pos, pos, cached=not s.recompute),
             arrival=now,
-            deadline=deadline_at(s.pos, s.t_submit, self.ttft_slo, self.tpot_slo, s.spec.first_token_ts),
+            deadline=deadline_at(pos, s.t_submit, self.ttft_slo, self.tpot_slo, spec.first_token_ts),
             predicted_ms=0.0,
             expected_commit=expected_commit(f.top1_prob for f in s.r_feats),
-            generated_len=s.pos,
+            generated_len=pos,
             max_new_tokens=self.max_new,
             tpot_slo_ms=self.tpot_slo,
         )
@@ -613,6 +751,11 @@ class Simulation:
         out = self.core.tick(now)
         for plan in out.batches:
             self._dispatch(plan, now)
+        # a verifier the scheduler left idle feeds what is left of its chunked prefills
+        for vi, carried in enumerate(self.carry):
+            if carried and self.vbusy[vi] == 0:
+                self.vhold[vi] = True
+                self._forward(vi, None, [], now)
         w = out.wake_at
         if w is not None and self.queue_nonempty():
             if self.timer_at is None or w < self.timer_at or self.timer_at < now:
@@ -625,51 +768,103 @@ class Simulation:
     def _dispatch(self, plan: Any, now: float) -> None:
         vi = self.vindex[plan.verifier]
         sessions = [self.by_key.pop(k) for k in plan.keys]
+        for s in sessions:
+            s.on_gpu = True
+        if self.vhold[vi]:  # the verifier is feeding carried prefill chunks: this batch is next
+            self.vpending[vi].append((plan, sessions))
+            return
+        self._forward(vi, plan, sessions, now)
+
+    def _forward(self, vi: int, plan: Any, sessions: list[Session], now: float) -> None:
+        """One forward on verifier ``vi``: the batch's verify rows (whole), then the prefill rows
+        (the verifier's carried ones first, then the batch's first rounds and recomputes), cut
+        to the token budget by a chunking engine; the truth model prices the engine's shape."""
         new: list[int] = []
         ctx: list[int] = []
-        prefill_tokens = 0
+        done: list[Session] = []
+        prefills = self.carry[vi]
+        self.carry[vi] = []
         for s in sessions:
             s.t_dispatch = now
-            if s.round == 0:  # the verifier has no cache yet: the whole prompt is fed
-                new.append(s.prompt_len + s.r_drafted)
-                ctx.append(0)
-                prefill_tokens += s.prompt_len
+            if s.round == 0 or s.recompute:  # no cache: the whole context is fed
+                s.pf_total = s.prompt_len + s.pos + s.r_drafted
+                s.pf_done = 0
+                s.pf_cut = False
+                self._pf_seq += 1
+                s.pf_seq = self._pf_seq
+                prefills.append(s)
             else:
                 new.append(s.r_drafted + 1)
                 ctx.append(s.prompt_len + s.pos - 1)
-        ms = self.model.mean_ms(new, ctx)
+                done.append(s)
+        carried: list[Session] = []
+        prefill_tokens = 0
+        if prefills:
+            cuts = self.engine.chunks(sum(new), [p.pf_total - p.pf_done for p in prefills])
+            for p, c in zip(prefills, cuts, strict=True):
+                if c > 0:
+                    start = p.pf_done
+                    new.append(c)
+                    ctx.append(start)
+                    context = p.pf_total - p.r_drafted
+                    if start < context:
+                        prefill_tokens += min(start + c, context) - start
+                    p.pf_done = start + c
+                if p.pf_done >= p.pf_total:
+                    done.append(p)
+                else:
+                    if not p.pf_cut:
+                        p.pf_cut = True
+                        self.chunked_prefills += 1
+                    carried.append(p)
+        priced_new, priced_ctx = self.engine.priced(new, ctx)
+        ms = self.model.mean_ms(priced_new, priced_ctx)
         if self.prefill_extra > 0:
             ms += self.prefill_extra * prefill_tokens
         ms *= lognormal_unit(self.r_server, self.noise_cv) / self.vspeed[vi]
         if self.contention > 1.0 and self.hosts and any(h.busy for h in self.hosts):
             ms *= self.contention
         self.vbusy[vi] += 1
-        self.q.push(now + ms / 1000.0, K_DONE, vi, (plan, sessions, new, ctx, ms, now))
+        self.forwards += 1
+        self.q.push(now + ms / 1000.0, K_DONE, vi, (plan, done, carried, new, ctx, ms, now))
 
     def _on_done(self, vi: int, rec: tuple[Any, ...], now: float) -> None:
-        plan, sessions, new, ctx, ms, t0 = rec
-        self.core.complete(plan.batch_id)
+        plan, done, carried, new, ctx, ms, t0 = rec
         self.vbusy[vi] -= 1
+        if plan is not None:
+            self.core.complete(plan.batch_id)
+            if self.warmup <= t0 < self.t_end:
+                self.batches += 1
+                self.batch_rows += len(plan.keys)
+                self.est_err += abs(plan.predicted_ms - ms) / ms
+                self.est_n += 1
+        else:
+            self.vhold[vi] = False
         lo, hi = max(t0, self.warmup), min(now, self.t_end)
         if hi > lo:
             self.busy_ms[vi] += (hi - lo) * 1000.0
-        if self.warmup <= t0 < self.t_end:
-            self.batches += 1
-            self.batch_rows += len(sessions)
-            self.est_err += abs(plan.predicted_ms - ms) / ms
-            self.est_n += 1
         if self.sc.server.estimator.online_refit:
             self.estimator.observe(BatchShape.of(new, ctx), ms)
-        for s in sessions:
+        if carried:
+            held = self.carry[vi]
+            held.extend(carried)
+            held.sort(key=lambda x: x.pf_seq)
+        kv = self.kv
+        for s in done:
+            s.on_gpu = False
+            s.recompute = False
             if s.in_window:
                 bd = self.bd
                 bd.rounds += 1
                 bd.drafting_ms += s.r_draft_ms
-                bd.queueing_ms += (t0 - s.t_arrive) * 1000.0 + s.host_wait
-                bd.verification_ms += ms
+                bd.queueing_ms += (s.t_dispatch - s.t_arrive) * 1000.0 + s.host_wait
+                bd.verification_ms += (now - s.t_dispatch) * 1000.0
                 bd.network_ms += s.r_up_ms
+            # after the verdict the rejected draft's slots are freed: the committed context stays
+            pos = len(s.spec.generated)
+            kv.shrink(s, s.prompt_len + pos + min(s.r_accepted + 1, max(1, s.out_len - pos)))
+            down = self._one_way(s.dev, self.sc.devices.verdict_bytes, False)
             if self.server_loop:
-                down = self._one_way(s.dev, self.sc.devices.verdict_bytes, False)
                 finished = self._commit(s, now + down / 1000.0)
                 if finished:
                     self._finish(s, now, now + down / 1000.0)
@@ -678,13 +873,18 @@ class Simulation:
                     s.r_feats = []
                     s.r_draft_ms = s.r_up_ms = s.host_wait = 0.0
                     s.spec.drafted(0.0, 0)
-                    s.t_arrive = now
-                    self._enqueue(s, now)
+                    self._on_round(s, now)
             else:
-                down = self._one_way(s.dev, self.sc.devices.verdict_bytes, False)
                 if s.in_window:
                     self.bd.network_ms += down
                 self.q.push(now + down / 1000.0, K_VERDICT, s)
+        if plan is None and self.vpending[vi]:  # batches dispatched while the carry was fed
+            pending = self.vpending[vi]
+            self.vpending[vi] = []
+            for p, sessions in pending:
+                self._forward(vi, p, sessions, now)
+        if kv.waiting:
+            self._kv_admit(now)
         if not self.tick_pending:
             self.tick_pending = True
             self.q.push(now, K_TICK)
@@ -704,12 +904,11 @@ class Simulation:
 
     def _finish(self, s: Session, now: float, t_device: float) -> None:
         self.active.discard(s)
-        if s.kv_reserved:
-            self.kv.release(self._footprint(s))
-            s.kv_reserved = False
-            for w in self.kv.admit_waiting(self._footprint):
-                w.kv_reserved = True
-                self._enqueue(w, now)
+        if s.kv_state == KV_RUNNING:
+            self.kv.release(s)
+        s.kv_state = KV_DONE
+        if self.kv.waiting:
+            self._kv_admit(now)
         self.core.finish_request(s.rid)
         if s.in_window:
             n = s.pos
@@ -763,8 +962,17 @@ class Simulation:
             "submitted_in_window": self.submitted_in_window,
             "recorded": len(self.records),
             "refused": self.refused,
+            "engine": self.engine.kind,
+            "max_num_batched_tokens": self.engine.token_budget,
+            "max_batch_size": self.max_batch,
+            "kv_blocks": 0 if self.kv.unlimited else self.kv.total,
             "kv_waits": self.kv_waits,
-            "kv_peak_tokens": self.kv.peak,
+            "kv_preemptions": self.kv.preemptions,
+            "kv_failed": self.kv_failed,
+            "kv_peak_tokens": self.kv.peak_tokens,
+            "kv_leaked_blocks": self.kv_leaked_blocks,
+            "forwards": self.forwards,
+            "chunked_prefills": self.chunked_prefills,
             "batches": self.batches,
             "mean_batch_rounds": self.batch_rows / self.batches if self.batches else 0.0,
             "estimator_mape": self.est_err / self.est_n if self.est_n else float("nan"),
