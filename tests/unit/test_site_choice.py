@@ -45,9 +45,10 @@ def test_compute_bound_server_minimises_its_own_time_per_token() -> None:
     chooser = SiteChooser()
     low = chooser.choose(draft_ms=5.0, link=link(0.3, 30.0), server=COMPUTE_BOUND, tpot_slo_ms=1000.0)
     assert low.server_decode  # rejected drafts are compute the server could have decoded with
-    high = chooser.choose(draft_ms=5.0, link=link(0.9, 30.0), server=COMPUTE_BOUND, tpot_slo_ms=1000.0)
+    good = link(0.9, 30.0)
+    high = chooser.choose(draft_ms=5.0, link=good, server=COMPUTE_BOUND, tpot_slo_ms=1000.0)
     assert not high.server_decode
-    opts = chooser.options(5.0, 30.0, 0.9, COMPUTE_BOUND)
+    opts = chooser.options(5.0, 30.0, good.acceptance_with_prior(chooser.default_acceptance), COMPUTE_BOUND)
     assert high.server_ms_per_token == min(o.server_ms_per_token for o in opts)
 
 
@@ -60,7 +61,7 @@ def test_an_slo_only_drafting_meets_is_met_even_when_decoding_is_cheaper_for_the
 def test_hysteresis_keeps_a_session_where_it_is_on_a_near_tie() -> None:
     lk = link(0.6, 60.0)
     args = {"draft_ms": 12.0, "link": lk, "server": MEMORY_BOUND, "tpot_slo_ms": 500.0}
-    opts = SiteChooser().options(12.0, 60.0, 0.6, MEMORY_BOUND)
+    opts = SiteChooser().options(12.0, 60.0, lk.acceptance_with_prior(0.7), MEMORY_BOUND)
     srv, best_draft = opts[0], min(opts[1:], key=lambda o: o.latency_ms_per_token)
     gap = abs(srv.latency_ms_per_token / best_draft.latency_ms_per_token - 1.0)
     assert gap < 0.5  # a near tie
@@ -88,3 +89,14 @@ def test_link_estimate_counts_judged_drafts(drafted: int, accepted: int, judged:
         assert est.acceptance == pytest.approx(accepted / judged)
     else:
         assert est.acceptance is None
+
+
+def test_one_early_rejection_does_not_exile_a_session_and_the_server_probes_it_again() -> None:
+    est = LinkEstimate()
+    est.observe_round(4, 0, 30.0)  # its first drafted round: rejected at once
+    assert est.acceptance == 0.0 and est.acceptance_with_prior(0.7) > 0.4
+    chooser = SiteChooser(probe_every=16)
+    args = {"draft_ms": 3.0, "link": est, "server": MEMORY_BOUND, "tpot_slo_ms": 150.0,
+            "currently_server": True}
+    assert not chooser.choose(**args, tokens_on_server=16).server_decode  # a probe round
+    assert "probe" in chooser.choose(**args, tokens_on_server=40).reason

@@ -41,7 +41,13 @@ import math
 from dataclasses import dataclass
 
 ACCEPT_ALPHA = 0.3
-"""Weight of the newest round in the acceptance and round-trip EMAs."""
+"""Weight of the newest round in the round-trip EMA."""
+ACCEPT_DECAY = 0.8
+"""Per round, earlier rounds' accepted and judged counts decay by this (a window of about five
+rounds)."""
+PRIOR_WEIGHT = 2.0
+"""Pseudo-judged drafts at the prior acceptance: one early rejection must not read as an
+acceptance of 0 (which would send a good session to the server for good)."""
 
 
 def expected_commit_geometric(acceptance: float, k: int) -> float:
@@ -67,15 +73,18 @@ class ServerCosts:
     token_ms: float
     """Marginal verify time of one more fed token."""
     compute_bound: bool = False
-    """The verifiers are busy: server time per committed token limits capacity."""
+    """The verifiers are busy AND their forwards are compute-limited (the fed tokens' marginal
+    cost is a large share of a forward): server time per committed token limits capacity. A
+    busy but memory-bound verifier (extra rows nearly free) is not: there, latency decides."""
     kv_bound: bool = False
     """KV memory is the limit (sessions wait for it)."""
 
 
 @dataclass
 class LinkEstimate:
-    """Per session: the measured round trip and per-token acceptance, as EMAs. The device's
-    draft speed comes from ``SpecSession`` (``stats.draft_ms_per_token``)."""
+    """Per session: the measured round trip (an EMA) and per-token acceptance (decayed counts
+    of accepted and judged drafts, shrunk toward a prior). The device's draft speed comes from
+    ``SpecSession`` (``stats.draft_ms_per_token``)."""
 
     rtt_ms: float | None = None
     accepted: float = 0.0
@@ -85,14 +94,17 @@ class LinkEstimate:
     def acceptance(self) -> float | None:
         return self.accepted / self.judged if self.judged > 0 else None
 
+    def acceptance_with_prior(self, prior: float) -> float:
+        return (self.accepted + PRIOR_WEIGHT * prior) / (self.judged + PRIOR_WEIGHT)
+
     def observe_round(self, drafted: int, accepted: int, outside_ms: float | None) -> None:
         """A verdict: ``accepted`` of ``drafted`` drafts (judged: the accepted ones plus the
         rejected one, if any); ``outside_ms``: the round's time outside the verifier (network,
         queues), None when unknown (a server-decoded token has none)."""
         if drafted > 0:
             judged = accepted + (1 if accepted < drafted else 0)
-            self.accepted = (1 - ACCEPT_ALPHA) * self.accepted + ACCEPT_ALPHA * accepted
-            self.judged = (1 - ACCEPT_ALPHA) * self.judged + ACCEPT_ALPHA * judged
+            self.accepted = ACCEPT_DECAY * self.accepted + accepted
+            self.judged = ACCEPT_DECAY * self.judged + judged
         if outside_ms is not None and math.isfinite(outside_ms) and outside_ms >= 0:
             old = self.rtt_ms
             self.rtt_ms = outside_ms if old is None else (1 - ACCEPT_ALPHA) * old + ACCEPT_ALPHA * outside_ms
@@ -117,7 +129,11 @@ class SiteChooser:
     max_k: int = 8
     hysteresis: float = 0.1
     default_acceptance: float = 0.7
+    """The prior a session's own acceptance is shrunk toward."""
     default_rtt_ms: float = 60.0
+    probe_every: int = 32
+    """A session the server decodes drafts one round after this many server-decoded tokens, so
+    its figures are measured again (a device that never drafts cannot show that it improved)."""
 
     def options(self, draft_ms: float, rtt_ms: float, acceptance: float,
                 server: ServerCosts) -> list[SiteChoice]:
@@ -133,10 +149,13 @@ class SiteChooser:
         return out
 
     def choose(self, *, draft_ms: float | None, link: LinkEstimate, server: ServerCosts | None,
-               tpot_slo_ms: float, currently_server: bool = False) -> SiteChoice:
+               tpot_slo_ms: float, currently_server: bool = False,
+               tokens_on_server: int = 0) -> SiteChoice:
         if server is None or draft_ms is None:  # nothing measured yet: speculate, as a drafter does
             return SiteChoice(False, self.max_k, math.nan, math.nan, "no measurements yet")
-        acc = link.acceptance if link.acceptance is not None else self.default_acceptance
+        if currently_server and tokens_on_server >= self.probe_every:
+            return SiteChoice(False, self.max_k, math.nan, math.nan, "probe: measure the device again")
+        acc = link.acceptance_with_prior(self.default_acceptance)
         rtt = link.rtt_ms if link.rtt_ms is not None else self.default_rtt_ms
         opts = self.options(draft_ms, rtt, acc, server)
         feasible = [o for o in opts if o.latency_ms_per_token <= tpot_slo_ms] or \
@@ -149,7 +168,7 @@ class SiteChooser:
             def cost(o: SiteChoice) -> float:
                 return o.latency_ms_per_token
             why = "KV-bound: least KV-seconds per token" if server.kv_bound else "least latency per token"
-        best = min(feasible, key=lambda o: (cost(o), o.k))
+        best = min(feasible, key=lambda o: (round(cost(o), 6), o.latency_ms_per_token))
         current = next((o for o in feasible if o.server_decode), None) if currently_server else \
             min((o for o in feasible if not o.server_decode), key=cost, default=None)
         if current is not None and best.server_decode != current.server_decode \

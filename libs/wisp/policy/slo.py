@@ -333,6 +333,10 @@ class _Batch:
         self.rounds: list[RoundInfo] = []
         self.reasons: list[str] = []
         self.keys: set[str] = set()
+        self.shape = BatchShape((), ())
+        """``_shape(self.rounds)``, kept as rounds are admitted: ``cost_with`` is asked for every
+        candidate at every step, and rebuilding the shape each time made batch formation
+        quadratic in Python objects (most of a busy simulation's time)."""
         self.tokens = 0
         self.ms = 0.0
         self.limit_ms = math.inf
@@ -348,7 +352,7 @@ class _Batch:
         cap = self.policy.max_new_tokens
         if cap is not None and self.rounds and self.tokens + r.new_tokens > cap:
             return None
-        ms = self.estimator.predict(_shape([*self.rounds, r]))
+        ms = self.estimator.predict(self.shape.plus(r.new_tokens, r.context_len))
         limit = self.limit_ms if r.key in self.late else min(self.limit_ms, self.budget[r.key])
         return ms if ms <= limit else None
 
@@ -361,6 +365,7 @@ class _Batch:
 
     def admit(self, r: RoundInfo, reason: str, ms: float) -> None:
         self.rounds.append(r)
+        self.shape = self.shape.plus(r.new_tokens, r.context_len)
         self.reasons.append(reason)
         self.keys.add(r.key)
         self.tokens += r.new_tokens
@@ -369,7 +374,7 @@ class _Batch:
             self.limit_ms = min(self.limit_ms, self.budget[r.key])
 
     def force(self, r: RoundInfo, reason: str) -> None:
-        self.admit(r, reason, self.estimator.predict(_shape([*self.rounds, r])))
+        self.admit(r, reason, self.estimator.predict(self.shape.plus(r.new_tokens, r.context_len)))
 
 
 # ---------------------------------------------------------------------- admission control

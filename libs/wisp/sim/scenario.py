@@ -277,6 +277,13 @@ class ModeCfg:
     admission: bool = False
     """Admission control (the drafter's AdmissionController on the scheduler's load snapshot)."""
     admission_headroom: float = 1.0
+    site: str = "speculate"
+    """wisp only. speculate: every round drafts (as long as the controller says); adaptive: per
+    round, draft with a cap or let the server decode the session in its continuous batch
+    (``wisp.policy.site.SiteChooser`` on each session's measured draft speed, round trip and
+    acceptance and the server's published costs), returning to drafting when that pays again."""
+    site_hysteresis: float = 0.1
+    """adaptive: a site must be this much better (relative) to move a session."""
     loop: str = "round_trip"
     """centralized only. round_trip: as the services do it (each token is a round from the
     device through the broker); server: the target decodes in a server-side continuous-batching
@@ -384,6 +391,8 @@ class Scenario:
             _check(mc.max_batch_size >= 1, f"modes.{m}.max_batch_size must be >= 1")
             _check(mc.draft_k >= 0, f"modes.{m}.draft_k must be >= 0")
             _check(mc.loop in ("round_trip", "server"), f"modes.{m}.loop: use round_trip or server")
+            _check(mc.site in ("speculate", "adaptive"), f"modes.{m}.site: use speculate or adaptive")
+            _check(0.0 <= mc.site_hysteresis < 1.0, f"modes.{m}.site_hysteresis: use a value in [0, 1)")
             _check(mc.controller in ("auto", "fixed"), f"modes.{m}.controller: use auto or fixed")
             _check(mc.controller_costs in ("deployment", "shipped"),
                    f"modes.{m}.controller_costs: use deployment or shipped")

@@ -43,6 +43,7 @@ from wisp.policy.estimator import BatchShape, LinearEstimator
 from wisp.policy.learned_estimator import default_estimator, load_estimator
 from wisp.policy.scheduler import RoundInfo, SchedulerCore, round_terms
 from wisp.policy.session import REPLAY_EOS, SpecSession, expected_commit, replay_tokens
+from wisp.policy.site import LinkEstimate, ServerCosts, SiteChooser
 from wisp.policy.slo import AdmissionController, batch_policy, deadline_at, snapshot
 from wisp.settings import Mode, Settings
 from wisp.sim.devices import DeviceSpec, make_devices
@@ -144,6 +145,7 @@ class Session:
         "r_drafted", "r_accepted", "r_feats", "r_draft_ms", "r_passes", "r_up_ms", "r_ready",
         "t_arrive", "t_dispatch", "key", "host_wait", "prefill_ready", "req_index",
         "kv_state", "on_gpu", "recompute", "pf_total", "pf_done", "pf_seq", "pf_cut",
+        "link", "srv", "srv_seen", "srv_run", "r_sent", "r_verify_ms",
     )
 
     def __init__(self, rid: str, dev: DeviceSpec, shape: RequestShape, seq_start: int, t_submit: float,
@@ -184,6 +186,17 @@ class Session:
         """... and how many of them the forwards so far fed (chunked prefill)."""
         self.pf_seq = 0
         self.pf_cut = False
+        self.link = LinkEstimate()
+        """Its measured round trip and per-token acceptance (adaptive site choice)."""
+        self.srv = False
+        """The server decodes it in its continuous batch (adaptive site choice)."""
+        self.srv_run = 0
+        """Tokens the server decoded for it since it last drafted."""
+        self.srv_seen = -1
+        """The server-costs version it was last judged on while on the server (nothing else
+        the choice reads changes while the server decodes it)."""
+        self.r_sent = 0.0
+        self.r_verify_ms = 0.0
 
     @property
     def pos(self) -> int:
@@ -323,6 +336,17 @@ class Simulation:
         )
         self._loads: list[Any] = []
         self._loads_at = -math.inf
+        self.site = (SiteChooser(max_k=max(self.mc.draft_k, 1), hysteresis=self.mc.site_hysteresis)
+                     if mode == Mode.wisp.value and self.mc.site == "adaptive" else None)
+        """Per round: draft, or let the server decode (``wisp.policy.site``)."""
+        self._costs: ServerCosts | None = None
+        self._costs_at = -math.inf
+        self._costs_version = 0
+        self._step_ms: float | None = None
+        self._last_shape: tuple[list[int], list[int]] = ([], [])
+        self._busy_window = 0.0
+        self.srv_tokens = 0
+        self.site_moves = 0
 
         # --- server state
         self.model = self.assets.model
@@ -531,6 +555,17 @@ class Simulation:
         passes = 0
         plan = s.spec.plan(self.policy, can_draft=not self.centralized)
         k = plan.max_k
+        if self.site is not None and s.round > 0 and k > 0:
+            choice = self.site.choose(draft_ms=s.spec.stats.draft_ms_per_token, link=s.link,
+                                      server=self._server_costs(now), tpot_slo_ms=self.tpot_slo)
+            if choice.server_decode:  # hand the session to the server's continuous batch
+                s.srv = True
+                s.srv_run = 0
+                s.srv_seen = -1
+                self.site_moves += 1
+                k = 0
+            else:
+                k = min(k, choice.k)
         s.r_feats = []
         if k > 0:
             stop = plan.stop
@@ -616,6 +651,7 @@ class Simulation:
 
     def _send(self, s: Session, t_ready: float) -> None:
         s.spec.drafted(s.r_draft_ms, s.r_passes)  # the round leaves the device: its time is known
+        s.r_sent = t_ready
         dc = self.sc.devices
         nbytes = dc.block_header_bytes + s.r_drafted * dc.bytes_per_draft_token
         if s.round == 0:
@@ -845,6 +881,10 @@ class Simulation:
             self.busy_ms[vi] += (hi - lo) * 1000.0
         if self.sc.server.estimator.online_refit:
             self.estimator.observe(BatchShape.of(new, ctx), ms)
+        if self.site is not None:  # what the scheduler would publish: step time, batch shape, busy
+            self._step_ms = ms if self._step_ms is None else 0.8 * self._step_ms + 0.2 * ms
+            self._last_shape = (new, ctx)
+            self._busy_window += ms
         if carried:
             held = self.carry[vi]
             held.extend(carried)
@@ -864,7 +904,13 @@ class Simulation:
             pos = len(s.spec.generated)
             kv.shrink(s, s.prompt_len + pos + min(s.r_accepted + 1, max(1, s.out_len - pos)))
             down = self._one_way(s.dev, self.sc.devices.verdict_bytes, False)
-            if self.server_loop:
+            s.r_verify_ms = (now - s.t_dispatch) * 1000.0
+            if s.srv and not self._stays_on_server(s, now):
+                s.srv = False  # back to drafting: the verdict goes to the device, which drafts next
+                self.site_moves += 1
+            if s.srv:
+                self.srv_tokens += 1
+            if self.server_loop or s.srv:
                 finished = self._commit(s, now + down / 1000.0)
                 if finished:
                     self._finish(s, now, now + down / 1000.0)
@@ -889,8 +935,61 @@ class Simulation:
             self.tick_pending = True
             self.q.push(now, K_TICK)
 
+    # ------------------------------------------------------------------ site choice
+    def _server_costs(self, now: float) -> ServerCosts | None:
+        """What the scheduler publishes every ``SNAPSHOT_PERIOD_S`` (as stale as the load
+        snapshot): the forward time at the current load (an EMA of measured forwards), the
+        estimator's marginal cost of one more row and one more fed token on the last batch's
+        shape, whether the verifiers were busy (over 90% of the period) with compute-limited
+        forwards (the batch's marginal costs over half a forward), and whether KV memory is the
+        limit (sessions waiting, or over 90% in use)."""
+        if now - self._costs_at < SNAPSHOT_PERIOD_S:
+            return self._costs
+        period = now - self._costs_at if math.isfinite(self._costs_at) else SNAPSHOT_PERIOD_S
+        busy = self._busy_window / (max(period, 1e-9) * 1000.0 * len(self.vnames))
+        self._busy_window = 0.0
+        self._costs_at = now
+        self._costs_version += 1
+        if self._step_ms is None:
+            self._costs = None
+            return None
+        new, ctx = self._last_shape
+        avg = int(sum(ctx) / len(ctx)) if ctx else 0
+        est = self.estimator
+        base = est.predict_rows(new, ctx)
+        one = est.predict_rows([*new, 1], [*ctx, avg])
+        two = est.predict_rows([*new, 2], [*ctx, avg])
+        kv = self.kv
+        kv_bound = not kv.unlimited and (bool(kv.waiting) or kv.used_blocks > 0.9 * kv.total)
+        token_ms = max(0.0, two - one)
+        row_ms = max(0.0, one - base - token_ms)
+        # compute-limited: the batch's fed tokens and rows account for most of a forward (a
+        # memory-bound forward costs its weight reads, whatever rides along)
+        marginal = token_ms * sum(new) + row_ms * len(new)
+        self._costs = ServerCosts(step_ms=self._step_ms, row_ms=row_ms, token_ms=token_ms,
+                                  compute_bound=busy > 0.9 and marginal > 0.5 * self._step_ms,
+                                  kv_bound=kv_bound)
+        return self._costs
+
+    def _stays_on_server(self, s: Session, now: float) -> bool:
+        """After a server-decoded token: keep decoding it there, or hand it back to drafting."""
+        assert self.site is not None
+        costs = self._server_costs(now)
+        s.srv_run += 1
+        if s.srv_seen == self._costs_version and s.srv_run < self.site.probe_every:
+            return True  # judged on these very figures already: its draft speed, round trip
+            # and acceptance do not change while the server decodes it
+        s.srv_seen = self._costs_version
+        choice = self.site.choose(draft_ms=s.spec.stats.draft_ms_per_token, link=s.link,
+                                  server=costs, tpot_slo_ms=self.tpot_slo, currently_server=True,
+                                  tokens_on_server=s.srv_run)
+        return choice.server_decode
+
     # ------------------------------------------------------------------ verdicts
     def _on_verdict(self, s: Session, now: float) -> None:
+        if self.site is not None and s.r_drafted > 0:
+            s.link.observe_round(s.r_drafted, s.r_accepted,
+                                 (now - s.r_sent) * 1000.0 - s.r_verify_ms)
         if self._commit(s, now):
             self._finish(s, now, now)
         else:
@@ -981,6 +1080,9 @@ class Simulation:
             "sim_end_s": self.q.now,
             "wall_s": round(wall_s, 3),
             "centralized_loop": self.mc.loop if self.centralized else None,
+            "site": self.mc.site if self.mode == Mode.wisp.value else None,
+            "server_decoded_tokens": self.srv_tokens,
+            "site_moves": self.site_moves,
         }
         return SimResult(self.mode, self.n, self.seed, summ, self.records, self.bd.per_round(),
                          util, info)
