@@ -249,6 +249,40 @@ def build(role: str, settings: Settings, bus: Bus, name: str | None = None) -> S
     raise ValueError(f"unknown service {role!r}: choose one of {', '.join(ROLES)}")
 
 
+REDIS_RETRY_WINDOW_S = 10.0
+"""How long one attempt to reach Redis retries (with backoff) before it is logged or, for a
+process nobody probes, before the process gives up."""
+
+
+async def _connect_until_up(settings: Settings, url: str, stop: asyncio.Event,
+                            state: dict[str, str], forever: bool) -> Bus | None:
+    """A ``Bus`` on ``url``, or None when ``stop`` is set first. ``forever``: an unreachable
+    Redis is retried until it answers, one log line per ``REDIS_RETRY_WINDOW_S`` and the reason
+    in ``state["redis"]`` (shown by /readyz), instead of ending the process: in Kubernetes
+    Redis may come up after the WISP pods (its volume is still being provisioned, its AOF
+    still loading), and a pod that exits only crash-loops into ever longer back-offs. A
+    refused login, a bad URL or an untrusted certificate still end it at once: retrying
+    cannot fix them."""
+    while True:
+        attempt = asyncio.create_task(connect(settings, url, REDIS_RETRY_WINDOW_S))
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait([attempt, stopped], return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if not attempt.done():
+            attempt.cancel()
+            await asyncio.gather(attempt, return_exceptions=True)
+            return None
+        try:
+            return attempt.result()
+        except ConnectionError as err:
+            # wait_for_redis's message for "not reachable (yet)"; every other ConnectionError
+            # (login refused, TLS, URL) is final
+            if not forever or not str(err).startswith("cannot reach Redis"):
+                raise
+            state["redis"] = str(err)
+            log.warning("%s; still retrying (readiness stays 503 until Redis answers)", err)
+
+
 async def run_services(
     roles: list[str],
     settings: Settings,
@@ -257,52 +291,78 @@ async def run_services(
     stop: asyncio.Event | None = None,
 ) -> None:
     """Run ``roles`` in this process until SIGINT/SIGTERM (or ``stop``); each role gets its own
-    connection. ``on_ready(services)`` is awaited once every service is set up."""
-    services: list[Service] = []
-    for role in roles:
-        bus = await connect(settings, url)
-        services.append(build(role, settings, bus))
+    connection. ``on_ready(services)`` is awaited once every service is set up.
+
+    With ``settings.http_port`` (every Kubernetes pod: WISP_HTTP_PORT) the probe endpoint comes
+    up first, before Redis is reached: /healthz answers at once, /readyz answers 503 with the
+    reason until Redis answers and every service is set up, and an unreachable Redis is retried
+    for as long as it takes. Without it (a person at a terminal) an unreachable Redis ends the
+    process after ``REDIS_RETRY_WINDOW_S``. On SIGTERM /readyz turns 503 at once and keeps
+    answering while the services drain; the endpoint closes only after they stopped."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    tasks = [asyncio.create_task(s.run(), name=s.name) for s in services]
+    services: list[Service] = []
+    state = {"redis": f"connecting to {redact(url)}"}
     http = None
-    if settings.http_port is not None:
-        from wisp.httpd import serve_http
-
-        def ready() -> tuple[bool, dict[str, Any]]:
-            states = {s.name: s.ready and not s.stopping.is_set() for s in services}
-            return all(states.values()), {"services": states}
-
-        http = await serve_http(settings.http_host, settings.http_port, ready)
-        tasks.append(asyncio.create_task(_export_lag(services[0].bus, stop), name="lag"))
-
-    async def _watch_ready() -> None:
-        while not all(s.ready for s in services):
-            for t in tasks:
-                if t.done() and t.exception() is not None:
-                    raise t.exception()  # type: ignore[misc]
-            await asyncio.sleep(0.05)
-        log.info("services ready on %s: %s", redact(url), ", ".join(s.name for s in services))
-        if on_ready is not None:
-            await on_ready(services)
-
-    watcher = asyncio.create_task(_watch_ready())
-    stopper = asyncio.create_task(stop.wait())
+    tasks: list[asyncio.Task[Any]] = []
+    watcher: asyncio.Task[None] | None = None
     try:
+        if settings.http_port is not None:
+            from wisp.httpd import serve_http
+
+            def ready() -> tuple[bool, dict[str, Any]]:
+                if stop.is_set():
+                    return False, {"draining": True}
+                if not services:
+                    return False, {"redis": state["redis"]}
+                states = {s.name: s.ready and not s.stopping.is_set() for s in services}
+                return all(states.values()), {"services": states}
+
+            def live() -> tuple[bool, dict[str, Any]]:
+                verdicts = [s.live() for s in services]
+                return all(ok for ok, _ in verdicts), {
+                    k: v for _, detail in verdicts for k, v in detail.items()}
+
+            http = await serve_http(settings.http_host, settings.http_port, ready, live)
+        for role in roles:
+            bus = await _connect_until_up(settings, url, stop, state,
+                                          forever=settings.http_port is not None)
+            if bus is None:  # stopped while waiting for Redis: a clean stop
+                return
+            services.append(build(role, settings, bus))
+        state["redis"] = "connected"
+        tasks = [asyncio.create_task(s.run(), name=s.name) for s in services]
+        if http is not None:
+            tasks.append(asyncio.create_task(_export_lag(services[0].bus, stop), name="lag"))
+
+        async def _watch_ready() -> None:
+            while not all(s.ready for s in services):
+                for t in tasks:
+                    if t.done() and t.exception() is not None:
+                        raise t.exception()  # type: ignore[misc]
+                await asyncio.sleep(0.05)
+            log.info("services ready on %s: %s", redact(url), ", ".join(s.name for s in services))
+            if on_ready is not None:
+                await on_ready(services)
+
+        watcher = asyncio.create_task(_watch_ready())
+        stopper = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
         for t in done:
             if t is not stopper and t.exception() is not None:
                 raise t.exception()  # type: ignore[misc]
     finally:
-        watcher.cancel()
-        if http is not None:
-            http.close()
+        stop.set()  # /readyz says "draining" from here on
+        if watcher is not None:
+            watcher.cancel()
         for s in services:
             s.stop()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if http is not None:  # only now: the probes saw 503, not a refused connection, meanwhile
+            http.close()
         for s in services:
             with contextlib.suppress(Exception):
                 await s.bus.redis.aclose()

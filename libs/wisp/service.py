@@ -11,7 +11,10 @@ stream or cycling for ever. Before this base existed every service hand-wrote th
 (seven copies) and only some of them had a sweeper.
 
 Torch work runs on a single dedicated thread so the event loop keeps moving messages (and a
-model is never entered by two threads at once).
+model is never entered by two threads at once). That thread has a watchdog (``live``): a model
+call that has made no progress for longer than ``watchdog_bound_s`` while work waits on it makes
+the process's liveness probe fail, because a wedged model thread (a deadlocked kernel, a hung
+device) leaves the event loop answering probes while the service does nothing.
 """
 
 from __future__ import annotations
@@ -75,6 +78,9 @@ class Service:
     """Base of the drafter, verifier, scheduler and estimator shells."""
 
     role: str = "service"
+    watchdog_s: float | None = None
+    """Bound of the model thread's watchdog (``live``); None: the drain timeout
+    (``WISP_DRAIN_TIMEOUT_S``), see ``watchdog_bound_s``."""
 
     def __init__(self, settings: Settings, bus: Bus, name: str | None = None) -> None:
         self.settings = settings
@@ -89,13 +95,62 @@ class Service:
         """Whether this instance holds its role's lease (services with a single active
         instance, the scheduler, manage it; leader-only consumers read only while it is set)."""
         self._failures: dict[tuple[str, str], int] = {}
+        self._worker_calls = 0
+        """Calls handed to the worker thread and not finished (running or queued)."""
+        self._worker_progress = time.monotonic()
+        """When the worker thread last reported progress (a call started or ended, or the
+        call in hand called ``report_progress``). Written from that thread: a float
+        assignment, atomic in CPython."""
+        self._set_up = False
+        """``setup`` finished: the watchdog judges the model thread only from then on (a model
+        load may take many minutes; the startup probe, not liveness, covers it)."""
 
     # ------------------------------------------------------------------ helpers
     async def in_worker(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run torch work on this service's single worker thread."""
+        """Run torch work on this service's single worker thread (fed to the watchdog: the
+        call's start and end count as progress)."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.role}-torch")
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+        def call() -> T:
+            self.report_progress()
+            try:
+                return fn(*args)
+            finally:
+                self.report_progress()
+
+        self._worker_calls += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+        finally:
+            self._worker_calls -= 1
+
+    def report_progress(self) -> None:
+        """Tell the watchdog the model thread is moving. Callable from that thread: a long
+        call (a chunked prefill, a warm-up loop) calls it between steps."""
+        self._worker_progress = time.monotonic()
+
+    @property
+    def watchdog_bound_s(self) -> float:
+        """How long the model thread may go without progress while work waits on it (0: no
+        watchdog). By default the drain timeout: the call in hand has to finish within it
+        for a drain to be clean, so one running longer is stuck, not slow; the liveness
+        probe's own failure threshold (4 x 15 s in the manifests) comes on top."""
+        if self.watchdog_s is not None:
+            return self.watchdog_s
+        return self.settings.drain_timeout_s
+
+    def live(self) -> tuple[bool, dict[str, Any]]:
+        """The liveness verdict of this service: false when its model thread has work and has
+        not reported progress for longer than ``watchdog_bound_s`` (after setup)."""
+        bound = self.watchdog_bound_s
+        if not self._set_up or self._worker_calls == 0 or bound <= 0:
+            return True, {}
+        stalled = time.monotonic() - self._worker_progress
+        if stalled <= bound:
+            return True, {}
+        return False, {"model_thread": f"{self.name}: no progress for {stalled:.0f} s with "
+                                       f"{self._worker_calls} call(s) waiting (bound {bound:g} s)"}
 
     def count(self, name: str, by: float = 1.0) -> None:
         self.counters[name] = self.counters.get(name, 0.0) + by
@@ -129,6 +184,7 @@ class Service:
     async def run(self) -> None:
         """Set up, then run heartbeat + loops until ``stop()``."""
         await self.setup()
+        self._set_up = True
         consumers = self.consumers()
         for c in consumers:
             await self.bus.ensure_group(c.stream, c.group, start=c.start)

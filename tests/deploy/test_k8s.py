@@ -233,20 +233,69 @@ def test_scheduler_is_active_standby_and_verifier_has_a_pdb(key: str) -> None:
     assert pdbs[0]["spec"].get("maxUnavailable") == 1 or pdbs[0]["spec"].get("minAvailable")
 
 
-@pytest.mark.parametrize("key", ALL)
-def test_graceful_shutdown_leaves_time_to_drain(key: str) -> None:
-    d = docs(key)
+EXIT_MARGIN_S = 5
+"""What a process needs after its drain budget to exit: clear its heartbeat, close its
+connections, join its threads."""
+
+
+def _drain_budget(d: list[dict], c: dict) -> float:
+    """WISP_DRAIN_TIMEOUT_S as the container sees it: its env, else its envFrom ConfigMaps,
+    else the setting's default."""
+    from wisp.settings import Settings
+
+    e = kc.env_value(c, "WISP_DRAIN_TIMEOUT_S")
+    if e is not None:
+        return float(e["value"])
+    for src in c.get("envFrom", []):
+        ref = src.get("configMapRef")
+        cm = kc.find(d, "ConfigMap", ref["name"]) if ref else None
+        if cm is not None and "WISP_DRAIN_TIMEOUT_S" in cm.get("data", {}):
+            return float(cm["data"]["WISP_DRAIN_TIMEOUT_S"])
+    return float(Settings.model_fields["drain_timeout_s"].default)
+
+
+def grace_problems(d: list[dict]) -> list[str]:
+    """Every WISP container that does not fit preStop + its drain budget + the exit margin in
+    its pod's terminationGracePeriodSeconds (the API's default is 30 s): the kubelet would
+    SIGKILL it in the middle of its drain, losing the work in hand."""
+    problems = []
     for w, tpl in kc.workloads(d):
         if kc.component(w) is None:
             continue
         spec = tpl["spec"]
+        grace = spec.get("terminationGracePeriodSeconds", 30)
         for c in spec["containers"]:
-            assert c["lifecycle"]["preStop"], kc.name(w)
-        if kc.component(w) == "verifier":
-            pre = spec["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
-            assert pre[0] == "sleep"
-            # preStop + a ~60 s drain must fit in the grace period, with margin
-            assert spec["terminationGracePeriodSeconds"] >= int(pre[1]) + 60 + 15
+            pre = c.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+            if pre[:1] != ["sleep"]:
+                problems.append(f"{kc.name(w)}/{c['name']}: no preStop pause: {pre}")
+                continue
+            need = float(pre[1]) + _drain_budget(d, c) + EXIT_MARGIN_S
+            if grace < need:
+                problems.append(f"{kc.name(w)}/{c['name']}: terminationGracePeriodSeconds {grace} < "
+                                f"preStop {pre[1]} + drain {_drain_budget(d, c):g} + {EXIT_MARGIN_S}")
+    return problems
+
+
+@pytest.mark.parametrize("key", ALL)
+def test_graceful_shutdown_leaves_time_to_drain(key: str) -> None:
+    """Every WISP pod's grace period holds its preStop pause, its drain budget
+    (WISP_DRAIN_TIMEOUT_S, 60 s by default) and a margin to exit. It used to check the verifier
+    alone: drafters (60 s grace), scheduler, estimator and gateway (30 s) had the default 60 s
+    drain, so a slow drain was SIGKILLed half-way."""
+    d = docs(key)
+    assert grace_problems(d) == []
+    verifier = kc.container(kc.wisp_workload(d, "verifier"), "verifier")
+    assert _drain_budget(d, verifier) >= 60, "the verifier's batch in hand takes up to ~60 s"
+    # the check catches a role left with the default drain, and a grace period cut short
+    for role, mutate in (
+        ("scheduler", lambda c, s: c["env"].remove(kc.env_value(c, "WISP_DRAIN_TIMEOUT_S"))),
+        ("drafter", lambda c, s: s.update(terminationGracePeriodSeconds=50)),
+        ("gateway", lambda c, s: c["lifecycle"].pop("preStop")),
+    ):
+        broken = docs(key)
+        w = kc.wisp_workload(broken, role)
+        mutate(kc.container(w, role), kc.pod_template(w)["spec"])
+        assert any(kc.name(w) in p for p in grace_problems(broken)), role
 
 
 @pytest.mark.parametrize("key", ALL)
