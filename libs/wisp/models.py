@@ -108,7 +108,6 @@ REGISTRY: dict[str, PackagedModel] = {
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             keep_gguf=True,
             vocab_sha256=QWEN25_VOCAB,
-            tokenizer_from="qwen-coder-0.5b",  # its own GGUF, for a drafter whose target it is
         ),
         PackagedModel(
             alias="qwen-coder-1.5b",
@@ -447,35 +446,44 @@ def prepare_gguf(alias: str, cache_dir: Path, progress: Progress | None = None) 
 
 
 def prepare_tokenizer(alias: str, cache_dir: Path, progress: Progress | None = None) -> Path:
-    """A target's tokenizer, and nothing else of it, for an edge drafter: built from the GGUF of
-    ``tokenizer_from`` (prepared with ``prepare_gguf``), refused unless its vocabulary
-    fingerprint is the target's recorded one, given the target's own chat template and
-    generation config. A fully prepared target needs none of this (its folder has them)."""
+    """A target's tokenizer, and nothing else of it, for an edge drafter. Built from the GGUF of
+    ``tokenizer_from`` (another alias with the same vocabulary: refused unless its vocabulary
+    fingerprint is the target's recorded one; the target's own chat template and generation
+    config come from ``TOKENIZER_ASSETS``), or, for an alias that names none, from its own GGUF
+    (exactly the tokenizer its full preparation saves, which converts from that GGUF). A fully
+    prepared target needs none of this (its folder has them)."""
     entry = REGISTRY[alias]
     cache_dir = Path(cache_dir).expanduser()
     if is_prepared(alias, cache_dir):
         return cache_dir / alias
-    source = entry.tokenizer_from
-    assets = TOKENIZER_ASSETS / alias
-    if source is None or entry.vocab_sha256 is None or not assets.is_dir():
+    source = entry.tokenizer_from or alias
+    own = source == alias
+    if own and not (entry.keep_gguf or entry.gguf_name):
         raise ValueError(f"{alias} has no tokenizer-only preparation; prepare it whole: "
                          f"`wisp-cli models prepare {alias}`")
+    assets = TOKENIZER_ASSETS / alias
+    if not own and (entry.vocab_sha256 is None or not assets.is_dir()):
+        raise ValueError(f"{alias}: no recorded vocabulary to check {source}'s against; prepare it "
+                         f"whole: `wisp-cli models prepare {alias}`")
     out = tokenizer_dir(alias, cache_dir)
     if _tokenizer_ok(out, alias):
         return out
     gguf = prepare_gguf(source, cache_dir, progress)
-    _say(progress, f"{alias}: tokenizer from {gguf.name} (the same vocabulary), no weights")
+    what = "its own GGUF" if own else f"{gguf.name} (the same vocabulary)"
+    _say(progress, f"{alias}: tokenizer from {what}, no weights converted")
     tok = _tokenizer_from(gguf)
     got = vocab_fingerprint(tok)
-    if got != entry.vocab_sha256:
+    if entry.vocab_sha256 is not None and got != entry.vocab_sha256:
         raise ValueError(f"{alias}: the vocabulary in {gguf.name} is not {alias}'s (fingerprint "
                          f"{got[:12]} != {entry.vocab_sha256[:12]}); prepare it whole: "
                          f"`wisp-cli models prepare {alias}`")
-    tok.chat_template = (assets / "chat_template.jinja").read_text()
+    if assets.is_dir():
+        tok.chat_template = (assets / "chat_template.jinja").read_text()
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tok.save_pretrained(tmp)
-    shutil.copy(assets / "generation_config.json", tmp / "generation_config.json")
+    if (assets / "generation_config.json").is_file():
+        shutil.copy(assets / "generation_config.json", tmp / "generation_config.json")
     info = {"alias": alias, "sha256": entry.sha256, "format": FORMAT_VERSION, "tokenizer_only": True,
             "vocab_sha256": got, "from": source}
     (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
@@ -499,9 +507,10 @@ def _tokenizer_ok(folder: Path, alias: str) -> bool:
         info = json.loads((folder / MARKER).read_text())
     except (OSError, ValueError):
         return False
+    want = REGISTRY[alias].vocab_sha256
     return (info.get("alias") == alias and info.get("tokenizer_only") is True
-            and info.get("vocab_sha256") == REGISTRY[alias].vocab_sha256
-            and info.get("format") == FORMAT_VERSION)
+            and (want is None or info.get("vocab_sha256") == want)
+            and info.get("sha256") == REGISTRY[alias].sha256 and info.get("format") == FORMAT_VERSION)
 
 
 def resolve_tokenizer(name: str, cache_dir: Path) -> str:

@@ -7,6 +7,8 @@ broken renders, so a check that silently stopped looking would be noticed.
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 import shutil
 import subprocess
@@ -19,10 +21,12 @@ import yaml
 Obj = dict[str, Any]
 
 KUBECTL_HINT = (
-    "kubectl not found: install Debian's `kubernetes-client` package "
-    "(`apt-get install kubernetes-client`) or any kubectl >= 1.27; its built-in "
-    "`kubectl kustomize` renders the manifests offline"
+    "install kubectl >= 1.27 (its built-in `kubectl kustomize` renders the manifests offline), "
+    "e.g. from https://dl.k8s.io/release/v1.32.4/bin/linux/amd64/kubectl or the Kubernetes apt "
+    "repository (pkgs.k8s.io); Debian 12's `kubernetes-client` is kubectl 1.20, which cannot "
+    "render these kustomizations"
 )
+MIN_KUBECTL = (1, 27)
 
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
 CLUSTER_SCOPED = {
@@ -45,11 +49,26 @@ def kubectl() -> str | None:
     return shutil.which("kubectl")
 
 
+@functools.cache
+def kubectl_version(exe: str) -> tuple[int, int]:
+    """(major, minor) of the kubectl client."""
+    done = subprocess.run([exe, "version", "--client", "-o", "json"], capture_output=True, text=True,
+                          timeout=60, check=False)
+    try:
+        info = json.loads(done.stdout)["clientVersion"]
+        return int(info["major"]), int(re.sub(r"\D.*", "", info["minor"]))
+    except (ValueError, KeyError, TypeError):
+        return (0, 0)
+
+
 def render(path: Path) -> list[Obj]:
-    """``kubectl kustomize path`` as a list of objects."""
+    """``kubectl kustomize path`` as a list of objects (fails, never skips, without a kubectl
+    that can render them)."""
     exe = kubectl()
     if exe is None:
-        raise RuntimeError(KUBECTL_HINT)
+        raise RuntimeError(f"kubectl not found: {KUBECTL_HINT}")
+    if kubectl_version(exe) < MIN_KUBECTL:
+        raise RuntimeError(f"kubectl {'.'.join(map(str, kubectl_version(exe)))} is too old: {KUBECTL_HINT}")
     done = subprocess.run(
         [exe, "kustomize", str(path)], capture_output=True, text=True, timeout=120, check=False
     )
