@@ -238,6 +238,184 @@ def _print_sweep_table(summary: dict[str, Any]) -> None:
     Console().print(r)
 
 
+# ---------------------------------------------------------------------- grid
+def _grid_list(value: str, flag: str, conv: Any, what: str) -> list[Any]:
+    """A comma list of ``flag`` converted by ``conv``; a bad item is a one-line error naming it."""
+    items = [x.strip() for x in value.split(",") if x.strip()]
+    if not items:
+        raise typer.BadParameter(f"give {what}", param_hint=flag)
+    out: list[Any] = []
+    for x in items:
+        try:
+            v = conv(x)
+        except ValueError as err:
+            raise typer.BadParameter(f"{x!r}: {err or ''} give {what}".replace(":  ", ": "),
+                                     param_hint=flag) from None
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def _kv_value(x: str) -> int:
+    v = int(x)
+    if v < 0:
+        raise ValueError("a KV budget is >= 0 tokens (0 = unlimited);")
+    return v
+
+
+def _acceptance_value(x: str) -> float:
+    v = float(x)
+    if not 0.0 <= v < 1.0:
+        raise ValueError("a target rate is in [0, 1) (0 = as recorded);")
+    return v
+
+
+def _choice(choices: tuple[str, ...]) -> Any:
+    def conv(x: str) -> str:
+        if x not in choices:
+            raise ValueError(f"not one of {', '.join(choices)};")
+        return x
+    return conv
+
+
+@sim_app.command("grid")
+def grid(
+    out: Annotated[Path, typer.Option(help="Folder for grid.json (written after every cell), grid.png "
+                                      "(heatmap of WISP's capacity ratio) and report.md.")],
+    quick: Annotated[bool, typer.Option(
+        "--quick", help="A test-sized grid: KV 30000, the paper mix, acceptance as recorded, the ragged "
+        "engine, 2 seeds, a 60 s window after 10 s warm-up, a coarse search (well under a minute). "
+        "Other flags still override it.")] = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Keep the cells an earlier run finished in --out (same scenario, seeds, "
+        "duration, modes and search) and run only the others.")] = False,
+    scenario: ScenarioOpt = "paper",
+    overrides: SetOpt = None,
+    kv: Annotated[str | None, typer.Option(
+        "--kv", help="Comma list of KV budgets (server.kv_tokens, tokens per verifier; 0 = unlimited). "
+        "Default 30000,50000,100000.")] = None,
+    mixes: Annotated[str | None, typer.Option(
+        "--mixes", help="Comma list of device mixes (devices.mix): slow = raspberry_pi_5 + phone, paper "
+        "= the paper's four classes in equal shares, fast = jetson_agx_orin (300 draft tok/s). "
+        "Default slow,paper,fast.")] = None,
+    acceptance: Annotated[str | None, typer.Option(
+        "--acceptance", help="Comma list of acceptance.target_rate values: 0 = the recorded verdicts, a "
+        "rate in (0, 1) below the recorded one scales them down. Default 0,0.6.")] = None,
+    engines: Annotated[str | None, typer.Option(
+        "--engines", help="Comma list of verifier engines (server.engine): ragged, padded. Default both "
+        "(padded is skipped, with a note, while the scenario has no server.engine).")] = None,
+    modes: Annotated[str | None, typer.Option(
+        "--modes", help="Comma list of modes: wisp, sled, centralized, sled+prefill (sled with WISP's "
+        "prefill round, an ablation). Default all four; the ratio is wisp over the better of "
+        "centralized and sled.")] = None,
+    seeds: Annotated[int | None, typer.Option(
+        min=1, max=32, help="Seeds per point (the scenario's seed and the next ones). Default 5.")] = None,
+    duration: Annotated[float | None, typer.Option(
+        min=1.0, help="Simulated window per run in seconds (scenario.duration_s). Default 300.")] = None,
+    jobs: Annotated[int, typer.Option(
+        min=1, max=64, help="Worker processes; each seed of a point is one task.")] = 2,
+) -> None:
+    """Sensitivity grid of capacity: for every (KV budget x device mix x acceptance x engine)
+    cell and every mode, search the device count where mean SLO attainment over seeds crosses 90%
+    (analytic guess, geometric bracketing, bisection; 95% interval), compare goodput at the better
+    baseline's capacity, and give WISP's capacity ratio over max(centralized, sled) with its
+    conservative range, the roofline bound of that ratio and the cell's regime (D device-, K KV-,
+    C compute-, M memory-bound). Writes DIR/grid.json, DIR/grid.png, DIR/report.md
+    (docs/sim-grid.md)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from wisp.sim.grid import (
+        ENGINES,
+        GRID_MODES,
+        MIXES,
+        GridError,
+        GridParams,
+        check_axes,
+        run_grid,
+        write_grid_report,
+    )
+    from wisp.sim.scenario import ScenarioError
+
+    params = GridParams.quick_form() if quick else GridParams()
+    if kv is not None:
+        params.kv = _grid_list(kv, "--kv", _kv_value, "KV budgets in tokens like 30000,50000")
+    if mixes is not None:
+        params.mixes = _grid_list(mixes, "--mixes", _choice(tuple(MIXES)),
+                                  f"mixes among {', '.join(MIXES)}")
+    if acceptance is not None:
+        params.acceptance = _grid_list(acceptance, "--acceptance", _acceptance_value,
+                                       "rates like 0,0.6")
+    if engines is not None:
+        params.engines = _grid_list(engines, "--engines", _choice(ENGINES),
+                                    f"engines among {', '.join(ENGINES)}")
+    if modes is not None:
+        params.modes = _grid_list(modes, "--modes", _choice(GRID_MODES),
+                                  f"modes among {', '.join(GRID_MODES)}")
+    if seeds is not None:
+        params.seeds = seeds
+    if duration is not None:
+        params.duration_s = duration
+    params.jobs = jobs
+    params.overrides = list(overrides or [])
+    _quiet_logs()
+    sc = _load(scenario, overrides)
+    try:
+        check_axes(sc, params, explicit_engines=engines is not None)
+    except GridError as err:
+        fail(str(err))
+    for note in params.skipped:
+        say(f"sim grid: skipped {note}")
+    output_dir(out)
+    command = "wisp-cli sim " + " ".join(sys.argv[sys.argv.index("grid"):]) if "grid" in sys.argv else ""
+    cells = params.cells()
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TextColumn("{task.fields[last]}"),
+                  console=Console(stderr=True)) as progress:  # stdout stays for the results
+        task = progress.add_task(f"sim grid: {len(cells)} cell(s)", total=0, last="")
+        log = not progress.console.is_terminal
+        index = {c.key: i for i, c in enumerate(cells)}
+
+        def planned(n: int) -> None:
+            progress.update(task, total=(progress.tasks[0].total or 0) + n)
+
+        def point(cell: Any, mode: str, n: int, p: dict[str, Any]) -> None:
+            line = (f"cell {index[cell.key] + 1}/{len(cells)} {mode} @ {n}: attainment "
+                    f"{fmt(p['slo_attainment'], '{:.3f}')}")
+            progress.update(task, advance=1, last=line)
+            if log:
+                print(f"sim grid: {line} ({p.get('seeds', 1)} seeds)", file=sys.stderr, flush=True)
+
+        def cell_done(cell: Any, res: dict[str, Any], skipped: bool) -> None:
+            what = "skipped (finished in an earlier run)" if skipped else f"done in {res.get('wall_s')} s"
+            progress.console.print(f"sim grid: cell {index[cell.key] + 1}/{len(cells)} {cell.key} {what}: "
+                                   f"ratio {fmt(res.get('ratio_vs_best_baseline'))}, "
+                                   f"regime {res.get('regime')}", soft_wrap=True)
+
+        try:
+            doc = run_grid(sc, params, out, command=command, resume=resume, on_point=point,
+                           on_plan=planned, on_cell=cell_done)
+        except (GridError, ScenarioError) as err:
+            fail(str(err))
+    files = write_grid_report(doc, out)
+    _print_grid_table(doc)
+    for k, p in files.items():
+        print(f"{k}: {p}", file=sys.stderr)
+
+
+def _print_grid_table(doc: dict[str, Any]) -> None:
+    from wisp.services.cli.common import print_table
+    from wisp.sim.report import capacity_text
+
+    modes = doc["parameters"]["modes"]
+    rows = [[str(c["kv_tokens"]), c["device_mix"], f"{c['acceptance']:g}", c["engine"],
+             *(capacity_text(c["capacity"].get(m), "{:.1f}") for m in modes),
+             fmt(c.get("ratio_vs_best_baseline")), fmt(c["bound"].get("ratio")), str(c["regime"])]
+            for c in doc["cells"]]
+    print_table(f"capacity grid ({doc.get('scenario_name')}): devices at 90% SLO attainment [95%]",
+                ["KV", "mix", "acceptance", "engine", *modes, "ratio", "bound", "regime"], rows,
+                left=("mix", "engine"))
+
+
 # ---------------------------------------------------------------------- validate
 @sim_app.command("validate")
 def validate(

@@ -48,8 +48,8 @@ def point_of(r: SimResult) -> dict[str, Any]:
     out = {"devices": r.devices, **{k: d.get(k) for k in POINT_KEYS},
            "verifier_utilisation": r.verifier_utilisation, "breakdown": r.breakdown}
     info = r.info
-    for k in ("refused", "kv_waits", "mean_batch_rounds", "estimator_mape", "draft_policy",
-              "attainment_by_class", "batch_policy", "wall_s", "events"):
+    for k in ("refused", "kv_waits", "kv_peak_tokens", "mean_batch_rounds", "estimator_mape",
+              "draft_policy", "attainment_by_class", "batch_policy", "wall_s", "events"):
         out[k] = info.get(k)
     out["seeds"] = 1
     return out
@@ -93,7 +93,7 @@ def pooled_point(results: Sequence[SimResult]) -> dict[str, Any]:
     out["verifier_utilisation"] = sum(r.verifier_utilisation for r in results) / n
     for k in ("refused", "kv_waits", "events"):
         out[k] = sum(int(r.info.get(k) or 0) for r in results)
-    for k in ("mean_batch_rounds", "estimator_mape", "wall_s"):
+    for k in ("mean_batch_rounds", "estimator_mape", "wall_s", "kv_peak_tokens"):
         vals = [float(r.info[k]) for r in results if r.info.get(k) is not None]
         out[k] = sum(vals) / len(vals) if vals else None
     classes: dict[str, list[float]] = {}
