@@ -136,6 +136,8 @@ class Service:
         watchdog). By default the drain timeout: the call in hand has to finish within it
         for a drain to be clean, so one running longer is stuck, not slow; the liveness
         probe's own failure threshold (4 x 15 s in the manifests) comes on top."""
+        if self.settings.watchdog_s is not None:  # the operator's WISP_WATCHDOG_S
+            return self.settings.watchdog_s
         if self.watchdog_s is not None:
             return self.watchdog_s
         return self.settings.drain_timeout_s

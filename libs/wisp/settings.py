@@ -171,6 +171,12 @@ class Settings(BaseSettings):
     kv_sessions: int = Field(default=256, ge=1, description="Target KV caches kept (LRU).")
 
     # --- reliability ------------------------------------------------------------------------
+    watchdog_s: float | None = Field(
+        default=None, ge=0.0, le=86_400.0,
+        description="How long a service's model thread may go without progress while work waits "
+        "on it before /healthz fails (0: no watchdog; default: the role's own bound, else the "
+        "drain timeout). A CPU verifier of a large model may need more than one drain.",
+    )
     drain_timeout_s: float = Field(
         default=60.0, ge=0, description="On SIGTERM, time allowed to finish the message in hand."
     )

@@ -130,6 +130,10 @@ def test_watchdog_bound_follows_the_drain_timeout() -> None:
     off = Plain(Settings(drain_timeout_s=0), _Bus(), name="d")  # type: ignore[arg-type]
     off._set_up, off._worker_calls, off._worker_progress = True, 1, time.monotonic() - 1e6
     assert off.live() == (True, {}), "drain timeout 0: no watchdog"
+    # the operator's WISP_WATCHDOG_S wins over the role's bound and the drain timeout
+    slow = Plain(Settings(drain_timeout_s=42, watchdog_s=600), _Bus(), name="d")  # type: ignore[arg-type]
+    slow.watchdog_s = 5.0
+    assert slow.watchdog_bound_s == 600
 
 
 async def test_probe_endpoint_answers_before_redis_and_stops_cleanly() -> None:
