@@ -306,8 +306,9 @@ def grid(
         "(padded is skipped, with a note, while the scenario has no server.engine).")] = None,
     modes: Annotated[str | None, typer.Option(
         "--modes", help="Comma list of modes: wisp, sled, centralized, sled+prefill (sled with WISP's "
-        "prefill round, an ablation). Default all four; the ratio is wisp over the better of "
-        "centralized and sled.")] = None,
+        "prefill round, an ablation), wisp+adaptive (WISP choosing per round between drafting and "
+        "server-side decoding; about 3x the simulation time). Default the first four; the ratio is "
+        "wisp over the better of centralized and sled (wisp+adaptive gets its own).")] = None,
     seeds: Annotated[int | None, typer.Option(
         min=1, max=32, help="Seeds per point (the scenario's seed and the next ones). Default 5.")] = None,
     duration: Annotated[float | None, typer.Option(

@@ -242,3 +242,18 @@ def test_axes_are_checked_with_what_to_fix() -> None:
         check_axes(load_scenario("local"), GridParams(mixes=["fast"]), False)
     p = check_axes(sc, GridParams(), False)
     assert len(p.cells()) == 3 * 3 * 2 * len(p.engines)
+
+
+def test_the_adaptive_wisp_mode_runs_wisp_with_the_site_choice() -> None:
+    from wisp.sim.grid import ADAPTIVE, DEFAULT_MODES, simulate_mode
+    from wisp.sim.scenario import load_scenario, with_overrides
+    from wisp.sim.simulator import load_assets
+
+    assert ADAPTIVE not in DEFAULT_MODES
+    sc = with_overrides(load_scenario("paper"), ["scenario.duration_s=20", "scenario.warmup_s=5",
+                                                 "devices.mix={raspberry_pi_5 = 1.0}"])
+    assets = load_assets(sc)
+    adaptive = simulate_mode(sc, ADAPTIVE, 12, assets, 0)
+    plain = simulate_mode(sc, "wisp", 12, assets, 0)
+    assert adaptive.info["site"] == "adaptive" and adaptive.info["server_decoded_tokens"] > 0
+    assert plain.info["site"] == "speculate" and plain.info["server_decoded_tokens"] == 0

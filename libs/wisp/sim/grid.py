@@ -77,7 +77,12 @@ ABLATION = "sled+prefill"
 """SLED with a prefill round (round 0 undrafted while the device prefills its draft model): the
 one WISP part that SLED could adopt alone, so WISP's other parts (the learned controller, the
 SLO-aware batch policy, admission control) are credited with what is left."""
-GRID_MODES = ("wisp", "sled", "centralized", ABLATION)
+ADAPTIVE = "wisp+adaptive"
+"""WISP with the adaptive site choice (``modes.wisp.site = "adaptive"``: per round, draft or let
+the server decode the session; ``wisp.policy.site``). Not in the default modes (it costs about
+3x the simulation time); reported beside ``wisp`` with its own ratio when asked for."""
+GRID_MODES = ("wisp", "sled", "centralized", ABLATION, ADAPTIVE)
+DEFAULT_MODES = ("wisp", "sled", "centralized", ABLATION)
 BASELINES = ("centralized", "sled")
 """The ratio is WISP's capacity over the better of these (the ablation is reported, not compared)."""
 
@@ -159,7 +164,7 @@ class GridParams:
     mixes: list[str] = field(default_factory=lambda: list(DEFAULT_MIXES))
     acceptance: list[float] = field(default_factory=lambda: list(DEFAULT_ACCEPTANCE))
     engines: list[str] = field(default_factory=lambda: list(DEFAULT_ENGINES))
-    modes: list[str] = field(default_factory=lambda: list(GRID_MODES))
+    modes: list[str] = field(default_factory=lambda: list(DEFAULT_MODES))
     seeds: int = 5
     duration_s: float = DEFAULT_DURATION_S
     warmup_s: float | None = None
@@ -308,6 +313,9 @@ def simulate_mode(sc: Scenario, mode: str, n: int, assets: Assets, seed: int) ->
     if mode == ABLATION:
         return Simulation(sc, "sled", n, assets=assets, seed=seed,
                           policy=PrefillFixed(sc.modes.sled.draft_k)).run()
+    if mode == ADAPTIVE:
+        return Simulation(with_overrides(sc, ["modes.wisp.site=adaptive"]), "wisp", n, assets=assets,
+                          seed=seed).run()
     return Simulation(sc, mode, n, assets=assets, seed=seed).run()
 
 
@@ -570,7 +578,7 @@ def analytic_guess(sc: Scenario, mode: str, cm: CellModel, *, max_devices: int =
     foot = ctx if hasattr(sc.server, "kv_block_tokens") else cm.prompt_mean + cm.out_mean
     kv = sc.server.kv_tokens * sc.server.verifiers
     s_kv = KV_EFFICIENCY * kv / foot if kv > 0 else math.inf
-    base = mode if mode in ("wisp", "sled", "centralized") else "sled"
+    base = mode if mode in ("wisp", "sled", "centralized") else ("wisp" if mode == ADAPTIVE else "sled")
     mc = sc.mode(base)
     shares = _shares(sc)
     if base == "centralized":
@@ -785,6 +793,10 @@ def run_cell(base: Scenario, cell: Cell, params: GridParams, executor: Executor,
     if best and "wisp" in caps:
         ratio, ratio_bound = _cap_ratio(caps["wisp"], caps[best])
         rr = ratio_range(caps["wisp"], caps[best])
+    adaptive = None
+    if best and ADAPTIVE in caps:
+        a_ratio, a_bound = _cap_ratio(caps[ADAPTIVE], caps[best])
+        adaptive = {"ratio": a_ratio, "censored": a_bound, "range": ratio_range(caps[ADAPTIVE], caps[best])}
     model = bound_and_regime(sc, cm, points[best].get(n_b) if best and n_b else None, best, n_b)
     return {
         "key": cell.key,
@@ -800,6 +812,7 @@ def run_cell(base: Scenario, cell: Cell, params: GridParams, executor: Executor,
         "ratio_vs_best_baseline": ratio,
         "ratio_censored": ratio_bound,
         "ratio_range": rr,
+        "adaptive_ratio_vs_best_baseline": adaptive,
         "regime": model["regime"],
         "bound": model,
         "guesses": guesses,
@@ -962,17 +975,18 @@ def render_grid_report(doc: dict[str, Any]) -> str:
              ]
     if p.get("skipped"):
         lines.append(f"- Skipped: {'; '.join(p['skipped'])}")
+    shown = [m for m in GRID_MODES if m in (p.get("modes") or DEFAULT_MODES)]
     lines += ["", "## Summary", "",
-              "| KV | mix | acceptance | engine | wisp | sled | centralized | sled+prefill | "
+              "| KV | mix | acceptance | engine | " + " | ".join(shown) + " | "
               "ratio [range] | bound | regime |",
-              "|---:|---|---|---|---:|---:|---:|---:|---:|---:|:---:|"]
+              "|---:|---|---|---|" + "---:|" * len(shown) + "---:|---:|:---:|"]
     for c in doc["cells"]:
         caps = c["capacity"]
         rr = c.get("ratio_range") or [None, None]
         flag = {"at_least": ">= ", "at_most": "<= "}.get(c.get("ratio_censored") or "", "")
         lines.append(
             f"| {c['kv_tokens']} | {c['device_mix']} | {_acc_label(c['acceptance'])} | {c['engine']} | "
-            + " | ".join(_cap_text(caps.get(m)) if m in caps else "-" for m in GRID_MODES)
+            + " | ".join(_cap_text(caps.get(m)) if m in caps else "-" for m in shown)
             + f" | {flag}{_f(c.get('ratio_vs_best_baseline'))} [{_f(rr[0])}, {_f(rr[1])}] | "
             f"{_f(c['bound'].get('ratio'))} | {REGIME_LETTERS.get(c['regime'], '?')} |")
     lines += ["", "![capacity ratio heatmap](grid.png)", "",
