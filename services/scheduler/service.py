@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from wisp.bus import Bus, Entry, SessionStore, TermsCache
@@ -19,10 +20,12 @@ from wisp.policy.estimator import BatchShape, VerifyTimeEstimator
 from wisp.policy.health import VerifierHealth
 from wisp.policy.learned_estimator import PublishedModel, default_estimator
 from wisp.policy.scheduler import BatchPolicy, RoundInfo, SchedulerCore, round_terms
+from wisp.policy.site import CostTracker
 from wisp.policy.slo import batch_policy, deadline_at
 from wisp.protocol import (
     AnnotatedBlock,
     LoadSnapshot,
+    ServerCostsWire,
     SessionTerms,
     TimingSample,
     VerifierLoadWire,
@@ -88,6 +91,8 @@ class SchedulerService(Service):
         self.leader = False  # until the lease is ours (lease_loop)
         self.batches_sent = 0
         self.terms = TermsCache(SessionStore(bus, s.output_ttl_s))
+        self.costs = CostTracker()
+        """The server's costs it publishes on ``wisp:load`` (``wisp.policy.site``)."""
         self.health = VerifierHealth(degraded_ratio=s.slow_verifier_ratio,
                                      cooldown_s=s.slow_verifier_cooldown_s)
         self._benched: list[str] = []
@@ -162,6 +167,7 @@ class SchedulerService(Service):
 
     def on_stats(self, e: Entry[TimingSample]) -> None:
         s = e.msg
+        self.costs.observe(s.new_tokens, s.context_lens, s.measured_ms)
         plan = self.core.complete(s.batch_id)
         if plan is not None:
             for key in plan.keys:
@@ -245,12 +251,17 @@ class SchedulerService(Service):
                             self.terms.forget(rid)
                 loads = [VerifierLoadWire(**vars(x))
                          for x in snapshot(self.core, now(), self._tpot_slo_of)]
+                costs = self.costs.costs(now(), self._predict_rows, verifiers=max(len(loads), 1))
                 await self.bus.set_value(
                     self.keys.load,
-                    LoadSnapshot(ts=now(), scheduler=self.name, verifiers=loads).encode(),
+                    LoadSnapshot(ts=now(), scheduler=self.name, verifiers=loads,
+                                 costs=ServerCostsWire(**vars(costs)) if costs else None).encode(),
                     ttl_ms=int(self.settings.heartbeat_ttl_s * 1000),
                 )
             await self._pause(0.5)
+
+    def _predict_rows(self, new: Sequence[int], ctx: Sequence[int]) -> float:
+        return self.estimator.predict(BatchShape.of(new, ctx))
 
     def _tpot_slo_of(self, request_id: str) -> float | None:
         terms = self.terms.cached(request_id)

@@ -100,3 +100,39 @@ def test_one_early_rejection_does_not_exile_a_session_and_the_server_probes_it_a
             "currently_server": True}
     assert not chooser.choose(**args, tokens_on_server=16).server_decode  # a probe round
     assert "probe" in chooser.choose(**args, tokens_on_server=40).reason
+
+
+def test_cost_tracker_tells_a_busy_compute_bound_server_from_a_busy_memory_bound_one() -> None:
+    from wisp.policy.site import CostTracker
+
+    def memory_bound(new, ctx) -> float:  # a forward costs its weight reads; tokens ride free
+        return 40.0 + 0.01 * sum(new)
+
+    def compute_bound(new, ctx) -> float:
+        return 5.0 + 0.5 * sum(new)
+
+    for predict, want in ((memory_bound, False), (compute_bound, True)):
+        t = CostTracker()
+        assert t.costs(0.0, predict) is None  # nothing observed yet
+        new, ctx = [5] * 40, [300] * 40
+        for _ in range(10):  # back-to-back forwards over one second: busy
+            t.observe(new, ctx, predict(new, ctx) * (1000.0 / 10) / predict(new, ctx))
+        c = t.costs(1.0, predict)
+        assert c is not None and c.compute_bound is want
+        assert c.step_ms == pytest.approx(100.0)
+        idle = t.costs(2.0, predict)  # a second with no forward: not busy
+        assert idle is not None and not idle.compute_bound
+
+
+def test_published_costs_travel_on_wisp_load_and_are_left_out_while_unknown() -> None:
+    import json
+
+    from wisp.protocol.base import decode
+    from wisp.protocol.load import LoadSnapshot, ServerCostsWire
+
+    bare = json.loads(LoadSnapshot(ts=1.0, scheduler="s", verifiers=[]).encode())
+    assert "costs" not in bare  # a drafter of the previous version forbids unknown fields
+    costs = ServerCosts(step_ms=40.0, row_ms=0.2, token_ms=0.05, compute_bound=True)
+    raw = LoadSnapshot(ts=1.0, scheduler="s", verifiers=[], costs=ServerCostsWire(**vars(costs))).encode()
+    got = decode(LoadSnapshot, raw).costs
+    assert got is not None and ServerCosts(**got.model_dump(exclude={"version", "kind"})) == costs

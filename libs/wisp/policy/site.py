@@ -38,6 +38,7 @@ sites on noise. Pure and deterministic; time is never read.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 ACCEPT_ALPHA = 0.3
@@ -176,3 +177,55 @@ class SiteChooser:
             best = current  # not better by enough to move the session
         return SiteChoice(best.server_decode, best.k, best.latency_ms_per_token,
                           best.server_ms_per_token, f"{best.reason} ({why})")
+
+
+@dataclass
+class CostTracker:
+    """What the scheduler publishes about the server's costs (``ServerCosts``), from what it
+    observes: each finished forward's measured time and shape. The scheduler service feeds it
+    every ``TimingSample``; the simulator every simulated forward. ``costs(now, ...)`` closes the
+    period since the previous call: its busy share, the EMA of forward times, and the
+    estimator's marginal cost of one more row and one more fed token on the last forward's
+    shape (what one more session would add to the next forward)."""
+
+    alpha: float = 0.2
+    busy_threshold: float = 0.9
+    compute_share: float = 0.5
+    """A forward is compute-limited when the marginal cost of what it fed (its rows and tokens)
+    is over this share of its time; a memory-bound forward costs its weight reads whatever
+    rides along."""
+    step_ms: float | None = None
+    last_new: tuple[int, ...] = ()
+    last_ctx: tuple[int, ...] = ()
+    busy_ms: float = 0.0
+    since: float | None = None
+
+    def observe(self, new_tokens: Sequence[int], context_lens: Sequence[int], measured_ms: float) -> None:
+        if not math.isfinite(measured_ms) or measured_ms <= 0 or not new_tokens:
+            return
+        self.step_ms = measured_ms if self.step_ms is None else (
+            (1 - self.alpha) * self.step_ms + self.alpha * measured_ms)
+        self.last_new, self.last_ctx = tuple(new_tokens), tuple(context_lens)
+        self.busy_ms += measured_ms
+
+    def costs(self, now: float, predict: Callable[[Sequence[int], Sequence[int]], float], *,
+              verifiers: int = 1, kv_bound: bool = False) -> ServerCosts | None:
+        """The published figures for the period ending ``now`` (None before any forward).
+        ``predict(new, ctx)``: the estimator's batch time."""
+        period_ms = (now - self.since) * 1000.0 if self.since is not None else 0.0
+        busy = self.busy_ms / (period_ms * max(verifiers, 1)) if period_ms > 0 else 0.0
+        self.since, self.busy_ms = now, 0.0
+        if self.step_ms is None:
+            return None
+        new, ctx = list(self.last_new), list(self.last_ctx)
+        avg = int(sum(ctx) / len(ctx)) if ctx else 0
+        base = predict(new, ctx)
+        one = predict([*new, 1], [*ctx, avg])
+        two = predict([*new, 2], [*ctx, avg])
+        token_ms = max(0.0, two - one)
+        row_ms = max(0.0, one - base - token_ms)
+        marginal = token_ms * sum(new) + row_ms * len(new)
+        return ServerCosts(step_ms=self.step_ms, row_ms=row_ms, token_ms=token_ms,
+                           compute_bound=busy > self.busy_threshold
+                           and marginal > self.compute_share * self.step_ms,
+                           kv_bound=kv_bound)

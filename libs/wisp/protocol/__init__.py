@@ -13,7 +13,7 @@ from wisp.protocol.cancel import CancelRequest
 from wisp.protocol.dead import DeadLetter
 from wisp.protocol.draft import AnnotatedBlock, DraftBlock, WireDist, WireFeatures, digest_ids
 from wisp.protocol.event import OUTPUT_ADAPTER, DoneEvent, ErrorEvent, TokenEvent
-from wisp.protocol.load import LoadSnapshot, VerifierLoadWire
+from wisp.protocol.load import LoadSnapshot, ServerCostsWire, VerifierLoadWire
 from wisp.protocol.request import ChatMessage, GenerateRequest
 from wisp.protocol.session import SessionState, SessionTerms
 from wisp.protocol.stats import TimingSample
@@ -32,6 +32,7 @@ __all__ = [
     "ErrorEvent",
     "GenerateRequest",
     "LoadSnapshot",
+    "ServerCostsWire",
     "ProtocolError",
     "SessionState",
     "SessionTerms",

@@ -32,17 +32,33 @@ class VerifierLoadWire(WireModel):
 KV_FIELDS = ("kv_free_tokens", "kv_waiting")
 
 
+class ServerCostsWire(WireModel):
+    """``wisp.policy.site.ServerCosts`` on the wire: what a round costs the server at its current
+    load, for the drafters' per-round choice between drafting and server-side decoding."""
+
+    kind: Literal["server_costs"] = "server_costs"
+    step_ms: float = Field(ge=0.0, le=1e7, allow_inf_nan=False)
+    row_ms: float = Field(ge=0.0, le=1e7, allow_inf_nan=False)
+    token_ms: float = Field(ge=0.0, le=1e7, allow_inf_nan=False)
+    compute_bound: bool = False
+    kv_bound: bool = False
+
+
 class LoadSnapshot(WireModel):
     KIND = "load"
     kind: Literal["load"] = "load"
     ts: float = Field(ge=0.0, le=1e10)
     scheduler: str = Field(min_length=1, max_length=128)
     verifiers: list[VerifierLoadWire] = Field(max_length=65_536)
+    costs: ServerCostsWire | None = None
+    """The server's published costs (omitted until the scheduler has seen a forward)."""
 
     def encode(self) -> bytes:
         """JSON bytes, leaving out the KV fields of a verifier that reports none, so drafters of
         the previous protocol version (unknown fields forbidden) keep reading the snapshot."""
         data = self.model_dump(mode="json")
+        if data.get("costs") is None:  # readers of the previous version forbid the field
+            data.pop("costs", None)
         for v in data["verifiers"]:
             if v.get("kv_free_tokens") is None and not v.get("kv_waiting"):
                 for k in KV_FIELDS:

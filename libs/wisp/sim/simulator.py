@@ -43,7 +43,7 @@ from wisp.policy.estimator import BatchShape, LinearEstimator
 from wisp.policy.learned_estimator import default_estimator, load_estimator
 from wisp.policy.scheduler import RoundInfo, SchedulerCore, round_terms
 from wisp.policy.session import REPLAY_EOS, SpecSession, expected_commit, replay_tokens
-from wisp.policy.site import LinkEstimate, ServerCosts, SiteChooser
+from wisp.policy.site import CostTracker, LinkEstimate, ServerCosts, SiteChooser
 from wisp.policy.slo import AdmissionController, batch_policy, deadline_at, snapshot
 from wisp.settings import Mode, Settings
 from wisp.sim.devices import DeviceSpec, make_devices
@@ -342,9 +342,8 @@ class Simulation:
         self._costs: ServerCosts | None = None
         self._costs_at = -math.inf
         self._costs_version = 0
-        self._step_ms: float | None = None
-        self._last_shape: tuple[list[int], list[int]] = ([], [])
-        self._busy_window = 0.0
+        self.cost_tracker = CostTracker()
+        """What the scheduler publishes (the services' own ``CostTracker``)."""
         self.srv_tokens = 0
         self.site_moves = 0
 
@@ -881,10 +880,8 @@ class Simulation:
             self.busy_ms[vi] += (hi - lo) * 1000.0
         if self.sc.server.estimator.online_refit:
             self.estimator.observe(BatchShape.of(new, ctx), ms)
-        if self.site is not None:  # what the scheduler would publish: step time, batch shape, busy
-            self._step_ms = ms if self._step_ms is None else 0.8 * self._step_ms + 0.2 * ms
-            self._last_shape = (new, ctx)
-            self._busy_window += ms
+        if self.site is not None:  # what the scheduler observes of each forward (TimingSample)
+            self.cost_tracker.observe(new, ctx, ms)
         if carried:
             held = self.carry[vi]
             held.extend(carried)
@@ -945,30 +942,12 @@ class Simulation:
         limit (sessions waiting, or over 90% in use)."""
         if now - self._costs_at < SNAPSHOT_PERIOD_S:
             return self._costs
-        period = now - self._costs_at if math.isfinite(self._costs_at) else SNAPSHOT_PERIOD_S
-        busy = self._busy_window / (max(period, 1e-9) * 1000.0 * len(self.vnames))
-        self._busy_window = 0.0
         self._costs_at = now
         self._costs_version += 1
-        if self._step_ms is None:
-            self._costs = None
-            return None
-        new, ctx = self._last_shape
-        avg = int(sum(ctx) / len(ctx)) if ctx else 0
-        est = self.estimator
-        base = est.predict_rows(new, ctx)
-        one = est.predict_rows([*new, 1], [*ctx, avg])
-        two = est.predict_rows([*new, 2], [*ctx, avg])
         kv = self.kv
         kv_bound = not kv.unlimited and (bool(kv.waiting) or kv.used_blocks > 0.9 * kv.total)
-        token_ms = max(0.0, two - one)
-        row_ms = max(0.0, one - base - token_ms)
-        # compute-limited: the batch's fed tokens and rows account for most of a forward (a
-        # memory-bound forward costs its weight reads, whatever rides along)
-        marginal = token_ms * sum(new) + row_ms * len(new)
-        self._costs = ServerCosts(step_ms=self._step_ms, row_ms=row_ms, token_ms=token_ms,
-                                  compute_bound=busy > 0.9 and marginal > 0.5 * self._step_ms,
-                                  kv_bound=kv_bound)
+        self._costs = self.cost_tracker.costs(now, self.estimator.predict_rows,
+                                              verifiers=len(self.vnames), kv_bound=kv_bound)
         return self._costs
 
     def _stays_on_server(self, s: Session, now: float) -> bool:
