@@ -122,6 +122,12 @@ class VerifierService(Service):
         c = state.committed
         if len(c) != b.base_committed_len or digest_ids(c) != b.committed_digest:
             return None
+        if self.vocab_size and max(c) >= self.vocab_size:
+            # a record naming ids this target does not have (a forged or foreign one): fed to
+            # the model it would fail the whole batch, every other session in it included
+            self.count("committed_out_of_vocab")
+            log.warning("session %s: committed ids outside the target vocabulary", b.request_id)
+            return None
         self._remember(b.request_id, c)
         return c
 
