@@ -40,7 +40,7 @@ CLUSTER_SCOPED = {
     "ClusterTriggerAuthentication",
 }
 # CRDs kubernetes-validate has no schema for; checked field by field instead.
-CRD_GROUPS = {"keda.sh"}
+CRD_GROUPS = {"keda.sh", "monitoring.coreos.com"}
 VAR_REF = re.compile(r"(?<!\$)\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
 
 
@@ -456,3 +456,142 @@ def security_problems(docs: list[Obj]) -> list[str]:
             if seccomp not in ("RuntimeDefault", "Localhost"):
                 problems.append(f"{where}: seccompProfile is {seccomp!r}, not RuntimeDefault")
     return problems
+
+
+# ------------------------------------------------------------------------------ monitoring CRDs
+# Fields of the Prometheus operator's objects (monitoring.coreos.com/v1) the manifests may use;
+# anything else is reported (a typo there is silently ignored by nothing: the API server would
+# reject it, or worse, a renamed field would drop the setting).
+PODMONITOR_SPEC = {"selector", "namespaceSelector", "podMetricsEndpoints", "jobLabel", "podTargetLabels",
+                   "sampleLimit", "targetLimit"}
+POD_ENDPOINT = {"port", "portNumber", "path", "scheme", "interval", "scrapeTimeout", "honorLabels",
+                "honorTimestamps", "relabelings", "metricRelabelings", "params", "enableHttp2",
+                "followRedirects", "filterRunning"}
+RELABEL = {"sourceLabels", "separator", "targetLabel", "regex", "modulus", "replacement", "action"}
+RULE_GROUP = {"name", "interval", "rules", "limit", "partial_response_strategy"}
+RULE = {"alert", "record", "expr", "for", "keep_firing_for", "labels", "annotations"}
+DURATION = re.compile(r"^(\d+(ms|s|m|h|d|w|y))+$")
+SEVERITIES = {"critical", "warning", "info"}
+
+
+def prom_label(name: str) -> str:
+    """A Kubernetes label name as Prometheus's service discovery spells it."""
+    return re.sub(r"[^a-zA-Z0-9_]", "_", name)
+
+
+def balanced(expr: str) -> bool:
+    pairs, stack = {")": "(", "]": "[", "}": "{"}, []
+    quote = None
+    for ch in expr:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "\"'`":
+            quote = ch
+        elif ch in "([{":
+            stack.append(ch)
+        elif ch in pairs:
+            if not stack or stack.pop() != pairs[ch]:
+                return False
+    return not stack and quote is None
+
+
+def monitoring_problems(docs: list[Obj]) -> list[str]:
+    """PodMonitors select pods of the render on a named port of theirs, and relabel from labels
+    those pods carry; PrometheusRules are well formed (one of alert/record, an expression with
+    balanced brackets, durations, a severity and a summary per alert); field names known."""
+    problems: list[str] = []
+    for pm in of_kind(docs, "PodMonitor"):
+        where = f"PodMonitor/{name(pm)}"
+        spec = pm.get("spec", {})
+        if set(spec) - PODMONITOR_SPEC:
+            problems.append(f"{where}: unknown spec fields {sorted(set(spec) - PODMONITOR_SPEC)}")
+        if "namespaceSelector" in spec:
+            problems.append(f"{where}: namespaceSelector set (it would not follow a namespace overlay)")
+        matched = [t for _, t in pods_in(docs, ns(pm))
+                   if label_selector_matches(spec.get("selector", {}), t["metadata"].get("labels", {}))]
+        if not spec.get("selector") or not matched:
+            problems.append(f"{where}: selector matches no pod template")
+        if not spec.get("podMetricsEndpoints"):
+            problems.append(f"{where}: no podMetricsEndpoints")
+        for i, ep in enumerate(spec.get("podMetricsEndpoints", [])):
+            w = f"{where} endpoint {i}"
+            if set(ep) - POD_ENDPOINT:
+                problems.append(f"{w}: unknown fields {sorted(set(ep) - POD_ENDPOINT)}")
+            for key in ("interval", "scrapeTimeout"):
+                if key in ep and not DURATION.match(str(ep[key])):
+                    problems.append(f"{w}: {key} {ep[key]!r} is not a duration")
+            port = ep.get("port")
+            if not isinstance(port, str):
+                problems.append(f"{w}: port must name a container port")
+            else:
+                for t in matched:
+                    ports = {p.get("name") for c in t["spec"]["containers"] for p in c.get("ports", [])}
+                    if port not in ports:
+                        labels = t["metadata"]["labels"]
+                        problems.append(f"{w}: a selected pod ({labels}) has no port {port!r}")
+            for r in ep.get("relabelings", []) + ep.get("metricRelabelings", []):
+                if set(r) - RELABEL:
+                    problems.append(f"{w}: unknown relabeling fields {sorted(set(r) - RELABEL)}")
+                for src in r.get("sourceLabels", []):
+                    label = src.removeprefix("__meta_kubernetes_pod_label_")
+                    if label != src and not any(
+                        label in {prom_label(k) for k in t["metadata"].get("labels", {})} for t in matched
+                    ):
+                        problems.append(f"{w}: no selected pod has a label for {src}")
+    for pr in of_kind(docs, "PrometheusRule"):
+        where = f"PrometheusRule/{name(pr)}"
+        groups = pr.get("spec", {}).get("groups", [])
+        if set(pr.get("spec", {})) - {"groups"}:
+            problems.append(f"{where}: unknown spec fields")
+        if not groups or len({g.get("name") for g in groups}) != len(groups):
+            problems.append(f"{where}: no groups, or group names not unique")
+        for g in groups:
+            if set(g) - RULE_GROUP or not g.get("name") or not g.get("rules"):
+                problems.append(f"{where} group {g.get('name')}: bad group {sorted(g)}")
+            for r in g.get("rules", []):
+                rid = r.get("alert") or r.get("record")
+                w = f"{where} rule {rid}"
+                if set(r) - RULE:
+                    problems.append(f"{w}: unknown fields {sorted(set(r) - RULE)}")
+                if ("alert" in r) == ("record" in r):
+                    problems.append(f"{w}: exactly one of alert/record")
+                expr = r.get("expr")
+                if not isinstance(expr, str) or not expr.strip() or not balanced(expr):
+                    problems.append(f"{w}: expr missing or unbalanced brackets: {expr!r}")
+                for key in ("for", "keep_firing_for"):
+                    if key in r and not DURATION.match(str(r[key])):
+                        problems.append(f"{w}: {key} {r[key]!r} is not a duration")
+                if "alert" in r:
+                    if r.get("labels", {}).get("severity") not in SEVERITIES:
+                        problems.append(f"{w}: severity not one of {sorted(SEVERITIES)}")
+                    if not r.get("annotations", {}).get("summary"):
+                        problems.append(f"{w}: no summary annotation")
+    return problems
+
+
+PROMQL_KEYWORDS = {
+    "sum", "min", "max", "avg", "count", "by", "without", "on", "ignoring", "group_left",
+    "group_right", "and", "or", "unless", "offset", "bool", "rate", "irate", "increase", "delta",
+    "deriv", "histogram_quantile", "absent", "scalar", "vector", "min_over_time", "max_over_time",
+    "avg_over_time", "sum_over_time", "count_over_time", "topk", "bottomk", "quantile", "clamp_min",
+    "clamp_max", "le", "inf", "nan",
+}
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads (identifiers that are not functions,
+    keywords, or label names/values inside braces or by/on/without lists)."""
+    text = re.sub(r"\{[^}]*\}", "{}", expr)            # label matchers
+    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
+    text = re.sub(r"\[[^\]]*\]", "[]", text)          # ranges and subqueries
+    text = re.sub(r"\"[^\"]*\"", "\"\"", text)
+    names = set()
+    for m in re.finditer(r"[a-zA-Z_:][a-zA-Z0-9_:]*", text):
+        tok = m.group(0)
+        after = text[m.end():].lstrip()
+        if tok.lower() in PROMQL_KEYWORDS or after.startswith("("):
+            continue
+        if re.fullmatch(r"\d+(ms|s|m|h|d|w|y)", tok):
+            continue
+        names.add(tok)
+    return names

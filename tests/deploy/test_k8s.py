@@ -38,10 +38,11 @@ RENDERS = {
     "gpu-hpa": OVERLAYS / "gpu-hpa",  # gpu + hpa, namePrefix
     "gpu-keda": OVERLAYS / "gpu-keda",  # gpu + keda
     "cpu-acl": OVERLAYS / "cpu-acl",  # cpu + acl-users: every workload as its Redis ACL user
+    "gpu-extras": OVERLAYS / "gpu-extras",  # gpu + NFD node label + RuntimeClass + monitoring
 }
 ALL = sorted(RENDERS)
 WITH_KEDA = ["prefixed-keda", "gpu-keda"]
-GPU = ["gpu", "gpu-hpa", "gpu-keda"]
+GPU = ["gpu", "gpu-hpa", "gpu-keda", "gpu-extras"]
 CPU = ["default", "cpu", "prefixed-keda"]
 ROLES = {
     "scheduler": "Deployment",
@@ -51,7 +52,10 @@ ROLES = {
     "gateway": "Deployment",
 }
 API_PORT = 8000
+REDIS_EXPORTER_PORT = 9121  # components/monitoring's redis_exporter sidecar
 IMAGE_REPO = "ghcr.io/wisp-serving/wisp"
+CUDA_REPO = "ghcr.io/wisp-serving/wisp-cuda"  # a repository of its own: overlays retarget each flavour
+WISP_REPOS = {IMAGE_REPO, CUDA_REPO}
 
 
 @functools.cache
@@ -119,8 +123,11 @@ def test_every_builtin_object_passes_strict_schema_validation(key: str) -> None:
             if err:
                 errors.append(err)
     assert errors == []
-    # Nothing escapes validation: the only CRD objects are KEDA's, checked in test_keda_*.
-    assert crds <= {("keda.sh/v1alpha1", "ScaledObject"), ("keda.sh/v1alpha1", "TriggerAuthentication")}
+    # Nothing escapes validation: the only CRD objects are KEDA's, checked in test_keda_*, and
+    # the Prometheus operator's, checked by kc.monitoring_problems (test_k8s_extras.py).
+    assert crds <= {("keda.sh/v1alpha1", "ScaledObject"), ("keda.sh/v1alpha1", "TriggerAuthentication"),
+                    ("monitoring.coreos.com/v1", "PodMonitor"),
+                    ("monitoring.coreos.com/v1", "PrometheusRule")}
 
 
 # ------------------------------------------------------------------------------ references
@@ -174,7 +181,7 @@ def test_images_are_concrete_and_pinned(key: str) -> None:
             assert "/" in repo or repo == "redis", f"placeholder image {image!r} left unmapped"
             assert tag and tag != "latest", image
             if kc.component(w) is not None:
-                assert repo == IMAGE_REPO, image
+                assert repo in WISP_REPOS, image
 
 
 # ------------------------------------------------------------------------------ services
@@ -372,7 +379,10 @@ def test_redis_is_persistent_password_protected_and_fenced(key: str) -> None:
         assert "Ingress" in pol["spec"]["policyTypes"]
         for rule in pol["spec"]["ingress"]:
             assert rule.get("from"), f"{kc.name(pol)}: a rule without `from` admits everyone"
-            assert [p["port"] for p in rule["ports"]] == [6379]
+            ports = [p["port"] for p in rule["ports"]]
+            if ports == [REDIS_EXPORTER_PORT]:  # components/monitoring: Prometheus, exporter only
+                continue
+            assert ports == [6379]
             allowed_from += rule["from"]
     for peer in allowed_from:
         assert peer.get("podSelector", {}).get("matchLabels") or peer.get("namespaceSelector")
@@ -436,7 +446,7 @@ def test_every_wisp_container_that_talks_to_redis_gets_the_url_and_the_password(
     checked = []
     for w, tpl in kc.workloads(d):
         for c in kc.all_containers(tpl["spec"]):
-            if c["image"].rpartition(":")[0] != IMAGE_REPO:
+            if c["image"].rpartition(":")[0] not in WISP_REPOS:
                 continue
             where = f"{w['kind']}/{kc.name(w)} container {c['name']}"
             if tuple(c.get("args", [])[:2]) in OFFLINE_COMMANDS:
@@ -509,8 +519,10 @@ def test_gpu_verifier_gets_a_gpu_node_and_the_cuda_image(key: str) -> None:
         and t["operator"] in ("Exists", "Equal")
         for t in spec["tolerations"]
     )
-    assert spec["nodeSelector"]["nvidia.com/gpu.present"] == "true"
-    assert c["image"].endswith("-cuda") and c["image"].startswith(IMAGE_REPO + ":")
+    # stock managed clusters: no label from NVIDIA's feature discovery unless its component is in
+    nfd = "gpu-node-feature-discovery" in (RENDERS[key] / "kustomization.yaml").read_text()
+    assert (spec.get("nodeSelector", {}).get("nvidia.com/gpu.present") == "true") == nfd
+    assert c["image"].startswith(CUDA_REPO + ":")
     assert kc.container(w, "models", init=True)["image"] == c["image"]
     assert kc.env_value(c, "WISP_DEVICE")["value"] == "cuda"
     # only the verifier asks for GPUs; drafters stay on CPU
