@@ -153,6 +153,12 @@ class Keys:
         """The scheduler's latest per-verifier load snapshot (for admission control)."""
         return f"{self.ns}:load"
 
+    def rate_window(self, caller: str, window: int) -> str:
+        """The gateways' shared request count of one API caller in one rate-limit window (the
+        caller hashed: its name may be a client address)."""
+        digest = hashlib.sha256(caller.encode()).hexdigest()[:20]
+        return f"{self.ns}:rl:{digest}:{window}"
+
     @property
     def estimator_model(self) -> str:
         return f"{self.ns}:estimator:model"
@@ -512,6 +518,15 @@ class Bus:
 
     async def get_values(self, *keys: str) -> list[bytes | None]:
         return list(await self.redis.mget(keys))
+
+    async def count_in_window(self, key: str, ttl_ms: int) -> int:
+        """Add one to ``key``'s count and return it; the key expires ``ttl_ms`` after its window
+        began (one round trip: INCR and PEXPIRE in a transaction)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.incr(key)
+            pipe.pexpire(key, ttl_ms)
+            count, _ = await pipe.execute()
+        return int(count)
 
     async def exists_many(self, keys: list[str]) -> list[bool]:
         """Which of ``keys`` exist (one round trip)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal, TypeVar
@@ -17,10 +18,18 @@ from typing import Any, Literal, TypeVar
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from redis.exceptions import NoPermissionError
+from redis.exceptions import NoPermissionError, RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
-from wisp.api import ApiError, ApiKeys, RateLimiter, Translation, error_for_event, generate_fields
+from wisp.api import (
+    ApiError,
+    ApiKeys,
+    RateLimiter,
+    SharedWindow,
+    Translation,
+    error_for_event,
+    generate_fields,
+)
 from wisp.api.models import parse_request
 from wisp.api.translate import SSE_DONE, check_model, model_ids, sse
 from wisp.bus import Bus, QueueFull, RequestTooLarge
@@ -28,6 +37,8 @@ from wisp.client import new_request_id
 from wisp.protocol import DoneEvent, ErrorEvent, TokenEvent
 from wisp.services.gateway.run import RunningRequest
 from wisp.settings import Settings
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 NO_DRAFTER_RETRY_S = 5.0
@@ -47,14 +58,28 @@ class Gateway:
         self.bus = bus
         self.keys = ApiKeys.from_settings(settings)
         self.limiter = RateLimiter(settings.api_rate_per_min)
+        self.shared = SharedWindow(settings.api_rate_per_min)
         self.clock = clock
+        self.wall_clock = time.time
         self._live: tuple[float, set[str]] | None = None
 
-    def admit(self, request: Request) -> None:
-        """Authenticate (401) and rate-limit (429 with Retry-After) one call."""
+    async def admit(self, request: Request) -> None:
+        """Authenticate (401) and rate-limit (429 with Retry-After) one call: this replica's
+        token bucket first (bursts), then the count every replica shares in Redis for the
+        caller's current minute, so N replicas do not grant N times the limit. Without Redis
+        the shared count is skipped (the request then fails on its own, with its reason)."""
         address = request.client.host if request.client else ""
         caller = self.keys.caller(request.headers.get("authorization"), address)
         wait = self.limiter.take(caller, self.clock())
+        if wait is None:
+            unix = self.wall_clock()
+            key = self.bus.keys.rate_window(caller, self.shared.window(unix))
+            try:
+                count = await self.bus.count_in_window(key, self.shared.ttl_ms())
+            except RedisError as err:
+                log.warning("shared rate limit unavailable (%s); this replica's own applies", err)
+            else:
+                wait = self.shared.retry_after(count, unix)
         if wait is not None:
             raise ApiError(429, f"rate limit of {self.settings.api_rate_per_min:g} requests per "
                            "minute reached; retry later", type="rate_limit_error",
@@ -102,12 +127,12 @@ def create_app(settings: Settings, bus: Bus) -> FastAPI:
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:
-        gw.admit(request)
+        await gw.admit(request)
         return {"object": "list", "data": [_model(m) for m in model_ids(settings)]}
 
     @app.get("/v1/models/{model:path}")
     async def get_model(model: str, request: Request) -> dict[str, Any]:
-        gw.admit(request)
+        await gw.admit(request)
         if model not in model_ids(settings):
             raise ApiError(404, f"the model {model!r} does not exist", param="model",
                            code="model_not_found")
@@ -133,7 +158,7 @@ def _model(model_id: str) -> dict[str, Any]:
 
 
 async def _complete(gw: Gateway, request: Request, kind: Literal["chat", "text"]) -> Response:
-    gw.admit(request)
+    await gw.admit(request)
     req = parse_request(kind, await request.body())
     check_model(req, gw.settings)
     rid = new_request_id()

@@ -214,6 +214,11 @@ GATEWAY = [
     never("gateway", "DEL wisp:hb:drafter:*", cmd("DEL", f"{NS}:hb:drafter:dev1")),
     never("gateway", "XADD wisp:draft", xadd(f"{NS}:draft")),
     never("gateway", "EVAL", script("return 1")),
+    may("gateway", "INCR wisp:rl:<caller>:<window> (the shared rate limit)", cmd("INCR", f"{NS}:rl:abc:1")),
+    may("gateway", "PEXPIRE wisp:rl:<caller>:<window>", cmd("PEXPIRE", f"{NS}:rl:abc:1", "120000")),
+    never("gateway", "PEXPIRE wisp:req (expire the shared queue)", cmd("PEXPIRE", f"{NS}:req", "1")),
+    never("gateway", "INCR wisp:req:x", cmd("INCR", f"{NS}:req:x")),
+    never("gateway", "SET wisp:rl:*", cmd("SET", f"{NS}:rl:abc:1", "0")),
 ]
 
 # services/drafter: its three consumers, the draft stream, output streams, session records and

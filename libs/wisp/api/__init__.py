@@ -4,7 +4,7 @@ server-sent-event chunks (``translate``), OpenAI-style errors (``errors``), API 
 per-key rate limit (``access``). The HTTP shell is ``wisp.services.gateway``; docs/api.md says
 what the API accepts and answers."""
 
-from wisp.api.access import ApiKeys, RateLimiter
+from wisp.api.access import ApiKeys, RateLimiter, SharedWindow
 from wisp.api.errors import ApiError
 from wisp.api.models import ChatCompletionRequest, CompletionRequest, parse_request
 from wisp.api.translate import Translation, error_for_event, generate_fields, model_ids
@@ -15,6 +15,7 @@ __all__ = [
     "ChatCompletionRequest",
     "CompletionRequest",
     "RateLimiter",
+    "SharedWindow",
     "Translation",
     "error_for_event",
     "generate_fields",

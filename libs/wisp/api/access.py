@@ -91,3 +91,30 @@ class RateLimiter:
                 if t + (now - last) * self.rate >= self.burst]
         for c in full:
             del self._buckets[c]
+
+
+class SharedWindow:
+    """The limit every gateway replica enforces together: at most ``per_min`` requests per
+    caller per clock minute, counted in Redis (``Bus.count_in_window``). The local
+    ``RateLimiter`` smooths bursts per replica; without this, N replicas let a key make N times
+    its limit. Pure: it names the window and judges a count."""
+
+    window_s = 60.0
+
+    def __init__(self, per_min: float) -> None:
+        if per_min <= 0:
+            raise ValueError("per_min must be positive")
+        self.limit = per_min
+
+    def window(self, unix_now: float) -> int:
+        return int(unix_now // self.window_s)
+
+    def ttl_ms(self) -> int:
+        return int(self.window_s * 2 * 1000)
+
+    def retry_after(self, count: int, unix_now: float) -> float | None:
+        """None when ``count`` (this request included) is within the limit, else the seconds
+        until the next window."""
+        if count <= self.limit:
+            return None
+        return max(0.001, self.window_s - (unix_now % self.window_s))
