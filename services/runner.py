@@ -336,7 +336,7 @@ async def run_services(
         state["redis"] = "connected"
         tasks = [asyncio.create_task(s.run(), name=s.name) for s in services]
         if http is not None:
-            tasks.append(asyncio.create_task(_export_lag(services[0].bus, stop), name="lag"))
+            tasks.append(asyncio.create_task(_export_lag(services, stop), name="lag"))
 
         async def _watch_ready() -> None:
             while not all(s.ready for s in services):
@@ -368,19 +368,25 @@ async def run_services(
                 await s.bus.redis.aclose()
 
 
-async def _export_lag(bus: Bus, stop: asyncio.Event, period_s: float = 5.0) -> None:
-    """Keep the wisp_stream_lag / wisp_stream_pending gauges fresh for /metrics."""
-    from wisp.status import collect
+async def _export_lag(services: Sequence[Service], stop: asyncio.Event, period_s: float = 5.0) -> None:
+    """Keep the wisp_stream_lag / wisp_stream_pending gauges fresh for /metrics: for the streams
+    and groups this process's services consume, each read with that service's own connection
+    (XINFO GROUPS on a stream it reads: its least-privilege ACL user may, where SCAN over every
+    stream, as `wisp-cli status` does, is refused and left these gauges empty)."""
     from wisp.telemetry import STREAM_LAG, STREAM_PENDING
 
     while not stop.is_set():
-        with contextlib.suppress(Exception):
-            info = await collect(bus)
-            for s in info["streams"]:
-                short = s["stream"].removeprefix(f"{bus.keys.ns}:")
-                for g in s["groups"]:
-                    STREAM_LAG.labels(short, g["group"]).set(g["lag"] or 0)
-                    STREAM_PENDING.labels(short, g["group"]).set(g["pending"])
+        for svc in services:
+            for c in svc._consumers:
+                with contextlib.suppress(Exception):
+                    for g in await svc.bus.redis.xinfo_groups(c.stream):
+                        name = g.get("name")
+                        name = name.decode() if isinstance(name, bytes) else str(name)
+                        if name != c.group:
+                            continue
+                        short = c.stream.removeprefix(f"{svc.bus.keys.ns}:")
+                        STREAM_LAG.labels(short, name).set(g.get("lag") or 0)
+                        STREAM_PENDING.labels(short, name).set(g.get("pending") or 0)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), period_s)
 

@@ -230,6 +230,9 @@ DRAFTER = [
     *consumer_rows("drafter", f"{NS}:verdict:dev1", "drafter", reclaim=False),
     *lease_rows("drafter", f"{NS}:lease:sweep:{NS}:req:drafters"),
     *heartbeat_rows("drafter"),
+    may("drafter", "XINFO GROUPS wisp:req (its lag gauge)", cmd("XINFO", "GROUPS", f"{NS}:req")),
+    never("drafter", "XINFO GROUPS wisp:draft (not a stream it reads)",
+          cmd("XINFO", "GROUPS", f"{NS}:draft")),
     may("drafter", "XADD wisp:draft", xadd(f"{NS}:draft")),
     may("drafter", "XADD wisp:out:<id> + EXPIRE", lambda r: (xadd(OUT)(r), r.expire(OUT, 60))),
     may("drafter", "XREVRANGE wisp:out:<id>", cmd("XREVRANGE", OUT, "+", "-", "COUNT", "50")),
@@ -283,6 +286,8 @@ ESTIMATOR = [
     *lease_rows("estimator", f"{NS}:lease:sweep:{NS}:draft:estimator"),
     *lease_rows("estimator", f"{NS}:lease:sweep:{NS}:stats:estimator"),
     *heartbeat_rows("estimator"),
+    may("estimator", "XINFO GROUPS wisp:draft (its lag gauge)", cmd("XINFO", "GROUPS", f"{NS}:draft")),
+    never("estimator", "XINFO STREAM wisp:draft", cmd("XINFO", "STREAM", f"{NS}:draft")),
     may("estimator", "XADD wisp:annotated", xadd(f"{NS}:annotated")),
     may("estimator", "SET wisp:estimator:model", cmd("SET", f"{NS}:estimator:model", "{}")),
     may("estimator", "XADD wisp:dead", xadd(f"{NS}:dead")),
@@ -307,6 +312,9 @@ SCHEDULER = [
     may("scheduler", "DEL wisp:lease:scheduler", cmd("DEL", f"{NS}:lease:scheduler")),
     *lease_rows("scheduler", f"{NS}:lease:sweep:{NS}:annotated:scheduler"),
     *heartbeat_rows("scheduler"),
+    may("scheduler", "XINFO GROUPS wisp:annotated (its lag gauge)",
+        cmd("XINFO", "GROUPS", f"{NS}:annotated")),
+    never("scheduler", "XINFO GROUPS wisp:req", cmd("XINFO", "GROUPS", f"{NS}:req")),
     may("scheduler", "SCAN + MGET verifier heartbeats", lambda r: (
         r.execute_command("SCAN", "0", "MATCH", f"{NS}:hb:verifier:*"),
         r.execute_command("MGET", f"{NS}:hb:verifier:v1"))),
@@ -497,3 +505,31 @@ def test_the_default_user_is_off_and_the_file_loads_as_a_redis_conf_include(tmp_
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+async def test_a_least_privilege_service_still_exports_its_lag_gauges(
+        server: tuple[EmbeddedRedis, dict[str, str]]) -> None:
+    """The estimator logged in as its ACL user (no SCAN) keeps /metrics' lag and pending gauges
+    for the streams it consumes: the exporter reads XINFO GROUPS on its own streams (it used to
+    SCAN every stream, which the user may not, and the gauges stayed empty)."""
+    import asyncio
+    import urllib.request
+
+    from wisp.services.runner import free_port, with_services
+    from wisp.settings import Settings
+
+    srv, passwords = server
+    url = f"redis://wisp-estimator:{passwords['estimator']}@127.0.0.1:{srv.port}/0"
+    port = free_port()
+    settings = Settings(http_port=port, http_host="127.0.0.1", namespace=NS)
+    text = ""
+    async with with_services(settings, ("estimator",), redis_url=url):
+        for _ in range(40):
+            await asyncio.sleep(0.25)
+            text = await asyncio.to_thread(lambda: urllib.request.urlopen(
+                f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
+            if 'wisp_stream_lag{group="estimator",stream="stats"}' in text:
+                break
+    for stream in ("draft", "stats"):
+        assert f'wisp_stream_lag{{group="estimator",stream="{stream}"}}' in text, stream
+        assert f'wisp_stream_pending{{group="estimator",stream="{stream}"}}' in text, stream

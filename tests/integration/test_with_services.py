@@ -52,3 +52,4 @@ async def test_raw_hop_chain_measures_round_periods(redis_url: str, namespace: s
     periods = await raw_hop_chain(redis_url, f"{namespace}:raw", devices=2, duration_s=0.5, warmup_s=0.1)
     assert len(periods) > 4 and all(p > 0 for p in periods)
     assert os.getloadavg()  # the bench reports it beside the figures
+
