@@ -210,7 +210,7 @@ CHEAP: dict[tuple[str, ...], tuple[list[str], int, str]] = {
 HELP_ONLY = {
     ("demo",): "prepares the real model pair (a 1.5 GB download) and answers with it",
     ("models", "prepare"): "downloads and converts the weight packages",
-    ("sim", "grid"): "minutes of simulation even --quick; tests/e2e/test_sim_grid.py runs --quick as a process",
+    ("sim", "grid"): "minutes of simulation even with --quick; tests/e2e/test_sim_grid.py runs --quick",
 }
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from wisp.policy.session import REPLAY_TOKEN
 from wisp.sim.scenario import ScenarioError, load_scenario
 from wisp.sim.server import EngineModel, RooflineModel
 from wisp.sim.simulator import (
@@ -16,36 +15,13 @@ from wisp.sim.simulator import (
     K_TICK,
     K_TIMER,
     K_VERDICT,
-    KV_RUNNING,
     Session,
     Simulation,
     load_assets,
     simulate,
 )
-from wisp.sim.workload import RequestShape
 
-SHORT = ["scenario.duration_s=30", "scenario.warmup_s=5", "scenario.drain_s=60"]
-
-
-@pytest.fixture(scope="module")
-def assets() -> Any:
-    return load_assets(load_scenario("tiny", [*SHORT, "server.noise_cv=0"]))  # the truth model: no noise
-
-
-def _sim(assets: Any, *overrides: str, mode: str = "sled") -> Simulation:
-    sc = load_scenario("tiny", [*SHORT, "server.noise_cv=0", "modes.sled.max_wait_ms=0", *overrides])
-    return Simulation(sc, mode, 2, assets=assets)
-
-
-def _session(sim: Simulation, i: int, prompt: int, *, generated: int = 0, drafted: int = 4) -> Session:
-    s = Session(f"t{i}", sim.devs[0], RequestShape(prompt, 400), 0, 0.0, False, sim.max_new)
-    if generated:
-        s.spec.apply([REPLAY_TOKEN] * generated, 0, 0, 0.0)
-        sim.kv.admit(s, s.prompt_len + s.pos)
-        s.kv_state = KV_RUNNING
-    s.r_drafted = drafted
-    sim.active.add(s)
-    return s
+from tests.unit.sim_sessions import make_session, make_sim
 
 
 def _serve(sim: Simulation, on_verdict: Any = None, until: float = 60.0) -> tuple[list[Any], list[Any]]:
@@ -75,8 +51,8 @@ def _serve(sim: Simulation, on_verdict: Any = None, until: float = 60.0) -> tupl
 
 def _mixed_batch(sim: Simulation) -> tuple[Session, list[Session]]:
     """A 1,000-token prompt's first round and three sessions' verify rounds, at the server."""
-    long = _session(sim, 0, 1000)
-    decs = [_session(sim, i, 100, generated=20) for i in (1, 2, 3)]
+    long = make_session(sim, 0, 1000)
+    decs = [make_session(sim, i, 100, generated=20, running=True) for i in (1, 2, 3)]
     for s in (long, *decs):
         sim._on_round(s, 0.0)
     return long, decs
@@ -100,16 +76,16 @@ def test_paper_uses_vllms_defaults_for_an_a100_api_server() -> None:
 
 @pytest.mark.parametrize("mode", ["wisp", "sled", "centralized"])
 def test_max_num_seqs_caps_every_mode_the_same_way(assets: Any, mode: str) -> None:
-    sim = _sim(assets, "server.max_num_seqs=3", mode=mode)
+    sim = make_sim(assets, "server.max_num_seqs=3", mode=mode)
     assert sim.max_batch == 3 and sim.batch_policy.max_batch_size == 3
     if sim.admission is not None:
         assert sim.admission.max_batch_size == 3
-    assert _sim(assets, "server.max_num_seqs=0", mode=mode).max_batch == sim.mc.max_batch_size
+    assert make_sim(assets, "server.max_num_seqs=0", mode=mode).max_batch == sim.mc.max_batch_size
 
 
 # ---------------------------------------------------------------------- ragged: chunked prefill
 def test_chunked_prefill_splits_a_long_prompt_over_forwards_under_the_budget(assets: Any) -> None:
-    sim = _sim(assets, "server.max_num_batched_tokens=256")
+    sim = make_sim(assets, "server.max_num_batched_tokens=256")
     long, decs = _mixed_batch(sim)
     forwards, verdicts = _serve(sim)
     assert all(sum(new) <= 256 for new, _, _, _ in forwards)
@@ -126,7 +102,7 @@ def test_chunked_prefill_splits_a_long_prompt_over_forwards_under_the_budget(ass
 
 
 def test_verify_rows_still_run_while_a_prefill_is_chunked(assets: Any) -> None:
-    sim = _sim(assets, "server.max_num_batched_tokens=256")
+    sim = make_sim(assets, "server.max_num_batched_tokens=256")
     long, decs = _mixed_batch(sim)
     again = {s.rid: 1 for s in decs}
 
@@ -151,7 +127,7 @@ def test_verify_rows_still_run_while_a_prefill_is_chunked(assets: Any) -> None:
 
 
 def test_without_a_budget_the_prefill_goes_whole(assets: Any) -> None:
-    sim = _sim(assets, "server.max_num_batched_tokens=0")
+    sim = make_sim(assets, "server.max_num_batched_tokens=0")
     _mixed_batch(sim)
     forwards, _ = _serve(sim)
     assert len(forwards) == 1 and forwards[0][0] == [5, 5, 5, 1004] and sim.chunked_prefills == 0
@@ -159,7 +135,7 @@ def test_without_a_budget_the_prefill_goes_whole(assets: Any) -> None:
 
 # ---------------------------------------------------------------------- padded
 def test_padded_engine_prices_every_row_at_the_batch_maximum(assets: Any) -> None:
-    padded = _sim(assets, "server.engine=padded", "server.max_num_batched_tokens=256")
+    padded = make_sim(assets, "server.engine=padded", "server.max_num_batched_tokens=256")
     _mixed_batch(padded)
     forwards, _ = _serve(padded)
     assert len(forwards) == 1  # no chunked prefill: the prompt is fed whole despite the budget
@@ -167,7 +143,7 @@ def test_padded_engine_prices_every_row_at_the_batch_maximum(assets: Any) -> Non
     assert new == [5, 5, 5, 1004] and ctx == [119, 119, 119, 0] and len(done) == 4
     assert ms == pytest.approx(padded.model.mean_ms([1004] * 4, [119] * 4))
 
-    ragged = _sim(assets, "server.max_num_batched_tokens=0")
+    ragged = make_sim(assets, "server.max_num_batched_tokens=0")
     _mixed_batch(ragged)
     (r_new, r_ctx, _, r_ms), = _serve(ragged)[0]
     assert r_ms == pytest.approx(ragged.model.mean_ms(r_new, r_ctx))

@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 from wisp.policy.estimator import LinearEstimator, round_shape
 from wisp.policy.scheduler import FcfsPolicy, RoundInfo, SchedulerCore, round_terms
-from wisp.policy.session import REPLAY_TOKEN
 from wisp.sim.kv import PagedKv
 from wisp.sim.scenario import load_scenario
 from wisp.sim.simulator import (
@@ -19,40 +18,10 @@ from wisp.sim.simulator import (
     KV_EVICTED,
     KV_RUNNING,
     KV_WAITING,
-    Session,
     Simulation,
-    load_assets,
 )
-from wisp.sim.workload import RequestShape
 
-SHORT = ["scenario.duration_s=30", "scenario.warmup_s=5", "scenario.drain_s=60"]
-
-
-@pytest.fixture(scope="module")
-def assets() -> Any:
-    return load_assets(load_scenario("tiny", [*SHORT, "server.noise_cv=0"]))  # the truth model: no noise
-
-
-def _sim(assets: Any, *overrides: str, mode: str = "sled") -> Simulation:
-    sc = load_scenario("tiny", [*SHORT, "server.noise_cv=0", "modes.sled.max_wait_ms=0", *overrides])
-    return Simulation(sc, mode, 2, assets=assets)
-
-
-def _session(sim: Simulation, i: int, prompt: int, *, generated: int = 0, drafted: int = 4) -> Session:
-    """A session of the simulation that has generated ``generated`` tokens and drafted
-    ``drafted`` for its next round (not yet at the server)."""
-    s = Session(f"t{i}", sim.devs[0], RequestShape(prompt, 400), 0, 0.0, False, sim.max_new)
-    if generated:
-        s.spec.apply([REPLAY_TOKEN] * generated, 0, 0, 0.0)
-    s.r_drafted = drafted
-    sim.active.add(s)
-    return s
-
-
-def _running(sim: Simulation, s: Session) -> None:
-    """Put ``s`` in KV memory as an already running session holding its context."""
-    sim.kv.admit(s, s.prompt_len + s.pos)
-    s.kv_state = KV_RUNNING
+from tests.unit.sim_sessions import SHORT, make_session, make_sim, put_running
 
 
 # ---------------------------------------------------------------------- PagedKv
@@ -119,11 +88,11 @@ def test_round_terms_prices_an_uncached_round_as_the_prefill_of_its_context() ->
 # ---------------------------------------------------------------------- the simulator's use
 def test_new_sessions_wait_first_come_first_served(assets: Any) -> None:
     # 20 blocks of 16 tokens, no watermark
-    sim = _sim(assets, "server.kv_tokens=320", "server.kv_watermark=0")
-    a = _session(sim, 1, 150)   # 154 tokens: 10 blocks
-    b = _session(sim, 2, 90)    # 94 tokens: 6 blocks
-    c = _session(sim, 3, 150)   # needs 10, only 4 free: waits
-    d = _session(sim, 4, 20)    # 24 tokens, 2 blocks would fit, but c is first
+    sim = make_sim(assets, "server.kv_tokens=320", "server.kv_watermark=0")
+    a = make_session(sim, 1, 150)   # 154 tokens: 10 blocks
+    b = make_session(sim, 2, 90)    # 94 tokens: 6 blocks
+    c = make_session(sim, 3, 150)   # needs 10, only 4 free: waits
+    d = make_session(sim, 4, 20)    # 24 tokens, 2 blocks would fit, but c is first
     for s in (a, b, c, d):
         sim._on_round(s, 0.0)
     assert [s.kv_state for s in (a, b, c, d)] == [KV_RUNNING, KV_RUNNING, KV_WAITING, KV_WAITING]
@@ -135,12 +104,12 @@ def test_new_sessions_wait_first_come_first_served(assets: Any) -> None:
 
 
 def test_the_newest_session_is_preempted_and_recomputes_its_context(assets: Any) -> None:
-    sim = _sim(assets, "server.kv_tokens=320", "server.kv_watermark=0")
-    a = _session(sim, 1, 100, generated=20)   # context 120: 8 blocks
-    b = _session(sim, 2, 40, generated=8)     # 48: 3 blocks
-    c = _session(sim, 3, 60, generated=30)    # 90: 6 blocks
+    sim = make_sim(assets, "server.kv_tokens=320", "server.kv_watermark=0")
+    a = make_session(sim, 1, 100, generated=20)   # context 120: 8 blocks
+    b = make_session(sim, 2, 40, generated=8)     # 48: 3 blocks
+    c = make_session(sim, 3, 60, generated=30)    # 90: 6 blocks
     for s in (a, b, c):
-        _running(sim, s)
+        put_running(sim, s)
     sim._on_round(c, 0.0)  # c's round (94 tokens, still 6 blocks) is queued in the scheduler
     assert c.key in sim.core.queue and sim.kv.free == 3
     a.r_drafted = 60       # a's next round needs 180 tokens: 12 blocks, 4 more than it holds
@@ -160,12 +129,12 @@ def test_the_newest_session_is_preempted_and_recomputes_its_context(assets: Any)
 
 
 def test_a_round_on_the_verifier_is_never_preempted(assets: Any) -> None:
-    sim = _sim(assets, "server.kv_tokens=320", "server.kv_watermark=0")
-    a = _session(sim, 1, 100, generated=20)
-    b = _session(sim, 2, 40, generated=8)
-    c = _session(sim, 3, 60, generated=30)
+    sim = make_sim(assets, "server.kv_tokens=320", "server.kv_watermark=0")
+    a = make_session(sim, 1, 100, generated=20)
+    b = make_session(sim, 2, 40, generated=8)
+    c = make_session(sim, 3, 60, generated=30)
     for s in (a, b, c):
-        _running(sim, s)
+        put_running(sim, s)
     c.on_gpu = True  # c's round is in a batch on the verifier: b is the newest it may preempt
     a.r_drafted = 60
     sim._on_round(a, 0.0)
@@ -177,11 +146,11 @@ def test_a_round_on_the_verifier_is_never_preempted(assets: Any) -> None:
 
 
 def test_a_session_preempts_itself_when_it_is_the_newest(assets: Any) -> None:
-    sim = _sim(assets, "server.kv_tokens=320", "server.kv_watermark=0")
-    a = _session(sim, 1, 100, generated=20)
-    b = _session(sim, 2, 150, generated=10)
-    _running(sim, a)
-    _running(sim, b)  # 8 + 10 blocks of 20
+    sim = make_sim(assets, "server.kv_tokens=320", "server.kv_watermark=0")
+    a = make_session(sim, 1, 100, generated=20)
+    b = make_session(sim, 2, 150, generated=10)
+    put_running(sim, a)
+    put_running(sim, b)  # 8 + 10 blocks of 20
     b.r_drafted = 60  # b needs 14 blocks: a is older, so b itself goes
     sim._on_round(b, 0.0)
     assert b.kv_state == KV_WAITING and list(sim.kv.waiting) == [b] and a.kv_state == KV_RUNNING
@@ -189,11 +158,11 @@ def test_a_session_preempts_itself_when_it_is_the_newest(assets: Any) -> None:
 
 
 def test_a_session_that_can_never_fit_fails_instead_of_blocking_the_queue(assets: Any) -> None:
-    sim = _sim(assets, "server.kv_tokens=320", "server.kv_watermark=0")
-    big = _session(sim, 1, 400)
+    sim = make_sim(assets, "server.kv_tokens=320", "server.kv_watermark=0")
+    big = make_session(sim, 1, 400)
     big.in_window = True
     sim.open_in_window = 1
-    small = _session(sim, 2, 20)
+    small = make_session(sim, 2, 20)
     sim._on_round(big, 0.0)
     sim._on_round(small, 0.0)
     assert sim.kv_failed == 1 and big not in sim.active
@@ -202,25 +171,25 @@ def test_a_session_that_can_never_fit_fails_instead_of_blocking_the_queue(assets
 
 
 def test_admission_control_reads_the_kv_memory(assets: Any) -> None:
-    sim = _sim(assets, "server.kv_tokens=320", "server.kv_watermark=0", mode="wisp")
-    a = _session(sim, 1, 300)  # 304 tokens: 19 of the 20 blocks
+    sim = make_sim(assets, "server.kv_tokens=320", "server.kv_watermark=0", mode="wisp")
+    a = make_session(sim, 1, 300)  # 304 tokens: 19 of the 20 blocks
     sim._on_round(a, 0.0)
     loads = sim._load_snapshot(0.0)
     assert [(v.kv_free_tokens, v.kv_waiting) for v in loads] == [(16, 0)]
-    sim._on_round(_session(sim, 2, 50), 0.1)  # needs 4 blocks: waits
+    sim._on_round(make_session(sim, 2, 50), 0.1)  # needs 4 blocks: waits
     assert sim._load_snapshot(0.2) == loads  # as stale as the service's snapshot
     loads = sim._load_snapshot(1.0)
     assert [(v.kv_free_tokens, v.kv_waiting) for v in loads] == [(16, 1)]
     refused = sim.admission.decide(loads, sim.ttft_slo, sim.tpot_slo, prompt_len=5)
     assert not refused.admit and "KV" in refused.reason
-    unlimited = _sim(assets, mode="wisp")
+    unlimited = make_sim(assets, mode="wisp")
     assert [v.kv_free_tokens for v in unlimited._load_snapshot(0.0)] == [None]
 
 
 def test_serving_frees_the_rejected_draft_and_the_finished_session(assets: Any) -> None:
-    sim = _sim(assets, "server.kv_tokens=3200", "server.kv_watermark=0")
-    s = _session(sim, 1, 100, generated=20, drafted=40)  # 160 tokens: 10 blocks
-    _running(sim, s)
+    sim = make_sim(assets, "server.kv_tokens=3200", "server.kv_watermark=0")
+    s = make_session(sim, 1, 100, generated=20, drafted=40)  # 160 tokens: 10 blocks
+    put_running(sim, s)
     s.r_accepted = 3
     sim._on_round(s, 0.0)
     assert sim.kv.held[s] == 10
