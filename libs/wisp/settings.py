@@ -169,6 +169,13 @@ class Settings(BaseSettings):
 
     # --- verifier ---------------------------------------------------------------------------
     kv_sessions: int = Field(default=256, ge=1, description="Target KV caches kept (LRU).")
+    server_run_rounds: int = Field(
+        default=32, ge=0, le=1_000_000, description="Server runs: when a round is not drafted "
+        "(the controller chose k = 0, or the request asked for speculation off), the verifier "
+        "decodes up to this many more rounds of the session by itself, in its continuous batch, "
+        "streaming each token, before the controller is asked again. Centralized serving hands "
+        "the whole request to the server. 0: no server runs (every token is a round trip "
+        "through the four services, as before).")
 
     # --- reliability ------------------------------------------------------------------------
     watchdog_s: float | None = Field(

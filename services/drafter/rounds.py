@@ -35,6 +35,8 @@ class RoundPlan:
     """The engine's ``DraftCall`` (None: nothing to draft; the round goes out at once)."""
     prefill: bool
     """A draft-less first round whose draft-model prefill runs in the background."""
+    server_rounds: int = 0
+    """An undrafted round that hands this many more rounds to the server (a server run)."""
 
 
 class RoundDrafter:
@@ -50,7 +52,8 @@ class RoundDrafter:
     def plan(self, sess: ServedSession, policy: DraftLengthPolicy) -> RoundPlan:
         """This round's drafting call, as ``sess.spec`` plans it with ``policy``."""
         committed = sess.committed
-        plan = sess.spec.plan(policy, can_draft=self.engine is not None)
+        plan = sess.spec.plan(policy, can_draft=self.engine is not None,
+                              server_run=self.server_run(sess))
         call = None
         if plan.max_k > 0:
             from wisp.services.drafter.engine import DraftCall  # torch: only where drafting happens
@@ -60,7 +63,16 @@ class RoundDrafter:
                    if req.temperature > 0 else None)
             call = DraftCall(req.request_id, committed, plan.max_k, req.temperature,
                              self.settings.draft_top_k, gen, plan.stop)
-        return RoundPlan(sess, committed, call, plan.prefill)
+        return RoundPlan(sess, committed, call, plan.prefill, plan.server_rounds)
+
+    def server_run(self, sess: ServedSession) -> int:
+        """Rounds an undrafted round of ``sess`` hands to the server: all that are left where
+        nothing drafts (centralized serving, or the request asked for speculation off), else
+        ``server_run_rounds`` before the controller is asked again. 0 turns server runs off."""
+        n = self.settings.server_run_rounds
+        if n and (self.engine is None or sess.req.speculation == "off"):
+            return sess.spec.max_new
+        return n
 
     async def run(self, plans: list[RoundPlan]) -> None:
         """Draft these rounds, together when there are several, and publish each block."""
@@ -149,7 +161,25 @@ class RoundDrafter:
             generated_len=len(sp.generated),
             first_token_ts=sp.first_token_ts,
             expected_commit=expected_commit(f.top1_prob for f in feats),
+            server_rounds=p.server_rounds if not tokens else 0,
         )
+
+    def server_continues(self, sess: ServedSession, left: int) -> None:
+        """The verifier makes ``sess``'s current round by itself (it said ``left`` rounds of a
+        server run remain): nothing is published. The round counts as in flight from now, as
+        the undrafted block that asks for the rest of the run, so a verdict that never comes
+        (the verifier died) is re-sent as that block after ``round_timeout_s``."""
+        committed, sp = sess.committed, sess.spec
+        block = DraftBlock(
+            request_id=sess.request_id, device=self.service.name, round=sp.round,
+            base_committed_len=len(committed), committed_digest=digest_ids(committed),
+            sent_ts=now(), generated_len=len(sp.generated), first_token_ts=sp.first_token_ts,
+            expected_commit=1.0, server_rounds=min(left - 1, sp.budget),
+        )
+        sp.drafted(0.0, 0)
+        sess.last_features = []
+        sess.published_round = sp.round
+        sess.published_block, sess.published_at, sess.resends = block, now(), 0
 
     def _published(self, p: RoundPlan, block: DraftBlock) -> None:
         """The round's block is in the stream."""

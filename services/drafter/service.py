@@ -267,8 +267,16 @@ class DrafterService(Service):
         if sess is None or sess.finished:
             self.count("verdicts_unknown")
             return
-        if any(s is sess for s, _, _ in applied):
-            return  # the same verdict twice in one read (a round verified twice): applied once
+        for i, (s, prev, _) in enumerate(applied):
+            if s is not sess:
+                continue
+            # a second verdict of the session in this read: the next round of a server run is
+            # applied on top of the first; the same verdict twice (a round verified twice) once
+            if (v.round == prev.round and v.base_committed_len == prev.context_len
+                    and not prev.done):
+                prev.apply(v.tokens, v.drafted, v.accepted, now())
+                applied[i] = (sess, prev, v)
+            return
         sp = sess.spec
         if v.round == sp.round - 1 and sess.applied_base == v.base_committed_len:
             await self._continue(sess, pending)  # re-delivered after a failure: finish it
@@ -314,6 +322,7 @@ class DrafterService(Service):
         next round), re-run if the verdict is delivered again after a failure."""
         for sess, v in saved:
             sess.applied_base = v.base_committed_len
+            sess.server_left = v.server_rounds_left
             await self._continue(sess, pending)
 
     def _in_draft_order(self, entries: list[Entry[Verdict]]) -> list[Entry[Verdict]]:
@@ -371,7 +380,9 @@ class DrafterService(Service):
         if sess.spec.done:
             await self._finish(sess)
         elif sess.published_round != sess.spec.round:
-            if pending is None:
+            if sess.server_left > 0:  # the server makes this round by itself (a server run)
+                self.rounds.server_continues(sess, sess.server_left)
+            elif pending is None:
                 await self._next_rounds([sess])
             elif all(x is not sess for x in pending):
                 pending.append(sess)

@@ -44,6 +44,9 @@ class ServedSession:
     after that is stuck (``round_watch_loop``)."""
     applied_base: int = -1
     """base_committed_len of the last verdict applied (to recognise its re-delivery)."""
+    server_left: int = 0
+    """Rounds the verifier said it will still make by itself (a server run): the drafter waits
+    for their verdicts instead of publishing (``Verdict.server_rounds_left``)."""
 
     @property
     def request_id(self) -> str:

@@ -9,6 +9,7 @@ its device, a timing sample for the estimator and scheduler, and only then acks 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -17,6 +18,7 @@ from typing import Any
 from wisp.bus import Bus, Entry, SessionStore, TermsCache
 from wisp.cancels import RecentCancels
 from wisp.cpus import format_cpus, pin_model_thread
+from wisp.policy.server_run import ServerRun, ServerRuns
 from wisp.protocol import (
     CancelRequest,
     DraftBlock,
@@ -51,6 +53,11 @@ class VerifierService(Service):
         self.terms = TermsCache(self.store, size=4 * settings.kv_sessions)
         self.cancelled = RecentCancels()
         """Recent cancels: their rounds are not verified, their KV is freed."""
+        self.runs = ServerRuns(settings.kv_sessions)
+        """Sessions this verifier decodes by itself (``wisp.policy.server_run``)."""
+        self.run_started = asyncio.Event()
+        self.engine_lock = asyncio.Lock()
+        """One forward at a time: a batch's and the server runs' own steps take turns (FIFO)."""
 
     async def setup(self) -> None:
         from wisp import models
@@ -62,6 +69,9 @@ class VerifierService(Service):
 
             self.vocab_size, self.engine = null_verifier()
             return
+        from wisp import tokens
+
+        self.runs.eos = frozenset(await self.in_worker(tokens.eos_token_ids, s.target_model, s))
         if s.verifier_cpus:  # --isolate-cores: the server's cores, apart from the drafters'
             cpus = await self.in_worker(pin_model_thread, s.verifier_cpus, True)
             log.info("%s: model thread pinned to CPU(s) %s", self.name, format_cpus(cpus))
@@ -86,7 +96,7 @@ class VerifierService(Service):
         return [Consumer(self.keys.batch(self.name), GROUP, VerifyBatch, self.on_batch, count=1)]
 
     def loops(self) -> list:
-        return [self.cancel_loop]
+        return [self.cancel_loop, self.run_loop]
 
     async def cancel_loop(self) -> None:
         """Follow the cancel broadcast: a cancelled request's KV is freed now, not when the
@@ -98,6 +108,8 @@ class VerifierService(Service):
 
     async def on_cancel(self, c: CancelRequest) -> None:
         self.mirror.pop(c.request_id, None)
+        if self.runs.drop(c.request_id):
+            self.count("server_runs_cancelled")
         if self.engine is None:
             return
 
@@ -160,6 +172,10 @@ class VerifierService(Service):
         terms_of = await self.terms.get_many([ab.block.request_id for ab in batch.items])
         for ab in batch.items:
             b = ab.block
+            if self.runs.drop(b.request_id):
+                # a new round for a session this verifier is decoding by itself: its drafter
+                # re-sent or re-planned it (a failover, a lost verdict); the new block wins
+                self.count("server_runs_superseded")
             terms = terms_of.get(b.request_id)
             if terms is None:  # the session ended or expired
                 self.count("stale_rounds")
@@ -189,49 +205,124 @@ class VerifierService(Service):
             items.append(VerifyItem(b.request_id, committed, list(b.draft_tokens), dists,
                                     terms.temperature, gen))
             blocks.append(b)
+        async with self.engine_lock:
+            await self._forward(items, blocks, terms_of, batch, started)
+
+    async def run_loop(self) -> None:
+        """Step the server runs while no batch is waiting: a resident session makes its next
+        token at every forward, a batch's or one of its own (``wisp.policy.server_run``)."""
+        while not self.stopping.is_set():
+            if not self.runs:
+                self.run_started.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.run_started.wait(), timeout=0.5)
+                continue
+            async with self.engine_lock:  # FIFO: a batch waiting for the engine goes first
+                await self._forward([], [], {}, None, now())
+            await asyncio.sleep(0)
+
+    async def teardown(self) -> None:
+        """Give the server runs back: one last step each, whose verdict says no rounds are
+        left, so each drafter plans its next round (for another verifier) at once instead of
+        waiting ``round_timeout_s`` for a verdict that would never come."""
+        if self.runs and self.engine is not None:
+            with contextlib.suppress(Exception):
+                async with self.engine_lock:
+                    await self._forward([], [], {}, None, now(), hand_back=True)
+
+    def _run_items(self, runs: list[ServerRun]) -> list[Any]:
+        from wisp.services.verifier.engine import VerifyItem
+
+        return [
+            VerifyItem(r.request_id, r.committed, [], None, r.temperature,
+                       round_generator(r.seed, r.request_id, r.round, "verify")
+                       if r.temperature > 0 else None)
+            for r in runs
+        ]
+
+    async def _forward(self, items: list[Any], blocks: list[DraftBlock],
+                       terms_of: dict[str, SessionTerms], batch: VerifyBatch | None,
+                       started: float, hand_back: bool = False) -> None:
+        """ONE target forward for the batch's rounds (``items``, ``blocks``; none for a step of
+        the server runs alone) and a step of every server run, then every verdict and the
+        timing sample in one round trip."""
+        runs = [r for r in (self.runs.hand_back() if hand_back else self.runs.due())
+                if r.request_id not in self.cancelled]
+        all_items = items + self._run_items(runs)
         measured_ms = 0.0
         results: list[Any] = []
-        if items:
+        if all_items:
             t0 = time.perf_counter()
-            results = await self.in_worker(self.engine.verify, items)
+            results = await self.in_worker(self.engine.verify, all_items)
             if self.slowdown_s:
                 await asyncio.sleep(self.slowdown_s)
             measured_ms = (time.perf_counter() - t0) * 1000.0
+        if batch is None and not results:
+            return
+        batch_id = batch.batch_id if batch is not None else f"{self.name}:run:{self.batches}"
+        t = now()
         out: list[tuple[str, WireModel]] = []
-        for b, item, res in zip(blocks, items, results, strict=True):
-            verdict = Verdict(
-                request_id=b.request_id,
-                round=b.round,
-                base_committed_len=b.base_committed_len,
-                drafted=len(b.draft_tokens),
-                accepted=res.accepted,
-                tokens=list(res.tokens),
-                batch_id=batch.batch_id,
-                verifier=self.name,
-                batch_size=len(items),
-                verify_ms=measured_ms,
-                queue_ms=max(0.0, (started - b.sent_ts) * 1000.0),
-                cache_hit=res.cache_hit,
-            )
-            out.append((self.keys.verdict(b.device), verdict))
+        for b, item, res in zip(blocks, items, results, strict=False):
+            left = 0
+            if b.server_rounds and not hand_back:
+                terms = terms_of[b.request_id]
+                left = self.runs.start(
+                    request_id=b.request_id, device=b.device, committed=list(item.committed),
+                    round=b.round, server_rounds=b.server_rounds, token=res.tokens[-1],
+                    temperature=terms.temperature, seed=terms.seed)
+                if left:
+                    self.count("server_runs")
+                    self.run_started.set()
+            out.append((self.keys.verdict(b.device), self._verdict(
+                b.request_id, b.round, b.base_committed_len, len(b.draft_tokens), res, batch_id,
+                len(all_items), measured_ms, max(0.0, (started - b.sent_ts) * 1000.0), left)))
             self._remember(b.request_id, list(item.committed) + list(res.tokens))
+        for run, res in zip(runs, results[len(items):], strict=True):
+            rnd, base = run.round, len(run.committed)
+            committed = [*run.committed, *res.tokens]
+            left = 0 if hand_back else self.runs.advance(run, res.tokens[-1])
+            out.append((self.keys.verdict(run.device), self._verdict(
+                run.request_id, rnd, base, 0, res, batch_id, len(all_items), measured_ms, 0.0,
+                left)))
+            self._remember(run.request_id, committed)
         sample = TimingSample(
             verifier=self.name,
-            batch_id=batch.batch_id,
+            batch_id=batch_id,
             new_tokens=[r.new_tokens for r in results],
             context_lens=[r.context_len - r.new_tokens for r in results],
-            draft_lens=[len(b.draft_tokens) for b in blocks],
+            draft_lens=[len(b.draft_tokens) for b in blocks] + [0] * len(runs),
             measured_ms=measured_ms,
-            predicted_ms=batch.predicted_ms,
+            predicted_ms=batch.predicted_ms if batch is not None else 0.0,
             cache_misses=sum(0 if r.cache_hit else 1 for r in results),
-            ts=now(),
+            ts=t,
         )
         out.append((self.keys.stats, sample))
         ttl_ms = self.settings.pod_stream_ttl_s * 1000
         await self.bus.publish_many(out, expire_ms={s: ttl_ms for s, _ in out[:-1]})
         self.batches += 1
         self.count("rounds", len(items))
-        _observe(blocks, results, measured_ms)
+        if runs:
+            self.count("server_run_steps", len(runs))
+        _observe(blocks, results[:len(items)], measured_ms)
+
+    def _verdict(self, request_id: str, rnd: int, base: int, drafted: int, res: Any,
+                 batch_id: str, batch_size: int, verify_ms: float, queue_ms: float,
+                 left: int) -> Verdict:
+        return Verdict(
+            request_id=request_id,
+            round=rnd,
+            base_committed_len=base,
+            drafted=drafted,
+            accepted=res.accepted,
+            tokens=list(res.tokens),
+            batch_id=batch_id,
+            verifier=self.name,
+            batch_size=batch_size,
+            verify_ms=verify_ms,
+            queue_ms=queue_ms,
+            cache_hit=res.cache_hit,
+            server_rounds_left=left,
+        )
 
 
 def _observe(blocks: list[DraftBlock], results: list[Any], measured_ms: float) -> None:

@@ -79,6 +79,9 @@ class RoundPlan:
     prefills its draft model in the background."""
     context_len: int
     """Committed ids (prompt + generated) the round builds on."""
+    server_rounds: int = 0
+    """An undrafted round that starts a server run: the verifier goes on decoding this many
+    more rounds by itself (``wisp.policy.server_run``); 0: the next round is planned here."""
 
 
 @dataclass(frozen=True)
@@ -135,16 +138,23 @@ class SpecSession:
     def done(self) -> bool:
         return self.finish is not None
 
-    def plan(self, policy: DraftLengthPolicy, *, can_draft: bool = True) -> RoundPlan:
+    def plan(self, policy: DraftLengthPolicy, *, can_draft: bool = True,
+             server_run: int = 0) -> RoundPlan:
         """The next round, as ``policy`` decides it from this session's statistics (which now
         carry the context length and the measured draft speed). ``can_draft`` is False where
-        nothing can draft (centralized serving): the round is sent undrafted."""
+        nothing can draft (centralized serving): the round is sent undrafted.
+
+        ``server_run``: how many more rounds an undrafted round (that is not the prefill round,
+        after which the device drafts) hands to the server, capped by the budget: the server
+        decodes them in its continuous batch without a round trip each. 0: none (every round
+        comes back here)."""
         self.stats.context_len = self.context_len
         p = policy.plan(self.stats, self.budget)
         k = p.max_k if can_draft else 0
-        return RoundPlan(self.round, k, p.stop if k else None,
-                         prefill=can_draft and p.prefill and self.round == 0 and self.budget > 0,
-                         context_len=self.context_len)
+        prefill = can_draft and p.prefill and self.round == 0 and self.budget > 0
+        run = min(server_run, self.budget) if k == 0 and not prefill else 0
+        return RoundPlan(self.round, k, p.stop if k else None, prefill=prefill,
+                         context_len=self.context_len, server_rounds=max(0, run))
 
     def drafted(self, ms: float, passes: int) -> None:
         """Record the round's drafting: ``ms`` spent on ``passes`` draft forwards. The first

@@ -24,6 +24,9 @@ def digest_ids(ids: Sequence[int]) -> str:
     return h.hexdigest()
 
 
+MAX_SERVER_ROUNDS = 1_000_000
+"""Most rounds a server run may cover (a request's ``max_new_tokens`` bound)."""
+
 PROB_SUM_TOLERANCE = 1e-4
 """How far a sparse distribution's probabilities may sum from 1. Real ones are computed in
 float64 (within ~1e-12); the slack absorbs a float32 producer or a lossy encoding. Rejection
@@ -82,9 +85,17 @@ class DraftBlock(WireModel):
     first_token_ts: float | None = Field(
         default=None, description="When the request's first token was committed (unix s); None "
         "before it. The TPOT SLO is a mean from this moment, so later deadlines count from it.")
+    server_rounds: int = Field(
+        default=0, ge=0, le=MAX_SERVER_ROUNDS, description="A server run: after this undrafted "
+        "round the verifier goes on decoding the session itself for up to this many more rounds "
+        "(one token each, in its continuous batch), sending each round's verdict as it is made, "
+        "with no drafter round trip in between (centralized serving, or a session the "
+        "controller hands to the server).")
 
     @model_validator(mode="after")
     def _consistent(self) -> DraftBlock:
+        if self.server_rounds and self.draft_tokens:
+            raise ValueError("a server run (server_rounds > 0) starts with an undrafted round")
         if self.generated_len >= self.base_committed_len:
             raise ValueError("generated_len must be below base_committed_len (a prompt is never empty)")
         if self.draft_dists is not None and len(self.draft_dists) != len(self.draft_tokens):

@@ -26,6 +26,10 @@ class Verdict(WireModel):
     verify_ms: float = Field(ge=0.0)
     queue_ms: float = Field(default=0.0, ge=0.0, description="Block sent → batch started.")
     cache_hit: bool = True
+    server_rounds_left: int = Field(
+        default=0, ge=0, le=1_000_000, description="Rounds the verifier will still decode for "
+        "this session by itself (a server run, ``DraftBlock.server_rounds``): the drafter waits "
+        "for their verdicts instead of publishing the next round. 0: the drafter plans it.")
 
     @model_validator(mode="after")
     def _consistent(self) -> Verdict:
@@ -33,4 +37,6 @@ class Verdict(WireModel):
             raise ValueError(f"accepted {self.accepted} of only {self.drafted} drafted tokens")
         if len(self.tokens) != self.accepted + 1:
             raise ValueError("tokens must be the accepted drafts plus the target's own token")
+        if self.server_rounds_left and self.drafted:
+            raise ValueError("a server run's rounds are undrafted")
         return self

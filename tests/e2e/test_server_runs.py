@@ -1,0 +1,230 @@
+"""Server runs through the real services (tiny pair, separate processes, a real Redis).
+
+Centralized serving hands a whole request to the verifier, which decodes it in its continuous
+batch and streams each token back as a verdict, with no drafter round trip per token
+(``wisp.policy.server_run``). What must hold, and how each check could fail:
+
+* the output is the target's own greedy output (tokenized independently), and a seeded sampled
+  request gives the same tokens with server runs as without (``server_run_rounds = 0``, one round
+  trip per token: the old path), because each step is the undrafted round the drafter would have
+  sent, with its own seeded sampler;
+* the pipeline really was skipped: one draft block per request on the draft stream (without
+  runs: one per token), and the verifier stepped the runs in forwards of its own;
+* a verifier killed in the middle of a run (SIGKILL): the drafter re-sends the round in flight
+  after ``round_timeout_s`` and another verifier finishes the request, output unchanged;
+* a verifier stopped (SIGTERM, a rolling upgrade) in the middle of a run gives its runs back:
+  the request finishes on the other verifier well before ``round_timeout_s``, with no re-send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import redis
+from wisp.data import mixed_prompts
+
+from tests.harness import Cluster, clean_namespace, collect, spawn_submit, submit_json
+from tests.reference import chat_prompt_ids, greedy_reference, load_target
+
+MAX_NEW = 24
+
+
+def _draft_blocks(r: redis.Redis, ns: str) -> Counter[str]:
+    """Draft blocks published per device."""
+    return Counter(json.loads(f[b"d"])["device"] for _, f in r.xrange(f"{ns}:draft"))
+
+
+def _run_steps(r: redis.Redis, ns: str) -> Counter[str]:
+    """Forwards a verifier ran for its server runs alone, per verifier."""
+    return Counter(s["verifier"] for s in (json.loads(f[b"d"]) for _, f in r.xrange(f"{ns}:stats"))
+                   if ":run:" in s["batch_id"])
+
+
+def test_centralized_runs_on_the_server_lossless_and_without_round_trips(
+        redis_url: str, tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    target, _ = tiny_pair
+    ns = f"wisp-test-{uuid.uuid4().hex[:10]}"
+    prompts = [p.text for p in mixed_prompts(6)]
+    c = Cluster(redis_url, ns, tmp_path, settings={"mode": "centralized", "target_model": target,
+                                                   "max_wait_ms": 5})
+    r = redis.Redis.from_url(redis_url)
+    try:
+        with c:
+            for role, name in (("estimator", "e"), ("scheduler", "s"), ("verifier", "v")):
+                c.start(role, name)
+            c.start("drafter", "runs")
+            c.start("drafter", "hops", server_run_rounds=0)
+            c.wait_ready(["e", "s", "v", "runs", "hops"])
+            env = c.env()
+
+            def ask(device: str, *extra: str) -> list[dict]:
+                with ThreadPoolExecutor(6) as pool:
+                    return list(pool.map(lambda p: submit_json(
+                        p, env, "--max-new-tokens", str(MAX_NEW), "--device", device, *extra),
+                        prompts))
+
+            runs, hops = ask("runs"), ask("hops")
+            rids = [f"{ns}-s{i}" for i in range(len(prompts))]
+            runs_s = _sampled(redis_url, ns, "runs", prompts, rids)
+            blocks, steps = _draft_blocks(r, ns), _run_steps(r, ns)
+        ref = load_target(target)
+        for prompt, a, b in zip(prompts, runs, hops, strict=True):
+            ids = chat_prompt_ids(target, prompt)
+            assert a["prompt_token_ids"] == ids
+            assert a["token_ids"] == greedy_reference(ref, ids, MAX_NEW) == b["token_ids"]
+            assert a["mode"] == "centralized" and a["drafted_tokens"] == 0
+            assert a["rounds"] == len(a["token_ids"])  # still one round per token
+        exact = 0
+        for prompt, rid, a in zip(prompts, rids, runs_s, strict=True):
+            ids = chat_prompt_ids(target, prompt)
+            want = _seeded_undrafted(ref, ids, rid, len(a["token_ids"]))
+            got = a["token_ids"]
+            # the same seeded draws; a full-prefix forward rounds differently from the
+            # verifier's cached, batched one, which can move a draw that falls on the boundary
+            # between two tokens (inverse-CDF sampling in vocabulary order: the ids between
+            # them hold next to no mass); a wrong sampler (another round's, or none) differs
+            # from the first token on
+            first = next((i for i, (x, y) in enumerate(zip(got, want, strict=True)) if x != y), None)
+            if first is None:
+                exact += 1
+            else:
+                between = _mass_between(ref, ids + got[:first], got[first], want[first])
+                assert first > 0 and between < 1e-3, (rid, first, between, got, want)
+            assert a["streamed"] == got  # streamed token by token, nothing lost
+        assert exact >= len(prompts) // 2, exact
+        assert len({tuple(a["token_ids"]) for a in runs_s}) > 1  # really sampled
+        tokens = sum(len(x["token_ids"]) for x in hops)
+        # with runs: one block per request (the first round asks for the rest); without: a
+        # block per token
+        assert blocks["runs"] == 2 * len(prompts), blocks
+        assert blocks["hops"] == tokens, (blocks, tokens)
+        assert steps["v"] > 0, steps  # forwards of the runs alone, between batches
+    finally:
+        r.close()
+        clean_namespace(redis_url, ns)
+
+
+TEMPERATURE, SEED = 0.5, 1234
+
+
+def _seeded_undrafted(model: object, prompt_ids: list[int], rid: str, n: int) -> list[int]:
+    """What one undrafted round per token (the path without server runs) samples for this
+    request: round i draws from the target's distribution with the verifier's seeded sampler
+    of round i. The target's logits come from a plain forward over the whole prefix."""
+    import torch
+    from wisp.specdec import accept, round_generator
+
+    ids = list(prompt_ids)
+    out: list[int] = []
+    with torch.inference_mode():
+        for i in range(n):
+            logits = model(torch.tensor([ids])).logits[0, -1:].float()  # type: ignore[operator]
+            _, tok = accept(logits, [], None, TEMPERATURE,
+                            round_generator(SEED, rid, i, "verify"))
+            out.append(tok)
+            ids.append(tok)
+    return out
+
+
+def _mass_between(model: object, ctx: list[int], a: int, b: int) -> float:
+    """The target's probability (at ``TEMPERATURE``) of the ids strictly between ``a`` and
+    ``b`` after ``ctx``: next to nothing when a draw fell on the boundary between them."""
+    import torch
+
+    lo, hi = sorted((a, b))
+    with torch.inference_mode():
+        logits = model(torch.tensor([ctx])).logits[0, -1].float()  # type: ignore[operator]
+    return float(torch.softmax(logits / TEMPERATURE, dim=0)[lo + 1:hi].sum())
+
+
+def _sampled(url: str, ns: str, device: str, prompts: list[str], rids: list[str]) -> list[dict]:
+    """Seeded sampled requests with these request ids (the Python client, as `wisp-cli submit`
+    uses it); each result with ``streamed``: the token ids the client received."""
+    from wisp.bus import Bus, Keys, wait_for_redis
+    from wisp.client import submit
+    from wisp.protocol import TokenEvent
+
+    async def main() -> list[dict]:
+        client = await wait_for_redis(url)
+        bus = Bus(client, Keys(ns))
+
+        async def one(prompt: str, rid: str) -> dict:
+            streamed: list[int] = []
+
+            def on(ev: object) -> None:
+                if isinstance(ev, TokenEvent):
+                    streamed.extend(ev.token_ids)
+
+            done = await submit(bus, prompt, device=device, on_event=on, idle_timeout_s=120,
+                                max_new_tokens=MAX_NEW, temperature=TEMPERATURE, seed=SEED,
+                                request_id=rid)
+            return {**done.model_dump(), "streamed": streamed}
+
+        try:
+            return list(await asyncio.gather(*(one(p, q) for p, q in zip(prompts, rids, strict=True))))
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())
+
+
+def _holder(r: redis.Redis, ns: str, timeout_s: float = 60.0) -> str:
+    """The verifier that runs a server run now (its own forwards on the stats stream)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        steps = _run_steps(r, ns)
+        if steps:
+            return steps.most_common(1)[0][0]
+        time.sleep(0.05)
+    raise AssertionError("no verifier ran a server run")
+
+
+@pytest.mark.parametrize("how", ["sigkill", "sigterm"])
+def test_a_verifier_lost_in_the_middle_of_a_run_loses_nothing(
+        how: str, redis_url: str, tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    target, _ = tiny_pair
+    ns = f"wisp-test-{uuid.uuid4().hex[:10]}"
+    long = 160
+    # each verifier forward sleeps 40 ms more (fault injection), so the run lasts seconds;
+    # SIGKILL: the drafter re-sends after round_timeout_s (4 s); SIGTERM: the run must come
+    # back at once, long before the 120 s round timeout
+    timeout_s = 4.0 if how == "sigkill" else 120.0
+    c = Cluster(redis_url, ns, tmp_path, settings={
+        "mode": "centralized", "target_model": target, "max_wait_ms": 5, "fault_delay_ms": 40,
+        "round_timeout_s": timeout_s, "heartbeat_ttl_s": 3})
+    r = redis.Redis.from_url(redis_url)
+    prompt = "Write a long story about a lighthouse keeper."
+    try:
+        with c:
+            for role, name in (("estimator", "e"), ("scheduler", "s"), ("verifier", "v1"),
+                               ("verifier", "v2"), ("drafter", "d")):
+                c.start(role, name)
+            c.wait_ready(["e", "s", "v1", "v2", "d"])
+            p = spawn_submit(prompt, c.env(), "--max-new-tokens", str(long))
+            holder = _holder(r, ns)
+            time.sleep(1.0)  # well into the run
+            t0 = time.monotonic()
+            c.kill(holder, signal.SIGKILL if how == "sigkill" else signal.SIGTERM)
+            res = collect(p, timeout=120)
+            after_s = time.monotonic() - t0
+            drafter_log = c.log("d")
+        ids = chat_prompt_ids(target, prompt)
+        assert res["token_ids"] == greedy_reference(load_target(target), ids, long)
+        resent = "publishing it again" in drafter_log
+        print(f"\n{how}: request done {after_s:.1f} s after the holder was stopped; "
+              f"re-sent: {resent}")
+        if how == "sigkill":
+            assert resent, "the round in flight was not re-sent"
+        else:
+            assert not resent and after_s < timeout_s / 4, (after_s, drafter_log[-2000:])
+    finally:
+        r.close()
+        clean_namespace(redis_url, ns)

@@ -1,0 +1,95 @@
+"""Server runs (``wisp.policy.server_run``) and how a session plans them
+(``SpecSession.plan(server_run=...)``), and the protocol's bounds on them."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+from wisp.policy.controller import FixedLength
+from wisp.policy.server_run import ServerRuns
+from wisp.policy.session import SpecSession
+from wisp.protocol import DraftBlock, Verdict, digest_ids
+
+EOS = 9
+
+
+def _start(runs: ServerRuns, rid: str = "r", rounds: int = 3, token: int = 5, rnd: int = 4) -> int:
+    return runs.start(request_id=rid, device="d", committed=[1, 2, 3], round=rnd,
+                      server_rounds=rounds, token=token, temperature=0.0, seed=None)
+
+
+def test_a_run_makes_its_rounds_one_token_each_then_ends() -> None:
+    runs = ServerRuns(limit=4, eos=frozenset({EOS}))
+    assert _start(runs) == 3
+    made = []
+    while runs:
+        (run,) = runs.due()
+        made.append((run.round, len(run.committed)))
+        left = runs.advance(run, 7)
+        assert left == 3 - len(made)
+    # rounds 5, 6, 7 after the first round 4, each built on one more committed id
+    assert made == [(5, 4), (6, 5), (7, 6)]
+
+
+def test_an_eos_ends_the_run_at_once() -> None:
+    runs = ServerRuns(limit=4, eos=frozenset({EOS}))
+    assert _start(runs, token=EOS) == 0 and not runs  # the first round's token ended it
+    assert _start(runs) == 3
+    (run,) = runs.due()
+    assert runs.advance(run, EOS) == 0 and not runs
+
+
+def test_no_run_beyond_the_limit_or_when_none_is_asked() -> None:
+    runs = ServerRuns(limit=1)
+    assert _start(runs, rounds=0) == 0
+    assert _start(runs, "a") == 3
+    assert _start(runs, "b") == 0 and "b" not in runs  # full: b's drafter plans its next round
+
+
+def test_a_run_dropped_while_its_step_is_computed_stays_dropped() -> None:
+    runs = ServerRuns(limit=4)
+    _start(runs)
+    (run,) = runs.due()
+    assert runs.drop("r")  # cancelled, or a new round for the session arrived
+    assert runs.advance(run, 7) == 0 and not runs
+    _start(runs)
+    (old,) = runs.due()
+    _start(runs)  # the session's round re-sent: a new run replaces the old one
+    assert runs.advance(old, 7) == 0 and len(runs) == 1
+
+
+def test_hand_back_forgets_every_run() -> None:
+    runs = ServerRuns(limit=4)
+    _start(runs, "a")
+    _start(runs, "b")
+    assert {r.request_id for r in runs.hand_back()} == {"a", "b"} and not runs
+
+
+def test_a_session_plans_a_server_run_only_for_undrafted_rounds_within_budget() -> None:
+    s = SpecSession(prompt_len=10, max_new=20)
+    assert s.plan(FixedLength(0), server_run=32).server_rounds == 19  # budget: 20 - 0 - 1
+    assert s.plan(FixedLength(4), server_run=32).server_rounds == 0  # drafted: no run
+    assert s.plan(FixedLength(0), server_run=0).server_rounds == 0  # runs off
+    assert s.plan(FixedLength(4), can_draft=False, server_run=5).server_rounds == 5
+    s.generated = [1] * 19
+    assert s.plan(FixedLength(0), server_run=32).server_rounds == 0  # the last token
+
+
+def _block(**kw: object) -> DraftBlock:
+    ids = [1, 2, 3]
+    base = dict(request_id="r", device="d", round=0, base_committed_len=3,
+                committed_digest=digest_ids(ids), sent_ts=1.0)
+    return DraftBlock.model_validate({**base, **kw})
+
+
+def test_protocol_refuses_a_run_that_starts_with_drafts() -> None:
+    assert _block(server_rounds=5).server_rounds == 5
+    with pytest.raises(ValidationError, match="undrafted"):
+        _block(server_rounds=5, draft_tokens=[4])
+    with pytest.raises(ValidationError):
+        _block(server_rounds=-1)
+    v = dict(request_id="r", round=1, base_committed_len=3, accepted=0, tokens=[4],
+             batch_id="b", verifier="v", batch_size=1, verify_ms=1.0)
+    assert Verdict.model_validate({**v, "drafted": 0, "server_rounds_left": 3}).server_rounds_left == 3
+    with pytest.raises(ValidationError, match="undrafted"):
+        Verdict.model_validate({**v, "drafted": 2, "server_rounds_left": 3})
