@@ -112,6 +112,16 @@ class Settings(BaseSettings):
 
     # --- drafter ----------------------------------------------------------------------------
     draft_k: int = Field(default=4, ge=0, le=64, description="Fixed draft length (sled mode).")
+    site: Literal["speculate", "adaptive"] = Field(
+        default="speculate", description="wisp mode: where a session's next tokens are made. "
+        "speculate: always drafted here (the controller's k); adaptive: per round, drafted "
+        "(capped at the best k) or handed to the server for a server run of server_run_rounds, "
+        "from this device's measured draft speed and round trip, the session's acceptance and "
+        "the server's costs the scheduler publishes (wisp.policy.site.SiteChooser, the "
+        "simulator's modes.wisp.site).")
+    site_hysteresis: float = Field(
+        default=0.1, ge=0.0, lt=1.0, description="adaptive site: a choice must be this much "
+        "better (relative) to move a session between drafting and the server.")
     controller: Path | None = Field(
         default=None,
         description="wisp mode: a speculation controller JSON (`wisp-cli controller train`) to use "
@@ -212,6 +222,11 @@ class Settings(BaseSettings):
     )
     slow_verifier_cooldown_s: float = Field(
         default=30.0, gt=0, description="How long a benched verifier gets no work before probation."
+    )
+    fault_draft_delay_ms: float = Field(
+        default=0.0, ge=0, description="Fault injection (tests): a drafter's every draft "
+        "forward takes this much longer (slept before its round is sent, and counted in its "
+        "draft time), as a slow or busy device would.",
     )
     fault_delay_ms: float = Field(
         default=0.0, ge=0, description="Fault injection (tests): the verifier sleeps this long "

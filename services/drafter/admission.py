@@ -7,6 +7,7 @@ import logging
 
 from wisp.bus import Bus
 from wisp.policy.learned_estimator import PublishedModel
+from wisp.policy.site import ServerCosts
 from wisp.policy.slo import AdmissionController, VerifierLoad
 from wisp.protocol import GenerateRequest, LoadSnapshot, ProtocolError, decode
 from wisp.settings import Settings
@@ -57,6 +58,21 @@ def check_prompt_ids(ids: list[int], req: GenerateRequest, s: Settings) -> None:
             f"together over the context limit of {s.context_limit} tokens; shorten the "
             "prompt or lower --max-new-tokens"
         )
+
+
+def parse_costs(raw: bytes | str | None) -> ServerCosts | None:
+    """The server's costs in a ``wisp:load`` snapshot (the adaptive site choice's view of the
+    server), or None when there are none yet or the snapshot does not validate (then the
+    site choice drafts, as before any measurement)."""
+    if not raw:
+        return None
+    try:
+        c = decode(LoadSnapshot, raw).costs
+    except ProtocolError as err:
+        log.warning("ignoring the load snapshot: %s", err.reason)
+        return None
+    return None if c is None else ServerCosts(step_ms=c.step_ms, row_ms=c.row_ms, token_ms=c.token_ms,
+                                              compute_bound=c.compute_bound, kv_bound=c.kv_bound)
 
 
 def parse_loads(raw: bytes | str) -> list[VerifierLoad] | None:

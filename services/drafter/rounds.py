@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from wisp.bus import Bus
 from wisp.policy.controller import DraftLengthPolicy
+from wisp.policy.session import RoundPlan as SessionRoundPlan
 from wisp.policy.session import expected_commit
+from wisp.policy.site import ServerCosts, SiteChooser
 from wisp.protocol import DraftBlock, WireDist, WireFeatures, digest_ids
 from wisp.service import Service, now
 from wisp.services.drafter.session import ServedSession
-from wisp.settings import Settings
+from wisp.settings import Mode, Settings
 from wisp.specdec import round_generator
 
 log = logging.getLogger(__name__)
@@ -43,17 +46,27 @@ class RoundDrafter:
     """Plans, drafts and publishes rounds for one drafter service (``engine`` None: this
     drafter never drafts, as in centralized serving)."""
 
-    def __init__(self, service: Service, settings: Settings, bus: Bus, engine: Any) -> None:
+    def __init__(self, service: Service, settings: Settings, bus: Bus, engine: Any,
+                 costs: Callable[[], ServerCosts | None] = lambda: None) -> None:
         self.service = service
         self.settings = settings
         self.bus = bus
         self.engine = engine
+        self.costs = costs
+        """The server's costs as the scheduler last published them (None: not yet)."""
+        self.site = (SiteChooser(max_k=max(settings.draft_k, 1),
+                                 hysteresis=settings.site_hysteresis)
+                     if settings.mode == Mode.wisp and settings.site == "adaptive" else None)
+        """Per round: draft, or let the server decode (``settings.site``)."""
 
-    def plan(self, sess: ServedSession, policy: DraftLengthPolicy) -> RoundPlan:
-        """This round's drafting call, as ``sess.spec`` plans it with ``policy``."""
+    def plan(self, sess: ServedSession, policy: DraftLengthPolicy, *, own: bool = True) -> RoundPlan:
+        """This round's drafting call, as ``sess.spec`` plans it with ``policy`` (``own``: the
+        drafter's policy, not one the request asked for, which the site choice may override)."""
         committed = sess.committed
-        plan = sess.spec.plan(policy, can_draft=self.engine is not None,
-                              server_run=self.server_run(sess))
+        can_draft = self.engine is not None
+        plan = sess.spec.plan(policy, can_draft=can_draft, server_run=self.server_run(sess))
+        if own and can_draft and self.site is not None and plan.max_k > 0 and sess.spec.round > 0:
+            plan = self._site(sess, plan)
         call = None
         if plan.max_k > 0:
             from wisp.services.drafter.engine import DraftCall  # torch: only where drafting happens
@@ -64,6 +77,27 @@ class RoundDrafter:
             call = DraftCall(req.request_id, committed, plan.max_k, req.temperature,
                              self.settings.draft_top_k, gen, plan.stop)
         return RoundPlan(sess, committed, call, plan.prefill, plan.server_rounds)
+
+    def _site(self, sess: ServedSession, plan: SessionRoundPlan) -> SessionRoundPlan:
+        """The adaptive site choice (``wisp.policy.site``, as the simulator's
+        ``modes.wisp.site = "adaptive"``): draft, capped at the best k, or hand the session to
+        the server for a server run; a session on the server is judged again after its run."""
+        assert self.site is not None
+        sp = sess.spec
+        choice = self.site.choose(draft_ms=sp.stats.draft_ms_per_token, link=sess.link,
+                                  server=self.costs(), tpot_slo_ms=sess.tpot_slo_ms,
+                                  currently_server=sess.on_server,
+                                  tokens_on_server=sess.server_tokens)
+        if choice.server_decode:
+            if not sess.on_server:
+                self.service.count("site_to_server")
+            sess.on_server, sess.server_tokens = True, 0
+            run = min(self.settings.server_run_rounds or self.site.probe_every, sp.budget)
+            return replace(plan, max_k=0, stop=None, server_rounds=run)
+        if sess.on_server:
+            self.service.count("site_to_device")
+        sess.on_server, sess.server_tokens = False, 0
+        return replace(plan, max_k=min(plan.max_k, choice.k))
 
     def server_run(self, sess: ServedSession) -> int:
         """Rounds an undrafted round of ``sess`` hands to the server: all that are left where
@@ -120,6 +154,13 @@ class RoundDrafter:
         rounds = [(p, out) for p, out in rounds if not p.sess.finished]
         if not rounds:
             return
+        delay_ms = self.settings.fault_draft_delay_ms
+        if delay_ms and any(out is not None for _, out in rounds):  # a slow device (tests)
+            extra = [delay_ms * out.forward_passes if out is not None else 0.0 for _, out in rounds]
+            await asyncio.sleep(max(extra) / 1000.0)
+            for (_, out), ms in zip(rounds, extra, strict=True):
+                if out is not None:
+                    out.draft_ms += ms
         blocks = [self._block(p, out) for p, out in rounds]
         if len(blocks) == 1:
             await self.bus.publish(self.bus.keys.draft, blocks[0])

@@ -22,6 +22,7 @@ from wisp.cpus import format_cpus, pin_model_thread
 from wisp.policy.controller import DraftLengthPolicy, FixedLength, default_policy
 from wisp.policy.learned_estimator import PublishedModel, default_estimator
 from wisp.policy.session import SpecSession
+from wisp.policy.site import ServerCosts
 from wisp.policy.slo import DraftJob, deadline_at, drafting_order
 from wisp.protocol import (
     CancelRequest,
@@ -32,7 +33,13 @@ from wisp.protocol import (
     Verdict,
 )
 from wisp.service import Consumer, Service, now
-from wisp.services.drafter.admission import Admission, RequestRefused, check_prompt_ids, check_request
+from wisp.services.drafter.admission import (
+    Admission,
+    RequestRefused,
+    check_prompt_ids,
+    check_request,
+    parse_costs,
+)
 from wisp.services.drafter.emitter import Emitter
 from wisp.services.drafter.rounds import RoundDrafter
 from wisp.services.drafter.session import ServedSession, SessionLost, record_of, spec_of
@@ -68,7 +75,9 @@ class DrafterService(Service):
         self.tokenizer: Any = None
         self.engine: Any = None
         self.eos: frozenset[int] = frozenset()
-        self.rounds = RoundDrafter(self, settings, bus, None)
+        self.server_costs: ServerCosts | None = None
+        """The server's costs the scheduler last published (adaptive site choice only)."""
+        self.rounds = RoundDrafter(self, settings, bus, None, self._costs)
         self.emitter = Emitter(self, self.output, None)
         self.api_url: str | None = None
         """This device's own API (``device_api_loop``), once it listens."""
@@ -101,7 +110,7 @@ class DrafterService(Service):
 
             self.engine = await self.in_worker(make_draft_engine, s, self.tokenizer)
             await self.in_worker(self._warm_up)
-        self.rounds = RoundDrafter(self, s, self.bus, self.engine)
+        self.rounds = RoundDrafter(self, s, self.bus, self.engine, self._costs)
         self.emitter = Emitter(self, self.output, self.tokenizer)
 
     def _warm_up(self) -> None:
@@ -127,8 +136,21 @@ class DrafterService(Service):
             Consumer(self.keys.verdict(self.name), VERDICT_GROUP, Verdict, batch=self.on_verdicts),
         ]
 
+    def _costs(self) -> ServerCosts | None:
+        return self.server_costs
+
+    async def costs_loop(self) -> None:
+        """The adaptive site choice's view of the server: the costs the scheduler publishes
+        with its load snapshot (``wisp:load``, every 0.5 s), read once a second."""
+        while not self.stopping.is_set():
+            (raw,) = await self.bus.get_values(self.keys.load)
+            self.server_costs = parse_costs(raw)
+            await self._pause(1.0)
+
     def loops(self) -> list:
         loops = [self.adopt_loop, self.round_watch_loop, self.cancel_loop]
+        if self.rounds.site is not None:
+            loops.append(self.costs_loop)
         return [*loops, self.device_api_loop] if self.settings.device_api is True else loops
 
     async def device_api_loop(self) -> None:
@@ -286,6 +308,11 @@ class DrafterService(Service):
             return
         if self.settings.trace and v.drafted:
             await self._publish_trace(sess, v)  # before apply(): rows carry the pre-round EMA
+        if v.drafted and sess.published_block is not None:  # the site choice's measurements
+            outside_ms = (now() - sess.published_block.sent_ts) * 1000.0 - v.verify_ms
+            sess.link.observe_round(v.drafted, v.accepted, outside_ms)
+        elif sess.on_server:
+            sess.server_tokens += len(v.tokens)
         new = sp.copy()
         new.apply(v.tokens, v.drafted, v.accepted, now())
         applied.append((sess, new, v))
@@ -398,7 +425,11 @@ class DrafterService(Service):
 
     async def _next_rounds(self, sessions: list[ServedSession]) -> None:
         """Draft these sessions' rounds (together) and publish each block."""
-        await self.rounds.run([self.rounds.plan(s, self._draft_len_policy(s)) for s in sessions])
+        plans = []
+        for sess in sessions:
+            policy = self._draft_len_policy(sess)
+            plans.append(self.rounds.plan(sess, policy, own=policy is self.policy))
+        await self.rounds.run(plans)
 
     async def _finish(self, sess: ServedSession) -> None:
         await self.emitter.done(sess)

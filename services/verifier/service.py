@@ -88,7 +88,7 @@ class VerifierService(Service):
         self.engine.drop("__warmup__")
 
     def heartbeat_info(self) -> dict[str, Any]:
-        return {**super().heartbeat_info(), "batches": self.batches}
+        return {**super().heartbeat_info(), "batches": self.batches, "server_runs": len(self.runs)}
 
     def consumers(self) -> list[Consumer]:
         """This verifier's own batch stream, one batch at a time, acked after its verdicts and

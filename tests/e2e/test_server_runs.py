@@ -228,3 +228,49 @@ def test_a_verifier_lost_in_the_middle_of_a_run_loses_nothing(
     finally:
         r.close()
         clean_namespace(redis_url, ns)
+
+
+def test_a_slow_device_hands_its_sessions_to_the_server_and_stays_lossless(
+        redis_url: str, tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    """wisp mode with the adaptive site choice (``WISP_SITE=adaptive``) on a device whose every
+    draft forward takes 300 ms more (fault injection): once its draft speed is measured (round
+    1) and the scheduler has published the server's costs, its sessions go to the server in
+    server runs, probed with a drafted round after each. Output: the target's greedy tokens.
+    (A device without the delay went to the server too, on a 2-core machine: a tiny target
+    decodes a token faster than a round trip through the four services takes, so no test here
+    shows a device that keeps drafting; the choice itself is tested in test_sim_site.py.)"""
+    target, draft = tiny_pair
+    ns = f"wisp-test-{uuid.uuid4().hex[:10]}"
+    n_new = 48
+    prompts = [p.text for p in mixed_prompts(3)]
+    c = Cluster(redis_url, ns, tmp_path, settings={
+        "mode": "wisp", "target_model": target, "draft_model": draft, "max_wait_ms": 5,
+        "site": "adaptive", "draft_k": 4})
+    r = redis.Redis.from_url(redis_url)
+    try:
+        with c:
+            for role, name in (("estimator", "e"), ("scheduler", "s"), ("verifier", "v")):
+                c.start(role, name)
+            c.start("drafter", "slow", fault_draft_delay_ms=300)
+            c.wait_ready(["e", "s", "v", "slow"])
+            env = c.env()
+            submit_json("warm up", env, "--max-new-tokens", "2", "--device", "slow")  # costs
+            with ThreadPoolExecutor(6) as pool:
+                res = {"slow": list(pool.map(lambda p: submit_json(
+                    p, env, "--max-new-tokens", str(n_new), "--device", "slow"), prompts))}
+            blocks = [json.loads(f[b"d"]) for _, f in r.xrange(f"{ns}:draft")]
+        ref = load_target(target)
+        for prompt, a in zip(prompts, res["slow"], strict=True):
+            ids = chat_prompt_ids(target, prompt)
+            assert a["token_ids"] == greedy_reference(ref, ids, n_new)
+            assert a["mode"] == "wisp" and a["drafted_tokens"] > 0
+        runs = Counter(b["device"] for b in blocks if b.get("server_rounds", 0) > 0)
+        drafted = Counter(b["device"] for b in blocks if b["draft_tokens"])
+        print(f"\nserver runs started: {dict(runs)}; drafted rounds: {dict(drafted)}")
+        assert runs["slow"] >= len(prompts), (runs, drafted)  # every session went to the server
+        # ... after its first drafted round measured the device, and was probed again with a
+        # drafted round after its first run of 32 server-made tokens (48 = 1 + 2..5 + 32 + ...)
+        assert drafted["slow"] >= 2 * len(prompts), (runs, drafted)
+    finally:
+        r.close()
+        clean_namespace(redis_url, ns)
