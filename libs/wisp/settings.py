@@ -257,6 +257,11 @@ class Settings(BaseSettings):
     api_allow_devices: bool = Field(
         default=True, description="Let an API request name a device (the extra body parameter "
         "`device`) to run on that drafter; false: every request goes to the shared queue.")
+    api_speculation: Literal["auto", "off"] = Field(
+        default="auto", description="Speculation for API requests that name no device and set "
+        "no `speculation`: auto (the drafter that takes them drafts, in its mode) or off (the "
+        "centralized path: the target decodes them in server runs; what a cluster gateway, whose "
+        "clients have no device, sets).")
     api_device: str | None = Field(
         default=None, max_length=100, description="Run every API request on this device (the "
         "drafter's own API sets it to the drafter's name); a request naming another is a 400.")

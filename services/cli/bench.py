@@ -65,6 +65,16 @@ def parse_counts(text: str, flag: str = "--devices") -> list[int]:
     return list(dict.fromkeys(counts))
 
 
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "centralized+hops": ("centralized", {"server_run_rounds": 0}),
+    "wisp+adaptive": ("wisp", {"site": "adaptive"}),
+}
+"""Modes with one setting changed, to measure side by side with the mode itself:
+``centralized+hops`` is centralized serving without server runs (one round trip through the four
+services per token, what centralized was before them); ``wisp+adaptive`` is wisp with the
+adaptive site choice (``WISP_SITE=adaptive``)."""
+
+
 async def bench_fresh(
     settings: Settings, cfg: BenchConfig, mode: str,
     collect: Callable[[Bus, float, BenchResult], Awaitable[T]] | None = None,
@@ -94,7 +104,8 @@ async def _bench_running(settings: Settings, url: str, cfg: BenchConfig, mode: s
 @app.command()
 def bench(
     mode: Annotated[str, typer.Option(
-        "--mode", help="One mode or a comma list (e.g. wisp,sled,centralized): each runs in turn "
+        "--mode", help="One mode or a comma list (e.g. wisp,sled,centralized; the variants "
+        "centralized+hops, without server runs, and wisp+adaptive): each runs in turn "
         "through the same services on the same prompts, reported side by side.")] = "sled",
     devices: Annotated[str | None, typer.Option(
         help="Concurrent simulated devices, or a comma list of counts run in turn (default 2; "
@@ -129,9 +140,13 @@ def bench(
     """Drive WISP with N closed-loop devices and print SLO attainment, goodput, TTFT/TPOT
     percentiles, acceptance and wasted drafting time (table + JSON)."""
     modes = [m.strip() for m in mode.split(",") if m.strip()]
-    bad = [m for m in modes if m not in {x.value for x in Mode}]
+    bad = [m for m in modes if m not in {x.value for x in Mode} | set(VARIANTS)]
     if bad or not modes:
-        raise typer.BadParameter(f"unknown mode(s) {bad}: use wisp, sled, centralized", param_hint="--mode")
+        raise typer.BadParameter(f"unknown mode(s) {bad}: use wisp, sled, centralized or "
+                                 f"{', '.join(VARIANTS)}", param_hint="--mode")
+    if redis_url and any(m in VARIANTS for m in modes):
+        raise typer.BadParameter("a variant changes the services' settings; with --redis-url "
+                                 "give the running system's mode", param_hint="--mode")
     if redis_url and len(modes) != 1:
         raise typer.BadParameter("with --redis-url the running system has one mode", param_hint="--mode")
     if null_models and redis_url:
@@ -150,8 +165,8 @@ def bench(
         null_overhead(settings, counts, duration or 5.0, max_new_tokens, texts, path)
         return
     for m in modes if not redis_url else []:  # every prerequisite before the first run
-        preflight_models(make_settings(mode=m, draft_model=draft_model, target_model=target_model),
-                         ALL_ROLES)
+        preflight_models(make_settings(mode=VARIANTS.get(m, (m, {}))[0], draft_model=draft_model,
+                                       target_model=target_model), ALL_ROLES)
     path = output_path(out or Path("out/bench.json"))
     seconds = duration or 60.0
     rows = []
@@ -165,8 +180,10 @@ def bench(
         pooled: dict[str, BenchResult] = {}
         for rep in range(repeat):
             for m in modes:
-                settings = make_settings(mode=m, draft_model=draft_model, target_model=target_model,
+                base, update = VARIANTS.get(m, (m, {}))
+                settings = make_settings(mode=base, draft_model=draft_model, target_model=target_model,
                                          draft_k=draft_k, draft_backend=draft_backend, redis_url=redis_url)
+                settings = settings.model_copy(update=update)
                 if isolate:
                     settings = settings.model_copy(update=dict(cores))
                 tag = f" (run {rep + 1}/{repeat})" if repeat > 1 else ""

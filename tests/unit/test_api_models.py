@@ -109,6 +109,19 @@ def test_chat_becomes_a_conversation_for_the_drafter() -> None:
     GenerateRequest(request_id=RID, submitted_ts=0.0, **fields)
 
 
+def test_clients_without_a_device_get_the_servers_speculation_default() -> None:
+    """A cluster gateway (api_speculation=off) sends deviceless clients down the centralized
+    path; a client's own choice, or a device it names, wins."""
+    gw = _settings(api_speculation="off")
+    plain = parse_request("text", b'{"model": "m", "prompt": "x"}')
+    assert generate_fields(plain, gw, RID)["speculation"] == "off"
+    assert generate_fields(plain, _settings(), RID)["speculation"] == "auto"
+    own = parse_request("text", b'{"model": "m", "prompt": "x", "speculation": 3}')
+    assert generate_fields(own, gw, RID)["speculation"] == 3
+    named = parse_request("text", b'{"model": "m", "prompt": "x", "device": "phone"}')
+    assert generate_fields(named, gw, RID)["speculation"] == "auto"
+
+
 def test_completion_fields_and_limits() -> None:
     s = _settings(max_new_tokens_limit=100)
     req = parse_request("text", b'{"model": "m", "prompt": "x", "temperature": 0}')

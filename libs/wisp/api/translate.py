@@ -46,6 +46,16 @@ def check_model(req: Request, settings: Settings) -> None:
                        param="model", code="model_not_found")
 
 
+def _speculation(req: Request, settings: Settings) -> Any:
+    """The request's own ``speculation`` if it set one; else, for a client with no device (it
+    names none, at a gateway, not a drafter's own API), the server's ``api_speculation``: a
+    cluster gateway sets ``off`` so such clients get the centralized path (the target decodes
+    them in server runs) rather than speculation on some device's drafter."""
+    if "speculation" in req.model_fields_set or req.device is not None or settings.api_device:
+        return req.speculation
+    return settings.api_speculation
+
+
 def generate_fields(req: Request, settings: Settings, request_id: str) -> dict[str, Any]:
     """The ``GenerateRequest`` fields of ``req`` (``wisp.client.submit``'s ``prompt`` and
     keyword arguments), checked by building the request once here, so a value WISP refuses is
@@ -76,7 +86,7 @@ def generate_fields(req: Request, settings: Settings, request_id: str) -> dict[s
         max_new_tokens=max_new,
         temperature=OPENAI_DEFAULT_TEMPERATURE if req.temperature is None else float(req.temperature),
         seed=req.seed, ttft_slo_ms=req.ttft_slo_ms, tpot_slo_ms=req.tpot_slo_ms,
-        speculation=req.speculation,
+        speculation=_speculation(req, settings),
     )
     try:
         GenerateRequest(request_id=request_id, submitted_ts=0.0, **fields)
