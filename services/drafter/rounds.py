@@ -79,24 +79,21 @@ class RoundDrafter:
         return RoundPlan(sess, committed, call, plan.prefill, plan.server_rounds)
 
     def _site(self, sess: ServedSession, plan: SessionRoundPlan) -> SessionRoundPlan:
-        """The adaptive site choice (``wisp.policy.site``, as the simulator's
-        ``modes.wisp.site = "adaptive"``): draft, capped at the best k, or hand the session to
-        the server for a server run; a session on the server is judged again after its run."""
+        """The adaptive site choice (``SiteChooser.next_round``, as the simulator's
+        ``modes.wisp.site = "adaptive"``): draft, capped at the best k, or a server run of
+        what is left of ``probe_every`` tokens; after the run a probe round is drafted."""
         assert self.site is not None
-        sp = sess.spec
-        choice = self.site.choose(draft_ms=sp.stats.draft_ms_per_token, link=sess.link,
-                                  server=self.costs(), tpot_slo_ms=sess.tpot_slo_ms,
-                                  currently_server=sess.on_server,
-                                  tokens_on_server=sess.server_tokens)
+        sp, was = sess.spec, sess.site.on_server
+        choice = self.site.next_round(sess.site, draft_ms=sp.stats.draft_ms_per_token,
+                                      link=sess.link, server=self.costs(),
+                                      tpot_slo_ms=sess.tpot_slo_ms)
         if choice.server_decode:
-            if not sess.on_server:
+            if not was:
                 self.service.count("site_to_server")
-            sess.on_server, sess.server_tokens = True, 0
-            run = min(self.settings.server_run_rounds or self.site.probe_every, sp.budget)
+            run = min(self.site.run_left(sess.site), sp.budget)
             return replace(plan, max_k=0, stop=None, server_rounds=run)
-        if sess.on_server:
-            self.service.count("site_to_device")
-        sess.on_server, sess.server_tokens = False, 0
+        if was:
+            self.service.count("site_probes")
         return replace(plan, max_k=min(plan.max_k, choice.k))
 
     def server_run(self, sess: ServedSession) -> int:

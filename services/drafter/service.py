@@ -311,8 +311,8 @@ class DrafterService(Service):
         if v.drafted and sess.published_block is not None:  # the site choice's measurements
             outside_ms = (now() - sess.published_block.sent_ts) * 1000.0 - v.verify_ms
             sess.link.observe_round(v.drafted, v.accepted, outside_ms)
-        elif sess.on_server:
-            sess.server_tokens += len(v.tokens)
+        elif sess.site.on_server:
+            sess.site.server_tokens += len(v.tokens)
         new = sp.copy()
         new.apply(v.tokens, v.drafted, v.accepted, now())
         applied.append((sess, new, v))

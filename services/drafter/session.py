@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from wisp.policy.controller import SessionSpecStats
 from wisp.policy.session import SpecSession
-from wisp.policy.site import LinkEstimate
+from wisp.policy.site import LinkEstimate, SiteState
 from wisp.protocol import DraftBlock, GenerateRequest, SessionState, SessionTerms, WireFeatures
 
 
@@ -47,10 +47,8 @@ class ServedSession:
     """base_committed_len of the last verdict applied (to recognise its re-delivery)."""
     link: LinkEstimate = field(default_factory=LinkEstimate)
     """Its measured round trip and per-token acceptance (the adaptive site choice)."""
-    on_server: bool = False
-    """The adaptive site choice handed it to the server (its rounds go undrafted)."""
-    server_tokens: int = 0
-    """Tokens the server made for it since it was handed over."""
+    site: SiteState = field(default_factory=SiteState)
+    """Drafted here, or in a server run (the adaptive site choice)."""
     server_left: int = 0
     """Rounds the verifier said it will still make by itself (a server run): the drafter waits
     for their verdicts instead of publishing (``Verdict.server_rounds_left``)."""

@@ -8,6 +8,7 @@ from pydantic import ValidationError
 from wisp.policy.controller import FixedLength
 from wisp.policy.server_run import ServerRuns
 from wisp.policy.session import SpecSession
+from wisp.policy.site import LinkEstimate, ServerCosts, SiteChooser, SiteState
 from wisp.protocol import DraftBlock, Verdict, digest_ids
 
 EOS = 9
@@ -93,3 +94,22 @@ def test_protocol_refuses_a_run_that_starts_with_drafts() -> None:
     assert Verdict.model_validate({**v, "drafted": 0, "server_rounds_left": 3}).server_rounds_left == 3
     with pytest.raises(ValidationError, match="undrafted"):
         Verdict.model_validate({**v, "drafted": 2, "server_rounds_left": 3})
+
+
+def test_next_round_keeps_a_run_then_probes_the_device() -> None:
+    """The site rule the drafter and the simulator share: a run lasts ``probe_every`` tokens
+    (one cut short, e.g. handed back by a stopping verifier, goes on), then one probe round is
+    drafted at max_k, then the session is judged again."""
+    ch = SiteChooser(max_k=4, probe_every=3)
+    st = SiteState()
+    costs = ServerCosts(step_ms=10.0, row_ms=1.0, token_ms=0.5)
+    slow = dict(draft_ms=500.0, link=LinkEstimate(rtt_ms=100.0), server=costs, tpot_slo_ms=1e6)
+    assert ch.next_round(st, **slow).server_decode and st.on_server and ch.run_left(st) == 3
+    st.server_tokens = 2
+    assert ch.next_round(st, **slow).server_decode and ch.run_left(st) == 1
+    st.server_tokens = 3
+    probe = ch.next_round(st, **slow)
+    assert not probe.server_decode and probe.k == 4 and not st.on_server
+    assert ch.next_round(st, **slow).server_decode  # judged again: still slow
+    fast = dict(slow, draft_ms=0.1, link=LinkEstimate(rtt_ms=0.1, accepted=9.0, judged=10.0))
+    assert not ch.next_round(SiteState(), **fast).server_decode

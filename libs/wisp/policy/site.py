@@ -122,6 +122,15 @@ class SiteChoice:
 
 
 @dataclass
+class SiteState:
+    """Where one session's rounds are made now: drafted on its device, or in a server run."""
+
+    on_server: bool = False
+    server_tokens: int = 0
+    """Tokens the server made in the current run."""
+
+
+@dataclass
 class SiteChooser:
     """Drafting with a cap of ``k`` (1..``max_k``) or server-side decoding, per round (module
     doc). Until a session has measurements (its first rounds) it drafts with ``max_k``, the
@@ -135,6 +144,29 @@ class SiteChooser:
     probe_every: int = 32
     """A session the server decodes drafts one round after this many server-decoded tokens, so
     its figures are measured again (a device that never drafts cannot show that it improved)."""
+
+    def next_round(self, state: SiteState, *, draft_ms: float | None, link: LinkEstimate,
+                   server: ServerCosts | None, tpot_slo_ms: float) -> SiteChoice:
+        """The site of a session's next round, the one rule the drafter service and the
+        simulator both follow. A session in a server run stays there until the run has made
+        ``probe_every`` tokens (nothing the choice reads about the device changes meanwhile);
+        then it drafts one probe round at ``max_k``, so its draft speed, round trip and
+        acceptance are measured again and a device whose figures improved comes back;
+        otherwise ``choose``. Updates ``state``; the caller counts the run's tokens
+        (``server_tokens``)."""
+        if state.on_server:
+            if state.server_tokens < self.probe_every:
+                return SiteChoice(True, 0, math.nan, math.nan, "server run")
+            state.on_server, state.server_tokens = False, 0
+            return SiteChoice(False, self.max_k, math.nan, math.nan, "probe: measure the device again")
+        choice = self.choose(draft_ms=draft_ms, link=link, server=server, tpot_slo_ms=tpot_slo_ms)
+        if choice.server_decode:
+            state.on_server, state.server_tokens = True, 0
+        return choice
+
+    def run_left(self, state: SiteState) -> int:
+        """Tokens the session's server run still makes (0: not in one, or it is over)."""
+        return max(0, self.probe_every - state.server_tokens) if state.on_server else 0
 
     def options(self, draft_ms: float, rtt_ms: float, acceptance: float,
                 server: ServerCosts) -> list[SiteChoice]:

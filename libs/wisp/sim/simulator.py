@@ -43,7 +43,7 @@ from wisp.policy.estimator import BatchShape, LinearEstimator
 from wisp.policy.learned_estimator import default_estimator, load_estimator
 from wisp.policy.scheduler import RoundInfo, SchedulerCore, round_terms
 from wisp.policy.session import REPLAY_EOS, SpecSession, expected_commit, replay_tokens
-from wisp.policy.site import CostTracker, LinkEstimate, ServerCosts, SiteChooser
+from wisp.policy.site import CostTracker, LinkEstimate, ServerCosts, SiteChooser, SiteState
 from wisp.policy.slo import AdmissionController, batch_policy, deadline_at, snapshot
 from wisp.settings import Mode, Settings
 from wisp.sim.devices import DeviceSpec, make_devices
@@ -145,7 +145,7 @@ class Session:
         "r_drafted", "r_accepted", "r_feats", "r_draft_ms", "r_passes", "r_up_ms", "r_ready",
         "t_arrive", "t_dispatch", "key", "host_wait", "prefill_ready", "req_index",
         "kv_state", "on_gpu", "recompute", "pf_total", "pf_done", "pf_seq", "pf_cut",
-        "link", "srv", "srv_seen", "srv_run", "r_sent", "r_verify_ms",
+        "link", "srv", "site", "r_sent", "r_verify_ms",
     )
 
     def __init__(self, rid: str, dev: DeviceSpec, shape: RequestShape, seq_start: int, t_submit: float,
@@ -190,11 +190,8 @@ class Session:
         """Its measured round trip and per-token acceptance (adaptive site choice)."""
         self.srv = False
         """The server decodes it in its continuous batch (adaptive site choice)."""
-        self.srv_run = 0
-        """Tokens the server decoded for it since it last drafted."""
-        self.srv_seen = -1
-        """The server-costs version it was last judged on while on the server (nothing else
-        the choice reads changes while the server decodes it)."""
+        self.site = SiteState()
+        """Drafted, or in a server run (``SiteChooser.next_round``, as the drafter service)."""
         self.r_sent = 0.0
         self.r_verify_ms = 0.0
 
@@ -341,7 +338,6 @@ class Simulation:
         """Per round: draft, or let the server decode (``wisp.policy.site``)."""
         self._costs: ServerCosts | None = None
         self._costs_at = -math.inf
-        self._costs_version = 0
         self.cost_tracker = CostTracker()
         """What the scheduler publishes (the services' own ``CostTracker``)."""
         self.srv_tokens = 0
@@ -555,13 +551,14 @@ class Simulation:
         plan = s.spec.plan(self.policy, can_draft=not self.centralized)
         k = plan.max_k
         if self.site is not None and s.round > 0 and k > 0:
-            choice = self.site.choose(draft_ms=s.spec.stats.draft_ms_per_token, link=s.link,
-                                      server=self._server_costs(now), tpot_slo_ms=self.tpot_slo)
+            was = s.site.on_server
+            choice = self.site.next_round(s.site, draft_ms=s.spec.stats.draft_ms_per_token,
+                                          link=s.link, server=self._server_costs(now),
+                                          tpot_slo_ms=self.tpot_slo)
             if choice.server_decode:  # hand the session to the server's continuous batch
                 s.srv = True
-                s.srv_run = 0
-                s.srv_seen = -1
-                self.site_moves += 1
+                if not was:
+                    self.site_moves += 1
                 k = 0
             else:
                 k = min(k, choice.k)
@@ -902,11 +899,13 @@ class Simulation:
             kv.shrink(s, s.prompt_len + pos + min(s.r_accepted + 1, max(1, s.out_len - pos)))
             down = self._one_way(s.dev, self.sc.devices.verdict_bytes, False)
             s.r_verify_ms = (now - s.t_dispatch) * 1000.0
-            if s.srv and not self._stays_on_server(s, now):
-                s.srv = False  # back to drafting: the verdict goes to the device, which drafts next
-                self.site_moves += 1
             if s.srv:
                 self.srv_tokens += 1
+                s.site.server_tokens += 1
+                if self.site is not None and not self.site.run_left(s.site):
+                    # the run is over: the verdict goes to the device, which drafts a probe next
+                    s.srv = False
+                    self.site_moves += 1
             if self.server_loop or s.srv:
                 finished = self._commit(s, now + down / 1000.0)
                 if finished:
@@ -943,26 +942,11 @@ class Simulation:
         if now - self._costs_at < SNAPSHOT_PERIOD_S:
             return self._costs
         self._costs_at = now
-        self._costs_version += 1
         kv = self.kv
         kv_bound = not kv.unlimited and (bool(kv.waiting) or kv.used_blocks > 0.9 * kv.total)
         self._costs = self.cost_tracker.costs(now, self.estimator.predict_rows,
                                               verifiers=len(self.vnames), kv_bound=kv_bound)
         return self._costs
-
-    def _stays_on_server(self, s: Session, now: float) -> bool:
-        """After a server-decoded token: keep decoding it there, or hand it back to drafting."""
-        assert self.site is not None
-        costs = self._server_costs(now)
-        s.srv_run += 1
-        if s.srv_seen == self._costs_version and s.srv_run < self.site.probe_every:
-            return True  # judged on these very figures already: its draft speed, round trip
-            # and acceptance do not change while the server decodes it
-        s.srv_seen = self._costs_version
-        choice = self.site.choose(draft_ms=s.spec.stats.draft_ms_per_token, link=s.link,
-                                  server=costs, tpot_slo_ms=self.tpot_slo, currently_server=True,
-                                  tokens_on_server=s.srv_run)
-        return choice.server_decode
 
     # ------------------------------------------------------------------ verdicts
     def _on_verdict(self, s: Session, now: float) -> None:
