@@ -36,6 +36,8 @@ from wisp.specdec import SparseDist, round_generator
 log = logging.getLogger(__name__)
 
 GROUP = "verifier"
+RUN_SWEEP_S = 2.0
+"""How often the server runs are checked against their session records."""
 
 
 class VerifierService(Service):
@@ -210,13 +212,24 @@ class VerifierService(Service):
 
     async def run_loop(self) -> None:
         """Step the server runs while no batch is waiting: a resident session makes its next
-        token at every forward, a batch's or one of its own (``wisp.policy.server_run``)."""
+        token at every forward, a batch's or one of its own (``wisp.policy.server_run``).
+        Every ``RUN_SWEEP_S`` the runs whose session record is gone (the drafter ended it
+        otherwise than by EOS or length: gave it up, or the request expired) are dropped, so a
+        run never decodes for nobody until its last round."""
+        swept = time.monotonic()
         while not self.stopping.is_set():
             if not self.runs:
                 self.run_started.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.run_started.wait(), timeout=0.5)
                 continue
+            if time.monotonic() - swept > RUN_SWEEP_S:
+                swept = time.monotonic()
+                rids = [r.request_id for r in self.runs.due()]
+                alive = await self.bus.exists_many([self.keys.session(r) for r in rids])
+                for rid, ok in zip(rids, alive, strict=True):
+                    if not ok and self.runs.drop(rid):
+                        self.count("server_runs_orphaned")
             async with self.engine_lock:  # FIFO: a batch waiting for the engine goes first
                 await self._forward([], [], {}, None, now())
             await asyncio.sleep(0)
@@ -246,8 +259,12 @@ class VerifierService(Service):
         """ONE target forward for the batch's rounds (``items``, ``blocks``; none for a step of
         the server runs alone) and a step of every server run, then every verdict and the
         timing sample in one round trip."""
-        runs = [r for r in (self.runs.hand_back() if hand_back else self.runs.due())
-                if r.request_id not in self.cancelled]
+        runs = []
+        for r in self.runs.hand_back() if hand_back else self.runs.due():
+            if r.request_id in self.cancelled:  # cancelled before its run started
+                self.runs.drop(r.request_id)
+            else:
+                runs.append(r)
         all_items = items + self._run_items(runs)
         measured_ms = 0.0
         results: list[Any] = []

@@ -274,3 +274,46 @@ def test_a_slow_device_hands_its_sessions_to_the_server_and_stays_lossless(
     finally:
         r.close()
         clean_namespace(redis_url, ns)
+
+
+def test_a_run_whose_session_is_gone_stops(redis_url: str, tiny_pair: tuple[Path, Path],
+                                           tmp_path: Path) -> None:
+    """A session that ends otherwise than by EOS, length or cancel (its drafter gave it up, or
+    its record expired) has no record: the verifier drops its run within its sweep (2 s)
+    instead of decoding for nobody until its last round."""
+    target, _ = tiny_pair
+    ns = f"wisp-test-{uuid.uuid4().hex[:10]}"
+    c = Cluster(redis_url, ns, tmp_path, settings={
+        "mode": "centralized", "target_model": target, "max_wait_ms": 5, "fault_delay_ms": 40})
+    r = redis.Redis.from_url(redis_url)
+    p = None
+    try:
+        with c:
+            for role, name in (("estimator", "e"), ("scheduler", "s"), ("verifier", "v"),
+                               ("drafter", "d")):
+                c.start(role, name)
+            c.wait_ready(["e", "s", "v", "d"])
+            p = spawn_submit("Tell me everything about lighthouses.", c.env(),
+                             "--max-new-tokens", "2000", "--timeout", "60")
+            _holder(r, ns)
+
+            def runs() -> int:
+                return json.loads(r.get(f"{ns}:hb:verifier:v") or b"{}").get("server_runs", -1)
+
+            deadline = time.monotonic() + 30
+            while runs() != 1 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert runs() == 1
+            (key,) = list(r.scan_iter(match=f"{ns}:sess:*"))
+            r.delete(key)
+            t0 = time.monotonic()
+            while runs() != 0 and time.monotonic() - t0 < 15:
+                time.sleep(0.1)
+            print(f"\nrun dropped {time.monotonic() - t0:.1f} s after its record was deleted")
+            assert runs() == 0
+    finally:
+        if p is not None and p.poll() is None:
+            p.kill()
+            p.wait(10)
+        r.close()
+        clean_namespace(redis_url, ns)

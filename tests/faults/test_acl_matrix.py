@@ -348,6 +348,7 @@ VERIFIER = [
     never("verifier", "XADD wisp:cancel", xadd(f"{NS}:cancel")),
     *heartbeat_rows("verifier"),
     may("verifier", "GET wisp:sess:<id>", cmd("GET", SESS)),
+    may("verifier", "EXISTS wisp:sess:<id> (server runs)", cmd("EXISTS", SESS)),
     may("verifier", "MGET wisp:terms:<id>", cmd("MGET", TERMS)),
     may("verifier", "XADD wisp:verdict:<device>", xadd(f"{NS}:verdict:dev1")),
     # each write pushes back the expiry of a device's verdict stream (a departed one is reaped)
