@@ -119,6 +119,11 @@ class Service:
             finally:
                 self.report_progress()
 
+        if self._worker_calls == 0:
+            # work starts waiting now: an idle thread's last progress (long ago) must not count
+            # against a call the thread has not picked up yet (it failed a liveness probe in
+            # the moment between this line and the call's own start)
+            self._worker_progress = time.monotonic()
         self._worker_calls += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(self._pool, call)

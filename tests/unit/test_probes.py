@@ -104,6 +104,26 @@ async def test_watchdog_fails_liveness_only_for_a_stuck_call_with_work_pending()
     assert svc.live() == (True, {})
 
 
+async def test_a_call_not_yet_picked_up_by_an_idle_thread_is_not_stuck() -> None:
+    """An idle thread's last progress is long past when work arrives; until the thread starts
+    the call (here: it is held up by something outside ``in_worker``, as a loaded machine's
+    scheduler holds it up for a moment) the work has waited only since it arrived. On the code
+    before, liveness failed at once (a CI run's /healthz went 503 before the bound)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    svc = _service()
+    svc._set_up = True
+    svc._pool = ThreadPoolExecutor(max_workers=1)
+    hold = threading.Event()
+    svc._pool.submit(hold.wait, 5)  # the one thread, busy outside in_worker
+    await asyncio.sleep(0.5)  # idle past the 0.3 s bound
+    call = asyncio.ensure_future(svc.in_worker(time.sleep, 0))
+    await asyncio.sleep(0.05)
+    assert svc.live()[0], "the call has waited 0.05 s, not the idle time before it"
+    hold.set()
+    await call
+
+
 async def test_a_long_call_that_reports_progress_stays_alive() -> None:
     svc = _service()
     svc._set_up = True
