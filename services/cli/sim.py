@@ -284,7 +284,7 @@ def grid(
                                       "(heatmap of WISP's capacity ratio) and report.md.")],
     quick: Annotated[bool, typer.Option(
         "--quick", help="A test-sized grid: KV 30000, the paper mix, acceptance as recorded, the ragged "
-        "engine, 2 seeds, a 60 s window after 10 s warm-up, a coarse search (well under a minute). "
+        "engine, 2 seeds, a 40 s window after 10 s warm-up, a coarse search (well under a minute). "
         "Other flags still override it.")] = False,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Keep the cells an earlier run finished in --out (same scenario, seeds, "

@@ -32,7 +32,7 @@ def test_quick_grid_writes_its_outputs_and_resumes(tmp_path: Path) -> None:
     doc = json.loads((out / "grid.json").read_text())
     assert doc["command"].startswith("wisp-cli sim grid") and "--quick" in doc["command"]
     assert doc["scenario"]["scenario"]["name"] == "paper"
-    assert doc["scenario"]["scenario"]["duration_s"] == 60.0  # the quick window reached the scenario
+    assert doc["scenario"]["scenario"]["duration_s"] == 40.0  # the quick window reached the scenario
     p = doc["parameters"]
     assert p["seeds"] == 2 and p["quick"] is True and p["kv_tokens"] == [30000]
     assert set(p) >= {"device_mixes", "acceptance", "engines", "modes", "duration_s", "search", "jobs"}

@@ -184,9 +184,9 @@ class GridParams:
 
     @classmethod
     def quick_form(cls) -> GridParams:
-        """A grid for tests: one cell, 2 seeds, a 60 s window, a coarse search."""
+        """A grid for tests: one cell, 2 seeds, a 40 s window, a coarse search."""
         return cls(kv=[30000], mixes=["paper"], acceptance=[0.0], engines=[NEUTRAL_ENGINE], seeds=2,
-                   duration_s=60.0, warmup_s=10.0, factor=2.0, bisect=1, edge_steps=0, edge_extend=0,
+                   duration_s=40.0, warmup_s=10.0, factor=2.0, bisect=1, edge_steps=0, edge_extend=0,
                    tol=0.1, quick=True)
 
     def cells(self) -> list[Cell]:
