@@ -235,9 +235,10 @@ class VerifierService(Service):
             await asyncio.sleep(0)
 
     async def teardown(self) -> None:
-        """Give the server runs back: one last step each, whose verdict says no rounds are
-        left, so each drafter plans its next round (for another verifier) at once instead of
-        waiting ``round_timeout_s`` for a verdict that would never come."""
+        """Give the server runs back: one last step each, whose verdict (with every token
+        not sent yet) says none are left, so each drafter plans its next round (for another
+        verifier) at once instead of waiting ``round_timeout_s`` for a verdict that would
+        never come."""
         if self.runs and self.engine is not None:
             with contextlib.suppress(Exception):
                 async with self.engine_lock:
@@ -248,7 +249,8 @@ class VerifierService(Service):
 
         return [
             VerifyItem(r.request_id, r.committed, [], None, r.temperature,
-                       round_generator(r.seed, r.request_id, r.round, "verify")
+                       # keyed by position: a run re-started after a failover draws alike
+                       round_generator(r.seed, r.request_id, len(r.committed), "decode")
                        if r.temperature > 0 else None)
             for r in runs
         ]
@@ -260,7 +262,7 @@ class VerifierService(Service):
         the server runs alone) and a step of every server run, then every verdict and the
         timing sample in one round trip."""
         runs = []
-        for r in self.runs.hand_back() if hand_back else self.runs.due():
+        for r in self.runs.due():
             if r.request_id in self.cancelled:  # cancelled before its run started
                 self.runs.drop(r.request_id)
             else:
@@ -286,7 +288,7 @@ class VerifierService(Service):
                 left = self.runs.start(
                     request_id=b.request_id, device=b.device, committed=list(item.committed),
                     round=b.round, server_rounds=b.server_rounds, token=res.tokens[-1],
-                    temperature=terms.temperature, seed=terms.seed)
+                    temperature=terms.temperature, seed=terms.seed, now=t)
                 if left:
                     self.count("server_runs")
                     self.run_started.set()
@@ -295,13 +297,17 @@ class VerifierService(Service):
                 len(all_items), measured_ms, max(0.0, (started - b.sent_ts) * 1000.0), left)))
             self._remember(b.request_id, list(item.committed) + list(res.tokens))
         for run, res in zip(runs, results[len(items):], strict=True):
-            rnd, base = run.round, len(run.committed)
-            committed = [*run.committed, *res.tokens]
-            left = 0 if hand_back else self.runs.advance(run, res.tokens[-1])
-            out.append((self.keys.verdict(run.device), self._verdict(
-                run.request_id, rnd, base, 0, res, batch_id, len(all_items), measured_ms, 0.0,
-                left)))
-            self._remember(run.request_id, committed)
+            em = self.runs.advance(run, res.tokens[-1], t, last=hand_back)
+            if em is None:  # made, waiting to go with the next ones (at most emit_s)
+                continue
+            out.append((self.keys.verdict(em.device), Verdict(
+                request_id=em.request_id, round=em.round, base_committed_len=em.base, drafted=0,
+                accepted=0, tokens=list(em.tokens), decoded=len(em.tokens) - 1,
+                batch_id=batch_id, verifier=self.name, batch_size=len(all_items),
+                verify_ms=measured_ms, cache_hit=res.cache_hit, server_rounds_left=em.left)))
+            self._remember(run.request_id, list(run.committed))
+        if batch is None and not out:
+            return  # a step of the runs alone whose tokens all wait: nothing to say yet
         sample = TimingSample(
             verifier=self.name,
             batch_id=batch_id,

@@ -249,7 +249,8 @@ def test_real_pair_matches_target_greedy(served: Served, reference: dict, mode: 
         assert res["streamed"] == want, f"{mode}/{q.kind}: the client was streamed other tokens"
         assert res["mode"] == mode
         if mode == "centralized":
-            assert res["drafted_tokens"] == 0 and res["rounds"] == len(res["token_ids"])
+            # server runs: tokens come back in verdicts of one or more (one per ~400 ms forward)
+            assert res["drafted_tokens"] == 0 and 1 <= res["rounds"] <= len(res["token_ids"])
         else:
             assert res["drafted_tokens"] > 0
 

@@ -1,15 +1,17 @@
 """Server runs through the real services (tiny pair, separate processes, a real Redis).
 
 Centralized serving hands a whole request to the verifier, which decodes it in its continuous
-batch and streams each token back as a verdict, with no drafter round trip per token
-(``wisp.policy.server_run``). What must hold, and how each check could fail:
+batch and streams its tokens back as verdicts (those made in the last 50 ms each), with no
+drafter round trip per token (``wisp.policy.server_run``). What must hold, and how each check
+could fail:
 
-* the output is the target's own greedy output (tokenized independently), and a seeded sampled
-  request gives the same tokens with server runs as without (``server_run_rounds = 0``, one round
-  trip per token: the old path), because each step is the undrafted round the drafter would have
-  sent, with its own seeded sampler;
+* the output is the target's own greedy output (tokenized independently), with server runs and
+  without (``server_run_rounds = 0``, one round trip per token: the old path); a seeded sampled
+  request draws what the run's position-seeded sampler draws; the client is streamed exactly
+  the final tokens;
 * the pipeline really was skipped: one draft block per request on the draft stream (without
-  runs: one per token), and the verifier stepped the runs in forwards of its own;
+  runs: one per token), fewer verdicts than tokens, and the verifier stepped the runs in
+  forwards of its own;
 * a verifier killed in the middle of a run (SIGKILL): the drafter re-sends the round in flight
   after ``round_timeout_s`` and another verifier finishes the request, output unchanged;
 * a verifier stopped (SIGTERM, a rolling upgrade) in the middle of a run gives its runs back:
@@ -64,7 +66,9 @@ def _orphan_is_dropped(c: Cluster, r: redis.Redis, ns: str, device: str) -> floa
         while runs() != 1 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert runs() == 1, "the long request's run never showed in the verifier's heartbeat"
-        (key,) = list(r.scan_iter(match=f"{ns}:sess:*"))
+        keys = list(r.scan_iter(match=f"{ns}:sess:*"))
+        assert len(keys) == 1, "the long request ended before its run could be orphaned"
+        (key,) = keys
         r.delete(key)
         t0 = time.monotonic()
         while runs() != 0 and time.monotonic() - t0 < 15:
@@ -82,8 +86,10 @@ def test_centralized_runs_on_the_server_lossless_and_without_round_trips(
     target, _ = tiny_pair
     ns = f"wisp-test-{uuid.uuid4().hex[:10]}"
     prompts = [p.text for p in mixed_prompts(6)]
+    # every verifier forward sleeps 5 ms more (fault injection): a tiny target's run of 2,000
+    # tokens then lasts long enough to be caught resident (the orphan check)
     c = Cluster(redis_url, ns, tmp_path, settings={"mode": "centralized", "target_model": target,
-                                                   "max_wait_ms": 5})
+                                                   "max_wait_ms": 5, "fault_delay_ms": 5})
     r = redis.Redis.from_url(redis_url)
     try:
         with c:
@@ -112,13 +118,14 @@ def test_centralized_runs_on_the_server_lossless_and_without_round_trips(
             assert a["prompt_token_ids"] == ids
             assert a["token_ids"] == greedy_reference(ref, ids, MAX_NEW) == b["token_ids"]
             assert a["mode"] == "centralized" and a["drafted_tokens"] == 0
-            assert a["rounds"] == len(a["token_ids"])  # still one round per token
+            assert b["rounds"] == len(b["token_ids"])  # without runs: a round trip per token
+            assert a["rounds"] < len(a["token_ids"])  # runs: verdicts of several tokens
         exact = 0
         for prompt, rid, a in zip(prompts, rids, runs_s, strict=True):
             ids = chat_prompt_ids(target, prompt)
-            want = _seeded_undrafted(ref, ids, rid, len(a["token_ids"]))
+            want = _seeded_run(ref, ids, rid, len(a["token_ids"]))
             got = a["token_ids"]
-            # the same seeded draws; a full-prefix forward rounds differently from the
+            # the run's seeded draws; a full-prefix forward rounds differently from the
             # verifier's cached, batched one, which can move a draw that falls on the boundary
             # between two tokens (inverse-CDF sampling in vocabulary order: the ids between
             # them hold next to no mass); a wrong sampler (another round's, or none) differs
@@ -146,10 +153,10 @@ def test_centralized_runs_on_the_server_lossless_and_without_round_trips(
 TEMPERATURE, SEED = 0.5, 1234
 
 
-def _seeded_undrafted(model: object, prompt_ids: list[int], rid: str, n: int) -> list[int]:
-    """What one undrafted round per token (the path without server runs) samples for this
-    request: round i draws from the target's distribution with the verifier's seeded sampler
-    of round i. The target's logits come from a plain forward over the whole prefix."""
+def _seeded_run(model: object, prompt_ids: list[int], rid: str, n: int) -> list[int]:
+    """What a centralized request samples: its first token in round 0 (an undrafted round, the
+    verifier's seeded sampler of round 0), every later one in the server run, seeded by its
+    position. The target's logits come from a plain forward over the whole prefix."""
     import torch
     from wisp.specdec import accept, round_generator
 
@@ -158,8 +165,9 @@ def _seeded_undrafted(model: object, prompt_ids: list[int], rid: str, n: int) ->
     with torch.inference_mode():
         for i in range(n):
             logits = model(torch.tensor([ids])).logits[0, -1:].float()  # type: ignore[operator]
-            _, tok = accept(logits, [], None, TEMPERATURE,
-                            round_generator(SEED, rid, i, "verify"))
+            gen = (round_generator(SEED, rid, 0, "verify") if i == 0 else
+                   round_generator(SEED, rid, len(ids), "decode"))
+            _, tok = accept(logits, [], None, TEMPERATURE, gen)
             out.append(tok)
             ids.append(tok)
     return out

@@ -168,7 +168,8 @@ def test_centralized_is_lossless(redis_url: str, tiny_pair: tuple[Path, Path], p
             c.wait_ready(["e", "s", "v", "d"])
             results = _submit_all(prompts, c.env())
             _check_lossless(prompts, results, reference, target, "centralized")
-            assert all(r["drafted_tokens"] == 0 and r["rounds"] == len(r["token_ids"])
+            # server runs: the tokens come back in verdicts of one or more, never more rounds
+            assert all(r["drafted_tokens"] == 0 and 1 <= r["rounds"] <= len(r["token_ids"])
                        for r in results)
     finally:
         clean_namespace(redis_url, ns)

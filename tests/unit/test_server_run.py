@@ -14,22 +14,25 @@ from wisp.protocol import DraftBlock, Verdict, digest_ids
 EOS = 9
 
 
-def _start(runs: ServerRuns, rid: str = "r", rounds: int = 3, token: int = 5, rnd: int = 4) -> int:
+def _start(runs: ServerRuns, rid: str = "r", rounds: int = 3, token: int = 5, rnd: int = 4,
+           now: float = 0.0) -> int:
     return runs.start(request_id=rid, device="d", committed=[1, 2, 3], round=rnd,
-                      server_rounds=rounds, token=token, temperature=0.0, seed=None)
+                      server_rounds=rounds, token=token, temperature=0.0, seed=None, now=now)
 
 
-def test_a_run_makes_its_rounds_one_token_each_then_ends() -> None:
-    runs = ServerRuns(limit=4, eos=frozenset({EOS}))
-    assert _start(runs) == 3
-    made = []
-    while runs:
-        (run,) = runs.due()
-        made.append((run.round, len(run.committed)))
-        left = runs.advance(run, 7)
-        assert left == 3 - len(made)
-    # rounds 5, 6, 7 after the first round 4, each built on one more committed id
-    assert made == [(5, 4), (6, 5), (7, 6)]
+def test_a_run_sends_what_it_made_at_most_emit_s_apart_then_ends() -> None:
+    runs = ServerRuns(limit=4, eos=frozenset({EOS}), emit_s=0.05)
+    assert _start(runs, rounds=5) == 5
+    (run,) = runs.due()
+    assert runs.advance(run, 7, now=0.01) is None  # waits for more
+    assert runs.advance(run, 8, now=0.02) is None
+    em = runs.advance(run, 10, now=0.06)  # 60 ms since the first round's verdict
+    # round 5 (after the first round 4), built on the prompt + the first round's token
+    assert em is not None and (em.round, em.base, em.tokens, em.left) == (5, 4, (7, 8, 10), 2)
+    assert runs.advance(run, 7, now=0.07) is None
+    em = runs.advance(run, 6, now=0.08)  # the last token: sent at once, 0 left, forgotten
+    assert em is not None and (em.round, em.base, em.tokens, em.left) == (6, 7, (7, 6), 0)
+    assert not runs
 
 
 def test_an_eos_ends_the_run_at_once() -> None:
@@ -37,7 +40,8 @@ def test_an_eos_ends_the_run_at_once() -> None:
     assert _start(runs, token=EOS) == 0 and not runs  # the first round's token ended it
     assert _start(runs) == 3
     (run,) = runs.due()
-    assert runs.advance(run, EOS) == 0 and not runs
+    em = runs.advance(run, EOS, now=0.0)
+    assert em is not None and em.tokens == (EOS,) and em.left == 0 and not runs
 
 
 def test_no_run_beyond_the_limit_or_when_none_is_asked() -> None:
@@ -47,23 +51,25 @@ def test_no_run_beyond_the_limit_or_when_none_is_asked() -> None:
     assert _start(runs, "b") == 0 and "b" not in runs  # full: b's drafter plans its next round
 
 
-def test_a_run_dropped_while_its_step_is_computed_stays_dropped() -> None:
+def test_a_run_dropped_while_its_step_is_computed_sends_nothing() -> None:
     runs = ServerRuns(limit=4)
     _start(runs)
     (run,) = runs.due()
     assert runs.drop("r")  # cancelled, or a new round for the session arrived
-    assert runs.advance(run, 7) == 0 and not runs
+    assert runs.advance(run, 7, now=1.0) is None and not runs
     _start(runs)
     (old,) = runs.due()
     _start(runs)  # the session's round re-sent: a new run replaces the old one
-    assert runs.advance(old, 7) == 0 and len(runs) == 1
+    assert runs.advance(old, 7, now=1.0) is None and len(runs) == 1
 
 
-def test_hand_back_forgets_every_run() -> None:
-    runs = ServerRuns(limit=4)
-    _start(runs, "a")
-    _start(runs, "b")
-    assert {r.request_id for r in runs.hand_back()} == {"a", "b"} and not runs
+def test_a_stopping_verifier_sends_every_unsent_token_with_none_left() -> None:
+    runs = ServerRuns(limit=4, emit_s=10.0)
+    _start(runs, "a", rounds=9)
+    (run,) = runs.due()
+    assert runs.advance(run, 7, now=0.0) is None
+    em = runs.advance(run, 8, now=0.0, last=True)
+    assert em is not None and em.tokens == (7, 8) and em.left == 0 and not runs
 
 
 def test_a_session_plans_a_server_run_only_for_undrafted_rounds_within_budget() -> None:
@@ -94,6 +100,12 @@ def test_protocol_refuses_a_run_that_starts_with_drafts() -> None:
     assert Verdict.model_validate({**v, "drafted": 0, "server_rounds_left": 3}).server_rounds_left == 3
     with pytest.raises(ValidationError, match="undrafted"):
         Verdict.model_validate({**v, "drafted": 2, "server_rounds_left": 3})
+    chunk = Verdict.model_validate({**v, "drafted": 0, "tokens": [4, 5, 6], "decoded": 2})
+    assert chunk.decoded == 2
+    with pytest.raises(ValidationError, match="decoded"):  # a count that does not add up
+        Verdict.model_validate({**v, "drafted": 0, "tokens": [4, 5, 6], "decoded": 1})
+    with pytest.raises(ValidationError, match="undrafted"):
+        Verdict.model_validate({**v, "drafted": 1, "accepted": 1, "tokens": [4, 5, 6], "decoded": 1})
 
 
 def test_next_round_keeps_a_run_then_probes_the_device() -> None:

@@ -23,37 +23,56 @@ verifier service moves the messages.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+MAX_CHUNK = 256
+"""Most tokens one verdict carries (the protocol's bound)."""
+EMIT_S = 0.05
+"""Longest a made token waits before it is sent (the default of ``ServerRuns.emit_s``)."""
 
 
 @dataclass
 class ServerRun:
-    """One resident session: what its next step builds on and which round it makes."""
+    """One resident session: what its next step builds on, what is made but not sent yet."""
 
     request_id: str
     device: str
     """The drafter that gets the verdicts."""
     committed: list[int]
-    """Prompt + generated ids the next step builds on."""
+    """Prompt + generated ids the next step builds on (sent and unsent)."""
     round: int
-    """The round the next step makes."""
-    last_round: int
-    """The run's final round."""
+    """The round number of its next verdict."""
+    left: int
+    """Tokens still to make."""
     temperature: float
     seed: int | None
+    base: int = 0
+    """Committed ids the next verdict builds on (what the drafter has)."""
+    pending: list[int] = field(default_factory=list)
+    """Made, not sent yet."""
+    emitted_at: float = 0.0
 
-    @property
-    def left(self) -> int:
-        """Rounds still to make after the next one."""
-        return self.last_round - self.round
+
+@dataclass(frozen=True)
+class Emission:
+    """A verdict to send for a run: ``tokens`` made after ``base`` committed ids, as round
+    ``round``; ``left`` tokens the server will still make (0: the drafter plans what follows)."""
+
+    request_id: str
+    device: str
+    round: int
+    base: int
+    tokens: tuple[int, ...]
+    left: int
 
 
 class ServerRuns:
     """The server runs one verifier holds (at most ``limit``: its KV sessions)."""
 
-    def __init__(self, limit: int, eos: frozenset[int] = frozenset()) -> None:
+    def __init__(self, limit: int, eos: frozenset[int] = frozenset(), emit_s: float = EMIT_S) -> None:
         self.limit = limit
         self.eos = eos
+        self.emit_s = emit_s
         self._runs: dict[str, ServerRun] = {}
 
     def __len__(self) -> int:
@@ -67,40 +86,43 @@ class ServerRuns:
         return list(self._runs.values())
 
     def drop(self, request_id: str) -> bool:
-        """End a run (its session was cancelled, or a new round for it arrived). True if one
-        was held."""
+        """End a run (its session was cancelled, or a new round for it arrived); its unsent
+        tokens go with it. True if one was held."""
         return self._runs.pop(request_id, None) is not None
 
     def start(self, *, request_id: str, device: str, committed: list[int], round: int,
-              server_rounds: int, token: int, temperature: float, seed: int | None) -> int:
-        """The first round of a run (``round``, built on ``committed``) made ``token``: keep
-        the session resident for up to ``server_rounds`` more rounds. Returns the rounds left
-        (0: no run, the drafter plans the next round: none was asked, the token ended the
-        sequence, or the verifier holds ``limit`` runs already)."""
+              server_rounds: int, token: int, temperature: float, seed: int | None,
+              now: float) -> int:
+        """The first round of a run (``round``, built on ``committed``) made ``token`` (sent
+        as that round's verdict): keep the session resident to make up to ``server_rounds``
+        more tokens. Returns the tokens left (0: no run, the drafter plans the next round: none
+        was asked, the token ended the sequence, or the verifier holds ``limit`` runs)."""
         self._runs.pop(request_id, None)
         if server_rounds <= 0 or token in self.eos or len(self._runs) >= self.limit:
             return 0
-        self._runs[request_id] = ServerRun(request_id, device, [*committed, token], round + 1,
-                                           round + server_rounds, temperature, seed)
+        ids = [*committed, token]
+        self._runs[request_id] = ServerRun(request_id, device, ids, round + 1, server_rounds,
+                                           temperature, seed, base=len(ids), emitted_at=now)
         return server_rounds
 
-    def advance(self, run: ServerRun, token: int) -> int:
-        """``run``'s step made ``token`` (the verdict of round ``run.round``, built on
-        ``run.committed``, is being sent): returns the rounds the server will still make (0: the
-        run is over and forgotten). A run that was dropped while its step was computed (cancel,
-        superseded) reports 0 and stays dropped."""
-        left = 0 if token in self.eos else run.left
+    def advance(self, run: ServerRun, token: int, now: float, *, last: bool = False) -> Emission | None:
+        """``run``'s step made ``token``: the verdict to send now (its tokens made since the
+        last one), or None while the tokens wait (at most ``emit_s``). The run ends, with a
+        verdict saying 0 left, at its last token, an EOS, or ``last`` (the verifier stops and
+        gives it back). A run dropped while its step was computed (cancel, superseded) sends
+        nothing."""
         if self._runs.get(run.request_id) is not run:
-            return 0
-        if left == 0:
-            del self._runs[run.request_id]
-            return 0
+            return None
         run.committed = [*run.committed, token]
+        run.pending.append(token)
+        run.left -= 1
+        done = last or run.left <= 0 or token in self.eos
+        if not done and now - run.emitted_at < self.emit_s and len(run.pending) < MAX_CHUNK:
+            return None
+        em = Emission(run.request_id, run.device, run.round, run.base, tuple(run.pending),
+                      0 if done else run.left)
         run.round += 1
-        return left
-
-    def hand_back(self) -> list[ServerRun]:
-        """Every run, forgotten: the verifier is stopping and gives them back to their
-        drafters (each gets a last verdict with 0 rounds left)."""
-        runs, self._runs = list(self._runs.values()), {}
-        return runs
+        run.base, run.pending, run.emitted_at = len(run.committed), [], now
+        if done:
+            del self._runs[run.request_id]
+        return em

@@ -87,10 +87,10 @@ class DraftBlock(WireModel):
         "before it. The TPOT SLO is a mean from this moment, so later deadlines count from it.")
     server_rounds: int = Field(
         default=0, ge=0, le=MAX_SERVER_ROUNDS, description="A server run: after this undrafted "
-        "round the verifier goes on decoding the session itself for up to this many more rounds "
-        "(one token each, in its continuous batch), sending each round's verdict as it is made, "
-        "with no drafter round trip in between (centralized serving, or a session the "
-        "controller hands to the server).")
+        "round the verifier goes on decoding the session itself for up to this many more tokens "
+        "(one per forward of its continuous batch), sending what it made every few tens of ms "
+        "as verdicts, with no drafter round trip in between (centralized serving, or a session "
+        "the controller hands to the server).")
 
     @model_validator(mode="after")
     def _consistent(self) -> DraftBlock:

@@ -26,8 +26,11 @@ class Verdict(WireModel):
     verify_ms: float = Field(ge=0.0)
     queue_ms: float = Field(default=0.0, ge=0.0, description="Block sent → batch started.")
     cache_hit: bool = True
+    decoded: int = Field(
+        default=0, ge=0, le=256, description="Tokens the server made by itself after the "
+        "round's own (a server run sends the tokens it made since its previous verdict).")
     server_rounds_left: int = Field(
-        default=0, ge=0, le=1_000_000, description="Rounds the verifier will still decode for "
+        default=0, ge=0, le=1_000_000, description="Tokens the verifier will still decode for "
         "this session by itself (a server run, ``DraftBlock.server_rounds``): the drafter waits "
         "for their verdicts instead of publishing the next round. 0: the drafter plans it.")
 
@@ -35,8 +38,9 @@ class Verdict(WireModel):
     def _consistent(self) -> Verdict:
         if self.accepted > self.drafted:
             raise ValueError(f"accepted {self.accepted} of only {self.drafted} drafted tokens")
-        if len(self.tokens) != self.accepted + 1:
-            raise ValueError("tokens must be the accepted drafts plus the target's own token")
-        if self.server_rounds_left and self.drafted:
+        if len(self.tokens) != self.accepted + 1 + self.decoded:
+            raise ValueError("tokens must be the accepted drafts, the target's own token and "
+                             "the ones the server decoded")
+        if (self.server_rounds_left or self.decoded) and self.drafted:
             raise ValueError("a server run's rounds are undrafted")
         return self
