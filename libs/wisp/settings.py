@@ -179,13 +179,18 @@ class Settings(BaseSettings):
 
     # --- verifier ---------------------------------------------------------------------------
     kv_sessions: int = Field(default=256, ge=1, description="Target KV caches kept (LRU).")
+    server_run_emit_ms: float = Field(
+        default=200.0, ge=0.0, le=60_000.0, description="Server runs: the verifier sends what a "
+        "run made at most this long after the run's previous verdict (a verdict per token let a "
+        "fast target outrun a drafter relaying many sessions).")
     server_run_rounds: int = Field(
-        default=32, ge=0, le=1_000_000, description="Server runs: when a round is not drafted "
-        "(the controller chose k = 0, or the request asked for speculation off), the verifier "
-        "decodes up to this many more rounds of the session by itself, in its continuous batch, "
-        "streaming each token, before the controller is asked again. Centralized serving hands "
-        "the whole request to the server. 0: no server runs (every token is a round trip "
-        "through the four services, as before).")
+        default=0, ge=0, le=1_000_000, description="Server runs (opt-in: on this project's "
+        "2-core test machine they lost to the hop path at 36 tiny-model devices, docs/results.md): "
+        "when a round is not drafted (the controller chose k = 0, or the request asked for "
+        "speculation off), the verifier decodes up to this many more tokens of the session by "
+        "itself, in its continuous batch, streaming them, before the controller is asked again; "
+        "centralized serving then hands the whole request to the server. 0: no server runs "
+        "(every token is a round trip through the four services).")
 
     # --- reliability ------------------------------------------------------------------------
     watchdog_s: float | None = Field(

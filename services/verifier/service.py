@@ -55,7 +55,7 @@ class VerifierService(Service):
         self.terms = TermsCache(self.store, size=4 * settings.kv_sessions)
         self.cancelled = RecentCancels()
         """Recent cancels: their rounds are not verified, their KV is freed."""
-        self.runs = ServerRuns(settings.kv_sessions)
+        self.runs = ServerRuns(settings.kv_sessions, emit_s=settings.server_run_emit_ms / 1000.0)
         """Sessions this verifier decodes by itself (``wisp.policy.server_run``)."""
         self.run_started = asyncio.Event()
         self.engine_lock = asyncio.Lock()

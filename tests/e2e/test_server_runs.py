@@ -1,12 +1,12 @@
 """Server runs through the real services (tiny pair, separate processes, a real Redis).
 
 Centralized serving hands a whole request to the verifier, which decodes it in its continuous
-batch and streams its tokens back as verdicts (those made in the last 50 ms each), with no
+batch and streams its tokens back as verdicts (those made in the last 200 ms each), with no
 drafter round trip per token (``wisp.policy.server_run``). What must hold, and how each check
 could fail:
 
 * the output is the target's own greedy output (tokenized independently), with server runs and
-  without (``server_run_rounds = 0``, one round trip per token: the old path); a seeded sampled
+  without (``server_run_rounds = 0``, the default: one round trip per token); a seeded sampled
   request draws what the run's position-seeded sampler draws; the client is streamed exactly
   the final tokens;
 * the pipeline really was skipped: one draft block per request on the draft stream (without
@@ -95,7 +95,7 @@ def test_centralized_runs_on_the_server_lossless_and_without_round_trips(
         with c:
             for role, name in (("estimator", "e"), ("scheduler", "s"), ("verifier", "v")):
                 c.start(role, name)
-            c.start("drafter", "runs")
+            c.start("drafter", "runs", server_run_rounds=32)
             c.start("drafter", "hops", server_run_rounds=0)
             c.wait_ready(["e", "s", "v", "runs", "hops"])
             env = c.env()
@@ -246,7 +246,7 @@ def test_a_verifier_lost_in_the_middle_of_a_run_loses_nothing(
     long = 160
     c = Cluster(redis_url, ns, tmp_path, settings={
         "mode": "centralized", "target_model": target, "max_wait_ms": 5, "fault_delay_ms": 40,
-        "round_timeout_s": 8.0, "heartbeat_ttl_s": 3})
+        "round_timeout_s": 8.0, "heartbeat_ttl_s": 3, "server_run_rounds": 32})
     r = redis.Redis.from_url(redis_url)
     prompts = {"sigkill": "Write a long story about a lighthouse keeper.",
                "sigterm": "Write a long poem about the sea and its ships."}

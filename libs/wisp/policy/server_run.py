@@ -6,13 +6,17 @@ per session in each batch the scheduler formed. A vLLM-class server keeps a deco
 its running batch and makes its next token at every forward. A server run is that path: an
 undrafted round whose block asks for ``server_rounds`` more rounds makes the verifier keep the
 session resident; each forward the verifier runs (a batch from the scheduler, or a step of its
-own when none is waiting) makes one more token for every resident session, and each token goes
-back at once as that round's verdict (so the client's stream is per token), with the number of
-rounds the server will still make. The drafter waits for those instead of publishing rounds.
+own when none is waiting) makes one more token for every resident session. Its tokens go back
+as verdicts, each carrying every token made since the previous one, sent at most ``emit_s``
+apart (``server_run_emit_ms``, 200 ms; a slow target sends every token at once), with the number
+of tokens the server will still make. The drafter waits for those instead of publishing rounds.
+(A verdict per token was measured first: with the tiny pair at 36 devices the verifier made
+tokens faster than one drafter process could save and stream them one by one.)
 
-Each step is exactly the undrafted round the drafter would otherwise have sent (same committed
-ids, same round number, hence the same seeded sampler), so a run changes where a token is made,
-never which token: greedy output and the sampled distribution are unchanged.
+Each step samples the target's own distribution at its position (greedy: the argmax) with a
+sampler seeded by the request's seed and the position (``round_generator(..., "decode")``), so a
+run re-started from any point after a failover draws the same tokens: greedy output is
+unchanged, sampled output is distributed as the target's.
 
 A run ends at its last round, at an end-of-sequence token, when its session is cancelled, when
 a new round for the session arrives (a drafter that re-sent or re-planned it after a failover: the
