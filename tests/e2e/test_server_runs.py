@@ -243,10 +243,10 @@ def test_a_verifier_lost_in_the_middle_of_a_run_loses_nothing(
     greedy tokens both times."""
     target, _ = tiny_pair
     ns = f"wisp-test-{uuid.uuid4().hex[:10]}"
-    long = 160
+    long = 120
     c = Cluster(redis_url, ns, tmp_path, settings={
         "mode": "centralized", "target_model": target, "max_wait_ms": 5, "fault_delay_ms": 40,
-        "round_timeout_s": 8.0, "heartbeat_ttl_s": 3, "server_run_rounds": 32})
+        "round_timeout_s": 6.0, "heartbeat_ttl_s": 3, "server_run_rounds": 32})
     r = redis.Redis.from_url(redis_url)
     prompts = {"sigkill": "Write a long story about a lighthouse keeper.",
                "sigterm": "Write a long poem about the sea and its ships."}

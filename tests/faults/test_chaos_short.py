@@ -44,7 +44,7 @@ def test_conflict_detector_is_not_vacuous() -> None:
 @pytest.mark.timeout(600)
 def test_chaos_short(redis_url: str, tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
     target, draft = tiny_pair
-    cfg = ChaosConfig(duration_s=40.0, fault_every_s=4.0, seed=1, clients=3)
+    cfg = ChaosConfig(duration_s=28.0, fault_every_s=3.0, seed=1, clients=3)
     rep = run_chaos(redis_url, target, draft, tmp_path, cfg)
     print("\n" + rep.table() + f"\nfaults: {rep.fault_log}\nerrors: {rep.errors[:5]}")
     assert sum(rep.faults.values()) >= 5, "too few faults injected for the run to mean anything"
