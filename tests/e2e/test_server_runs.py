@@ -135,7 +135,9 @@ def test_centralized_runs_on_the_server_lossless_and_without_round_trips(
                 exact += 1
             else:
                 between = _mass_between(ref, ids + got[:first], got[first], want[first])
-                assert first > 0 and between < 1e-3, (rid, first, between, got, want)
+                # (a flip may hit the first token too: a CI run flipped 14415 to 14418, 1.7e-9
+                # of mass between them; a wrong sampler lands anywhere in a near-uniform vocab)
+                assert between < 1e-3, (rid, first, between, got, want)
             assert a["streamed"] == got  # streamed token by token, nothing lost
         assert exact >= len(prompts) // 2, exact
         assert len({tuple(a["token_ids"]) for a in runs_s}) > 1  # really sampled
