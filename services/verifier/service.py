@@ -18,7 +18,7 @@ from typing import Any
 from wisp.bus import Bus, Entry, SessionStore, TermsCache
 from wisp.cancels import RecentCancels
 from wisp.cpus import format_cpus, pin_model_thread
-from wisp.policy.server_run import ServerRun, ServerRuns
+from wisp.policy.server_run import ServerRun, ServerRuns, rides_along
 from wisp.protocol import (
     CancelRequest,
     DraftBlock,
@@ -255,24 +255,37 @@ class VerifierService(Service):
             for r in runs
         ]
 
+    def _verify(self, items: list[Any], run_items: list[Any]) -> tuple[list[Any], bool]:
+        """On the model thread: verify the batch's items, with the runs' steps in the same
+        forward when they ride along (``rides_along``: no prefill in the batch). Returns the
+        results and whether the runs' steps were in them."""
+        cached = self.engine.sessions()
+        new_ids = [len(i.committed) - min(cached.get(i.session_id, 0), len(i.committed) - 1)
+                   + len(i.draft) for i in items]
+        if run_items and not rides_along(new_ids):
+            return self.engine.verify(items), False
+        return self.engine.verify(items + run_items), True
+
     async def _forward(self, items: list[Any], blocks: list[DraftBlock],
                        terms_of: dict[str, SessionTerms], batch: VerifyBatch | None,
                        started: float, hand_back: bool = False) -> None:
         """ONE target forward for the batch's rounds (``items``, ``blocks``; none for a step of
-        the server runs alone) and a step of every server run, then every verdict and the
-        timing sample in one round trip."""
+        the server runs alone) and a step of every server run (unless the batch holds a
+        prefill: ``rides_along``), then every verdict and the timing sample in one round trip."""
         runs = []
         for r in self.runs.due():
             if r.request_id in self.cancelled:  # cancelled before its run started
                 self.runs.drop(r.request_id)
             else:
                 runs.append(r)
-        all_items = items + self._run_items(runs)
         measured_ms = 0.0
         results: list[Any] = []
-        if all_items:
+        if items or runs:
             t0 = time.perf_counter()
-            results = await self.in_worker(self.engine.verify, all_items)
+            results, mixed = await self.in_worker(self._verify, items, self._run_items(runs))
+            if not mixed:  # a prefill in the batch: the runs step at the next forward
+                runs = []
+                self.count("server_run_steps_deferred")
             if self.slowdown_s:
                 await asyncio.sleep(self.slowdown_s)
             measured_ms = (time.perf_counter() - t0) * 1000.0
@@ -294,7 +307,7 @@ class VerifierService(Service):
                     self.run_started.set()
             out.append((self.keys.verdict(b.device), self._verdict(
                 b.request_id, b.round, b.base_committed_len, len(b.draft_tokens), res, batch_id,
-                len(all_items), measured_ms, max(0.0, (started - b.sent_ts) * 1000.0), left)))
+                len(items) + len(runs), measured_ms, max(0.0, (started - b.sent_ts) * 1000.0), left)))
             self._remember(b.request_id, list(item.committed) + list(res.tokens))
         for run, res in zip(runs, results[len(items):], strict=True):
             em = self.runs.advance(run, res.tokens[-1], t, last=hand_back)
@@ -303,7 +316,7 @@ class VerifierService(Service):
             out.append((self.keys.verdict(em.device), Verdict(
                 request_id=em.request_id, round=em.round, base_committed_len=em.base, drafted=0,
                 accepted=0, tokens=list(em.tokens), decoded=len(em.tokens) - 1,
-                batch_id=batch_id, verifier=self.name, batch_size=len(all_items),
+                batch_id=batch_id, verifier=self.name, batch_size=len(items) + len(runs),
                 verify_ms=measured_ms, cache_hit=res.cache_hit, server_rounds_left=em.left)))
             self._remember(run.request_id, list(run.committed))
         if batch is None and not out:

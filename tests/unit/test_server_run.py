@@ -4,12 +4,18 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from pydantic import ValidationError
+from transformers import Qwen2Config, Qwen2ForCausalLM
+from wisp.bus import Bus
 from wisp.policy.controller import FixedLength
-from wisp.policy.server_run import ServerRuns
+from wisp.policy.server_run import RIDE_MAX_NEW, ServerRuns, rides_along
 from wisp.policy.session import SpecSession
 from wisp.policy.site import LinkEstimate, ServerCosts, SiteChooser, SiteState
 from wisp.protocol import DraftBlock, Verdict, digest_ids
+from wisp.services.verifier.engine import VerifierEngine, VerifyItem
+from wisp.services.verifier.service import VerifierService
+from wisp.settings import Settings
 
 EOS = 9
 
@@ -125,3 +131,34 @@ def test_next_round_keeps_a_run_then_probes_the_device() -> None:
     assert ch.next_round(st, **slow).server_decode  # judged again: still slow
     fast = dict(slow, draft_ms=0.1, link=LinkEstimate(rtt_ms=0.1, accepted=9.0, judged=10.0))
     assert not ch.next_round(SiteState(), **fast).server_decode
+
+
+def test_runs_ride_along_with_short_rows_but_not_with_a_prefill() -> None:
+    # a padded engine pads every row to the longest: one-token steps beside a prefill would
+    # each cost a prefill
+    assert rides_along([])  # a step of the runs alone
+    assert rides_along([5, 1, RIDE_MAX_NEW])  # speculative rounds
+    assert not rides_along([5, RIDE_MAX_NEW + 1])
+    assert not rides_along([200])  # a first round
+
+
+async def test_the_verifier_steps_runs_beside_speculative_rounds_but_not_beside_a_prefill(
+        bus: Bus) -> None:
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=False, attn_implementation="sdpa")).eval()
+    svc = VerifierService(Settings(), bus)
+    svc.engine = VerifierEngine(model)
+    prompt = [int(t) for t in torch.randint(0, 128, (40,))]
+    svc.engine.verify([VerifyItem("run", prompt, [], None, 0.0, None),
+                       VerifyItem("spec", prompt, [], None, 0.0, None)])
+    run = [VerifyItem("run", prompt + [1], [], None, 0.0, None)]
+
+    results, mixed = svc._verify([VerifyItem("new", prompt, [], None, 0.0, None)], run)
+    assert not mixed and [r.session_id for r in results] == ["new"]  # a prefill: alone
+
+    results, mixed = svc._verify([VerifyItem("spec", prompt + [1], [2, 3, 4], None, 0.0, None)], run)
+    assert mixed and [r.session_id for r in results] == ["spec", "run"]
+    assert results[1].new_tokens == 1  # the run's step cost one row of one id

@@ -27,12 +27,28 @@ verifier service moves the messages.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 MAX_CHUNK = 256
 """Most tokens one verdict carries (the protocol's bound)."""
 EMIT_S = 0.05
 """Longest a made token waits before it is sent (the default of ``ServerRuns.emit_s``)."""
+RIDE_MAX_NEW = 16
+"""Longest row (new ids) of a scheduler batch the runs' steps ride along with (``rides_along``)."""
+
+
+def rides_along(new_ids: Sequence[int], limit: int = RIDE_MAX_NEW) -> bool:
+    """Whether the runs' steps (one new id each) go in the same forward as a scheduler batch
+    whose rows feed ``new_ids`` uncached ids each, or wait for the next forward of their own.
+
+    Why: the verifier's engine pads every row of a forward to the longest one. A batch that
+    holds a prefill (a session's first round, or one re-sent to a verifier without its cache)
+    would make each of the runs' one-token rows as long as the prompt: measured with the tiny
+    pair at 36 devices, every step of 36 runs then cost a prefill of each, and first rounds
+    (the prefills) waited for the runs instead. Short rows (speculative rounds, up to
+    ``limit`` ids) cost about what a decode row costs, so those batches take the runs along."""
+    return not new_ids or max(new_ids) <= limit
 
 
 @dataclass
