@@ -66,14 +66,16 @@ def parse_counts(text: str, flag: str = "--devices") -> list[int]:
 
 
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "centralized+hops": ("centralized", {"server_run_rounds": 0}),
     "centralized+runs": ("centralized", {"server_run_rounds": 32}),
     "wisp+adaptive": ("wisp", {"site": "adaptive"}),
 }
 """Modes with one setting changed, to measure side by side with the mode itself:
-``centralized+runs`` is centralized serving with server runs (the verifier decodes each request
-in its continuous batch; without them, the default, every token is a round trip through the four
-services); ``wisp+adaptive`` is wisp with the
-adaptive site choice (``WISP_SITE=adaptive``)."""
+``centralized+hops`` is centralized serving without server runs (every token a round trip
+through the four services: the path before server runs were the default);
+``centralized+runs`` names the default (server runs of 32) explicitly, whatever
+``WISP_SERVER_RUN_ROUNDS`` says; ``wisp+adaptive`` is wisp with the adaptive site choice
+(``WISP_SITE=adaptive``)."""
 
 
 async def bench_fresh(
@@ -106,7 +108,7 @@ async def _bench_running(settings: Settings, url: str, cfg: BenchConfig, mode: s
 def bench(
     mode: Annotated[str, typer.Option(
         "--mode", help="One mode or a comma list (e.g. wisp,sled,centralized; the variants "
-        "centralized+runs, with server runs, and wisp+adaptive): each runs in turn "
+        "centralized+hops, without server runs, and wisp+adaptive): each runs in turn "
         "through the same services on the same prompts, reported side by side.")] = "sled",
     devices: Annotated[str | None, typer.Option(
         help="Concurrent simulated devices, or a comma list of counts run in turn (default 2; "

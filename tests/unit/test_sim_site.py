@@ -43,3 +43,21 @@ def test_adaptive_runs_are_deterministic_per_seed() -> None:
 def test_a_bad_site_is_refused_in_one_line() -> None:
     with pytest.raises(ScenarioError, match="site"):
         with_overrides(load_scenario("paper"), ["modes.wisp.site=sometimes"]).validate()
+
+
+def test_an_undrafted_round_hands_a_run_to_the_server_as_in_the_drafter() -> None:
+    """A controller that leaves rounds undrafted (k = 0 after the prefill round) hands
+    ``server_run_rounds`` tokens to the server, the drafter service's rule
+    (``SpecSession.plan(server_run=)``); with 0, every such token is a round trip."""
+    def go(rounds: int):
+        sc = with_overrides(load_scenario("paper"), [
+            *SHORT, "devices.mix={phone = 1.0}", "modes.wisp.controller='fixed'",
+            "modes.wisp.draft_k=0", f"modes.wisp.server_run_rounds={rounds}"])
+        return simulate(sc, "wisp", 8, seed=1)
+
+    runs, hops = go(32), go(0)
+    tokens = sum(x.tokens for x in runs.records)
+    assert runs.info["server_runs"] > 0 and runs.info["server_run_tokens"] > tokens / 2
+    assert hops.info["server_runs"] == 0 and hops.info["server_run_tokens"] == 0
+    # no edge round trip per token: the tokens come faster
+    assert runs.summary["tpot_p50_ms"] < hops.summary["tpot_p50_ms"]

@@ -13,9 +13,10 @@ import dataclasses
 import json
 import math
 import tomllib
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 MODES = ("wisp", "sled", "centralized")
@@ -284,6 +285,10 @@ class ModeCfg:
     acceptance and the server's published costs), returning to drafting when that pays again."""
     site_hysteresis: float = 0.1
     """adaptive: a site must be this much better (relative) to move a session."""
+    server_run_rounds: int | None = None
+    """wisp and sled: tokens the server decodes by itself after a round the controller leaves
+    undrafted (k = 0, not the prefill round); None: the services' default
+    (``WISP_SERVER_RUN_ROUNDS``), 0: every such round is a round trip."""
     loop: str = "round_trip"
     """centralized only. round_trip: as the services do it (each token is a round from the
     device through the broker); server: the target decodes in a server-side continuous-batching
@@ -390,6 +395,8 @@ class Scenario:
             mc = s.mode(m)
             _check(mc.max_batch_size >= 1, f"modes.{m}.max_batch_size must be >= 1")
             _check(mc.draft_k >= 0, f"modes.{m}.draft_k must be >= 0")
+            _check(mc.server_run_rounds is None or mc.server_run_rounds >= 0,
+                   f"modes.{m}.server_run_rounds must be >= 0")
             _check(mc.loop in ("round_trip", "server"), f"modes.{m}.loop: use round_trip or server")
             _check(mc.site in ("speculate", "adaptive"), f"modes.{m}.site: use speculate or adaptive")
             _check(0.0 <= mc.site_hysteresis < 1.0, f"modes.{m}.site_hysteresis: use a value in [0, 1)")
@@ -424,6 +431,13 @@ def _build(cls: type, data: Any, path: str) -> Any:
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = get_origin(tp)
+    args = get_args(tp)
+    if origin in (types.UnionType, Union) and type(None) in args and len(args) == 2:
+        # an optional setting (``int | None``): None (its default, or a scenario written back
+        # from a dict) or a value of the type
+        if value is None:
+            return None
+        return _coerce(next(a for a in args if a is not type(None)), value, where)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where)
     if origin is dict:

@@ -145,7 +145,7 @@ class Session:
         "r_drafted", "r_accepted", "r_feats", "r_draft_ms", "r_passes", "r_up_ms", "r_ready",
         "t_arrive", "t_dispatch", "key", "host_wait", "prefill_ready", "req_index",
         "kv_state", "on_gpu", "recompute", "pf_total", "pf_done", "pf_seq", "pf_cut",
-        "link", "srv", "site", "r_sent", "r_verify_ms",
+        "link", "srv", "run_left", "site", "r_sent", "r_verify_ms",
     )
 
     def __init__(self, rid: str, dev: DeviceSpec, shape: RequestShape, seq_start: int, t_submit: float,
@@ -189,7 +189,11 @@ class Session:
         self.link = LinkEstimate()
         """Its measured round trip and per-token acceptance (adaptive site choice)."""
         self.srv = False
-        """The server decodes it in its continuous batch (adaptive site choice)."""
+        """The server decodes it in its continuous batch (adaptive site choice, or a run)."""
+        self.run_left = 0
+        """Verdicts of a server run still to come (an undrafted round the controller chose hands
+        ``server_run_rounds`` tokens to the server, ``SpecSession.plan``, as the drafter does);
+        0: not in such a run."""
         self.site = SiteState()
         """Drafted, or in a server run (``SiteChooser.next_round``, as the drafter service)."""
         self.r_sent = 0.0
@@ -302,7 +306,9 @@ class Simulation:
         # --- policies: the services' own objects, built by the same functions
         settings = Settings(mode=mode, draft_k=self.mc.draft_k, max_batch_size=self.max_batch,
                             max_wait_ms=self.mc.max_wait_ms, max_inflight_batches=sc.server.max_inflight,
-                            prefill_round=self.mc.prefill_round)
+                            prefill_round=self.mc.prefill_round,
+                            **({} if self.mc.server_run_rounds is None
+                               else {"server_run_rounds": self.mc.server_run_rounds}))
         self.settings = settings
         if policy is not None:
             self.policy: DraftLengthPolicy = policy
@@ -342,6 +348,9 @@ class Simulation:
         """What the scheduler publishes (the services' own ``CostTracker``)."""
         self.srv_tokens = 0
         self.site_moves = 0
+        self.run_starts = 0
+        self.run_tokens = 0
+        """Server runs the controller's undrafted rounds started, and the verdicts they made."""
 
         # --- server state
         self.model = self.assets.model
@@ -548,8 +557,15 @@ class Simulation:
         drafted = 0
         accepted = 0
         passes = 0
-        plan = s.spec.plan(self.policy, can_draft=not self.centralized)
+        # centralized serving's server-side loop is the scenario's ``loop``; elsewhere a round
+        # the controller leaves undrafted hands a run to the server, as in the drafter service
+        plan = s.spec.plan(self.policy, can_draft=not self.centralized,
+                           server_run=0 if self.centralized else self.settings.server_run_rounds)
         k = plan.max_k
+        if plan.server_rounds:
+            s.srv = True
+            s.run_left = plan.server_rounds + 1  # this round's verdict, then the run's tokens
+            self.run_starts += 1
         if self.site is not None and s.round > 0 and k > 0:
             was = s.site.on_server
             choice = self.site.next_round(s.site, draft_ms=s.spec.stats.draft_ms_per_token,
@@ -899,7 +915,12 @@ class Simulation:
             kv.shrink(s, s.prompt_len + pos + min(s.r_accepted + 1, max(1, s.out_len - pos)))
             down = self._one_way(s.dev, self.sc.devices.verdict_bytes, False)
             s.r_verify_ms = (now - s.t_dispatch) * 1000.0
-            if s.srv:
+            if s.srv and s.run_left:
+                s.run_left -= 1
+                self.run_tokens += 1
+                if not s.run_left:  # the run is over: the verdict goes to the device
+                    s.srv = False
+            elif s.srv:
                 self.srv_tokens += 1
                 s.site.server_tokens += 1
                 if self.site is not None and not self.site.run_left(s.site):
@@ -1046,6 +1067,8 @@ class Simulation:
             "site": self.mc.site if self.mode == Mode.wisp.value else None,
             "server_decoded_tokens": self.srv_tokens,
             "site_moves": self.site_moves,
+            "server_runs": self.run_starts,
+            "server_run_tokens": self.run_tokens,
         }
         return SimResult(self.mode, self.n, self.seed, summ, self.records, self.bd.per_round(),
                          util, info)
