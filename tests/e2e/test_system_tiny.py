@@ -28,7 +28,9 @@ from tests.reference import chat_prompt_ids, greedy_reference, load_target
 
 ROLES = [("estimator", "est"), ("scheduler", "sch"), ("verifier", "v1"), ("verifier", "v2"),
          ("drafter", "d1"), ("drafter", "d2"), ("drafter", "d3")]
-PORTS = {name: free_port() for _, name in ROLES}
+PORTS: dict[str, int] = {}
+"""Each service's HTTP port, picked when the cluster starts: picked at collection time, minutes
+before, another test's service could bind one first (a CI run: d1's port in use)."""
 MAX_NEW = 20
 N_PROMPTS = 24  # 8 from each of HumanEval, MT-Bench, ShareGPT
 
@@ -43,6 +45,8 @@ def cluster(redis_url: str, tiny_pair: tuple[Path, Path], tmp_path_factory: pyte
                 settings={"mode": "sled", "draft_model": draft, "target_model": target,
                           "max_wait_ms": 5, "draft_k": 4})
     with c:
+        PORTS.clear()
+        PORTS.update({name: free_port() for _, name in ROLES})
         for role, name in ROLES:
             c.start(role, name, http_port=PORTS[name])
         c.wait_ready([name for _, name in ROLES])
