@@ -368,12 +368,24 @@ async def run_services(
                 await s.bus.redis.aclose()
 
 
+async def _oldest_pending_s(bus: Bus, stream: str, group: str) -> float:
+    """Seconds since the oldest entry pending in ``group`` was added (its stream id is its
+    time): an entry delivered and never acked, by a consumer that died or wedged, grows old
+    while the count alone may look steady (XPENDING's summary form: one round trip)."""
+    summary = await bus.redis.xpending(stream, group)
+    oldest = summary.get("min") if summary else None
+    if not oldest:
+        return 0.0
+    ms = int((oldest.decode() if isinstance(oldest, bytes) else str(oldest)).split("-")[0])
+    return max(0.0, time.time() - ms / 1000.0)
+
+
 async def _export_lag(services: Sequence[Service], stop: asyncio.Event, period_s: float = 5.0) -> None:
     """Keep the wisp_stream_lag / wisp_stream_pending gauges fresh for /metrics: for the streams
     and groups this process's services consume, each read with that service's own connection
     (XINFO GROUPS on a stream it reads: its least-privilege ACL user may, where SCAN over every
     stream, as `wisp-cli status` does, is refused and left these gauges empty)."""
-    from wisp.telemetry import STREAM_LAG, STREAM_PENDING
+    from wisp.telemetry import STREAM_LAG, STREAM_PENDING, STREAM_PENDING_AGE
 
     while not stop.is_set():
         for svc in services:
@@ -385,8 +397,11 @@ async def _export_lag(services: Sequence[Service], stop: asyncio.Event, period_s
                         if name != c.group:
                             continue
                         short = c.stream.removeprefix(f"{svc.bus.keys.ns}:")
+                        pending = int(g.get("pending") or 0)
                         STREAM_LAG.labels(short, name).set(g.get("lag") or 0)
-                        STREAM_PENDING.labels(short, name).set(g.get("pending") or 0)
+                        STREAM_PENDING.labels(short, name).set(pending)
+                        STREAM_PENDING_AGE.labels(short, name).set(
+                            await _oldest_pending_s(svc.bus, c.stream, c.group) if pending else 0.0)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), period_s)
 

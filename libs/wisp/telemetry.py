@@ -11,6 +11,9 @@ STREAM_LAG = Gauge("wisp_stream_lag", "Entries of a stream its consumer group ha
                    ["stream", "group"])
 STREAM_PENDING = Gauge("wisp_stream_pending", "Entries delivered to a group but not acked yet",
                        ["stream", "group"])
+STREAM_PENDING_AGE = Gauge("wisp_stream_pending_oldest_seconds",
+                           "Age of the oldest entry delivered to a group and not acked yet, from "
+                           "its stream id (0: none pending)", ["stream", "group"])
 BATCH_SIZE = Histogram("wisp_batch_size", "Rounds per verification batch",
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 VERIFY_SECONDS = Histogram("wisp_verify_seconds", "Wall time of one batch verification",

@@ -181,7 +181,7 @@ def test_alerts_and_dashboard_read_only_exported_metrics() -> None:
     alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r}
     used = {a: kc.metric_names(r["expr"]) for a, r in alerts.items()}
     # the alerts the brief names: lag, pending, dead letters, SLO attainment, verifier down
-    for metric in ("wisp_stream_lag", "wisp_stream_pending", "wisp_dead_letters_total",
+    for metric in ("wisp_stream_lag", "wisp_stream_pending_oldest_seconds", "wisp_dead_letters_total",
                    "wisp_slo_attained_total", "wisp_requests_finished_total"):
         assert any(metric in u for u in used.values()), metric
     assert 'up{component="verifier"}' in alerts["WispVerifierDown"]["expr"]

@@ -534,3 +534,4 @@ async def test_a_least_privilege_service_still_exports_its_lag_gauges(
     for stream in ("draft", "stats"):
         assert f'wisp_stream_lag{{group="estimator",stream="{stream}"}}' in text, stream
         assert f'wisp_stream_pending{{group="estimator",stream="{stream}"}}' in text, stream
+        assert f'wisp_stream_pending_oldest_seconds{{group="estimator",stream="{stream}"}}' in text, stream
