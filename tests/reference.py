@@ -58,3 +58,14 @@ def _key_generate(model_id: int, prompt: tuple[int, ...], max_new: int) -> tuple
 def _cached(model_id: int, model: Any, prompt: tuple[int, ...], max_new: int) -> tuple[int, ...]:
     _MODELS[model_id] = model
     return _key_generate(model_id, prompt, max_new)
+
+
+def mass_between(model: Any, ctx: list[int], a: int, b: int, temperature: float) -> float:
+    """The target's probability (at ``temperature``) of the ids strictly between ``a`` and
+    ``b`` after ``ctx``: next to nothing when a seeded draw fell on the inverse-CDF boundary
+    between them (float rounding of a cached against an uncached forward can move it), real
+    mass when a wrong sampler drew elsewhere in a near-uniform vocabulary."""
+    lo, hi = sorted((a, b))
+    with torch.inference_mode():
+        logits = model(torch.tensor([ctx])).logits[0, -1].float()
+    return float(torch.softmax(logits / temperature, dim=0)[lo + 1:hi].sum())

@@ -36,7 +36,7 @@ import redis
 from wisp.data import mixed_prompts
 
 from tests.harness import Cluster, clean_namespace, collect, spawn_submit, submit_json
-from tests.reference import chat_prompt_ids, greedy_reference, load_target
+from tests.reference import chat_prompt_ids, greedy_reference, load_target, mass_between
 
 MAX_NEW = 24
 
@@ -134,7 +134,7 @@ def test_centralized_runs_on_the_server_lossless_and_without_round_trips(
             if first is None:
                 exact += 1
             else:
-                between = _mass_between(ref, ids + got[:first], got[first], want[first])
+                between = mass_between(ref, ids + got[:first], got[first], want[first], TEMPERATURE)
                 # (a flip may hit the first token too: a CI run flipped 14415 to 14418, 1.7e-9
                 # of mass between them; a wrong sampler lands anywhere in a near-uniform vocab)
                 assert between < 1e-3, (rid, first, between, got, want)
@@ -173,17 +173,6 @@ def _seeded_run(model: object, prompt_ids: list[int], rid: str, n: int) -> list[
             out.append(tok)
             ids.append(tok)
     return out
-
-
-def _mass_between(model: object, ctx: list[int], a: int, b: int) -> float:
-    """The target's probability (at ``TEMPERATURE``) of the ids strictly between ``a`` and
-    ``b`` after ``ctx``: next to nothing when a draw fell on the boundary between them."""
-    import torch
-
-    lo, hi = sorted((a, b))
-    with torch.inference_mode():
-        logits = model(torch.tensor([ctx])).logits[0, -1].float()  # type: ignore[operator]
-    return float(torch.softmax(logits / TEMPERATURE, dim=0)[lo + 1:hi].sum())
 
 
 def _sampled(url: str, ns: str, device: str, prompts: list[str], rids: list[str]) -> list[dict]:

@@ -30,7 +30,7 @@ from wisp.client import new_request_id
 from tests import sabotage
 from tests.faults.common import FAST
 from tests.harness import Cluster, clean_namespace
-from tests.reference import greedy_reference, load_target
+from tests.reference import greedy_reference, load_target, mass_between
 
 PROMPT = "Write a haiku about Redis streams."
 TEMPERATURE = 0.5
@@ -149,19 +149,8 @@ def test_sampled_request_survives_drafter_failover_with_the_same_output(
     a, b = failover.token_ids, normal.token_ids
     if a != b:
         first = next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
-        between = _mass_between(load_target(target), list(normal.prompt_token_ids) + b[:first],
-                                a[first], b[first])
+        between = mass_between(load_target(target), list(normal.prompt_token_ids) + b[:first],
+                               a[first], b[first], TEMPERATURE)
         assert between < 1e-3, (
             f"a drafter failover changed the sampled output of a seeded request at index "
             f"{first} ({b[first]} -> {a[first]}, {between:.3g} of mass between)")
-
-
-def _mass_between(model: Any, ctx: list[int], a: int, b: int) -> float:
-    """The target's probability (at ``TEMPERATURE``) of the ids strictly between ``a`` and
-    ``b`` after ``ctx``: next to nothing when a draw fell on the boundary between them."""
-    import torch
-
-    lo, hi = sorted((a, b))
-    with torch.inference_mode():
-        logits = model(torch.tensor([ctx])).logits[0, -1].float()
-    return float(torch.softmax(logits / TEMPERATURE, dim=0)[lo + 1:hi].sum())
