@@ -190,6 +190,35 @@ def _s(x: bytes | str) -> str:
     return x.decode() if isinstance(x, bytes) else x
 
 
+LIFE_SEP = "@"
+"""A service's consumer name is ``<name>@<instance>``: its name plus a token drawn at each
+process start, so two processes of one name (a restart while the old one was paused) are told
+apart in every consumer group."""
+
+
+def consumer_of(name: str, instance: str) -> str:
+    """The consumer name of one life (process) of service ``name``."""
+    return f"{name}{LIFE_SEP}{instance}"
+
+
+def is_life_of(consumer: str, name: str) -> bool:
+    """Whether ``consumer`` is a life of service ``name`` (or its consumer from before
+    instances had tokens: the bare name)."""
+    return consumer == name or (consumer.startswith(name + LIFE_SEP)
+                                and LIFE_SEP not in consumer[len(name) + 1:])
+
+
+def _json_dict(raw: bytes | str | None) -> dict[str, Any] | None:
+    """A stored JSON object, or None (absent, or not an object)."""
+    if raw is None:
+        return None
+    try:
+        out = json.loads(raw)
+    except ValueError:
+        return None
+    return out if isinstance(out, dict) else None
+
+
 def payload_of(msg: WireModel, limit: int = MAX_PAYLOAD_BYTES) -> bytes:
     """``msg``'s bytes for the wire, refused before they are written when no consumer would
     accept them (``MAX_PAYLOAD_BYTES``, or the stream's own ``STREAM_ENTRY_CAPS``): the writer
@@ -419,6 +448,75 @@ class Bus:
             raise
         if deleted:
             await self.ack(stream, group, *[_s(d) for d in deleted])
+        return await self._decode_claimed(stream, group, consumer, model, claimed, max_deliveries)
+
+    async def _claim_from_others(self, stream: str, group: str, consumer: str, min_idle_ms: int,
+                                 cursor: str, count: int) -> tuple[list[Any], list[Any]]:
+        """XCLAIM the entries idle for ``min_idle_ms`` in other consumers' pending lists, from
+        ``cursor`` on (XPENDING with IDLE, then XCLAIM of those ids)."""
+        start = "-" if cursor == "0-0" else f"({cursor}"
+        pending = await self.redis.xpending_range(stream, group, min=start, max="+", count=count,
+                                                  idle=min_idle_ms)
+        self._cursors[(stream, group)] = (
+            _s(pending[-1]["message_id"]) if len(pending) >= count else "0-0")
+        ids = [_s(p["message_id"]) for p in pending if _s(p["consumer"]) != consumer]
+        if not ids:
+            return [], []
+        # an id not returned was handled meanwhile (no longer idle) or trimmed (Redis drops it
+        # from the pending list itself): neither is ours to ack
+        return await self.redis.xclaim(stream, group, consumer, min_idle_ms, ids), []
+
+    async def claim_earlier_lives(self, stream: str, group: str, consumer: str, name: str,
+                                  model: type[M], max_deliveries: int = 5,
+                                  every_consumer: bool = False) -> list[Entry[M]]:
+        """Claim for ``consumer`` (``name@<instance>``) every entry pending for an earlier life
+        of ``name`` in ``group``: a consumer called ``name`` or ``name@<other instance>``. Such
+        a life is dead or superseded (a later process of the same name took over its
+        heartbeat), so its entries are claimed at once, not after ``reclaim_idle_ms``: a device
+        restarted under its own name resumes its verdicts without a wait, and a paused earlier
+        life that wakes finds them gone. Earlier lives left with nothing pending are deleted
+        from the group, so restarts do not pile up consumers.
+
+        ``every_consumer`` (once, at start): list every consumer of the group (XINFO
+        CONSUMERS), so earlier lives with nothing pending are deleted too. Otherwise only the
+        consumers holding pending entries (XPENDING's summary), which stays short on a shared
+        group with thousands of drafters."""
+        await self.ensure_group(stream, group)
+        try:
+            if every_consumer:
+                names = [_s(c["name"]) for c in await self.redis.xinfo_consumers(stream, group)]
+            else:
+                summary = await self.redis.xpending(stream, group)
+                names = [_s(c["name"]) for c in summary.get("consumers") or []]
+        except ResponseError as err:
+            if "NOGROUP" in str(err):
+                self._groups.discard((stream, group))
+                return []
+            raise
+        out: list[Entry[M]] = []
+        for other in names:
+            if other == consumer or not is_life_of(other, name):
+                continue
+            for _ in range(1000):  # 100 per pass; bounded in case the list does not shrink
+                rows = await self.redis.xpending_range(stream, group, min="-", max="+",
+                                                       count=100, consumername=other)
+                if not rows:
+                    break
+                ids = [_s(r["message_id"]) for r in rows]
+                claimed = await self.redis.xclaim(stream, group, consumer, 0, ids)
+                got = {_s(eid) for eid, _ in claimed}
+                gone = [i for i in ids if i not in got]  # trimmed from the stream meanwhile
+                if gone:
+                    await self.ack(stream, group, *gone)
+                out += await self._decode_claimed(stream, group, consumer, model, claimed,
+                                                  max_deliveries)
+            await self.redis.xgroup_delconsumer(stream, group, other)
+        return out
+
+    async def _decode_claimed(self, stream: str, group: str, consumer: str, model: type[M],
+                              claimed: Sequence[Any], max_deliveries: int) -> list[Entry[M]]:
+        """Claimed entries as messages: an empty (trimmed) one is acked, one delivered more
+        than ``max_deliveries`` times or unparseable is dead-lettered and acked."""
         out: list[Entry[M]] = []
         for entry_id, fields in claimed:
             eid = _s(entry_id)
@@ -438,22 +536,6 @@ class Bus:
                 await self.dead_letter(stream, eid, group, consumer, err.reason, fields)
                 await self.ack(stream, group, eid)
         return out
-
-    async def _claim_from_others(self, stream: str, group: str, consumer: str, min_idle_ms: int,
-                                 cursor: str, count: int) -> tuple[list[Any], list[Any]]:
-        """XCLAIM the entries idle for ``min_idle_ms`` in other consumers' pending lists, from
-        ``cursor`` on (XPENDING with IDLE, then XCLAIM of those ids)."""
-        start = "-" if cursor == "0-0" else f"({cursor}"
-        pending = await self.redis.xpending_range(stream, group, min=start, max="+", count=count,
-                                                  idle=min_idle_ms)
-        self._cursors[(stream, group)] = (
-            _s(pending[-1]["message_id"]) if len(pending) >= count else "0-0")
-        ids = [_s(p["message_id"]) for p in pending if _s(p["consumer"]) != consumer]
-        if not ids:
-            return [], []
-        # an id not returned was handled meanwhile (no longer idle) or trimmed (Redis drops it
-        # from the pending list itself): neither is ours to ack
-        return await self.redis.xclaim(stream, group, consumer, min_idle_ms, ids), []
 
     def reread_pending(self, stream: str, group: str, consumer: str) -> None:
         """The next ``read`` of ``consumer`` starts again from its own pending entries (one whose
@@ -536,9 +618,25 @@ class Bus:
         return [bool(x) for x in await pipe.execute()]
 
     # ------------------------------------------------------------------ heartbeats
-    async def heartbeat(self, role: str, name: str, info: dict[str, Any], ttl_s: float) -> None:
+    async def heartbeat(self, role: str, name: str, info: dict[str, Any],
+                        ttl_s: float) -> dict[str, Any] | None:
+        """Write ``name``'s heartbeat; returns the heartbeat it replaced (None: there was none,
+        it had expired), read in the same command (``SET ... GET``), so a process can tell
+        that another life of its name (a restart while it was paused) has taken over."""
         info = {**info, "role": role, "name": name, "ts": time.time()}
-        await self.redis.set(self.keys.heartbeat(role, name), json.dumps(info), px=int(ttl_s * 1000))
+        prev = await self.redis.set(self.keys.heartbeat(role, name), json.dumps(info),
+                                    px=int(ttl_s * 1000), get=True)
+        return _json_dict(prev)
+
+    async def heartbeat_of(self, role: str, name: str) -> dict[str, Any] | None:
+        """``name``'s heartbeat (None: none, or it expired)."""
+        return _json_dict(await self.redis.get(self.keys.heartbeat(role, name)))
+
+    async def put_back_heartbeat(self, role: str, name: str, info: dict[str, Any],
+                                 ttl_s: float) -> None:
+        """Write ``info`` back as it was (a superseded life undoing its own last heartbeat)."""
+        await self.redis.set(self.keys.heartbeat(role, name), json.dumps(info),
+                             px=int(ttl_s * 1000))
 
     async def live(self, role: str) -> dict[str, dict[str, Any]]:
         """Services of ``role`` whose heartbeat has not expired, by name."""

@@ -47,6 +47,12 @@ __all__ = [
 ]
 
 
+def reusable(cached: Sequence[int], committed: Sequence[int]) -> int:
+    """How many cached positions a round on ``committed`` can keep: the common prefix, capped so
+    that the last committed id is always fed again (its logits predict the next token)."""
+    return min(common_prefix_len(cached, committed), len(committed) - 1)
+
+
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the longest common prefix of two id sequences (how much of a cache is reusable)."""
     n = min(len(a), len(b))
@@ -233,6 +239,12 @@ class SessionCache:
         committed id is always fed again: its logits are the ones that predict the next token.
         The ids still to feed are ``committed[returned:]``.
         """
-        keep = min(common_prefix_len(entry.ids, committed), len(committed) - 1)
+        keep = reusable(entry.ids, committed)
         self.rewind(entry, keep)
         return keep
+
+    def reusable_of(self, session_id: str, committed: Sequence[int]) -> int:
+        """What ``reuse`` would keep for ``session_id`` (0 for an unknown one), without
+        rewinding anything or touching the LRU order."""
+        entry = self._table.get(session_id)
+        return 0 if entry is None else reusable(entry.ids, committed)

@@ -10,6 +10,13 @@ consumer of a shared group left behind, and an attempt cap: an entry whose handl
 stream or cycling for ever. Before this base existed every service hand-wrote the same read loop
 (seven copies) and only some of them had a sweeper.
 
+Each process is one *life* of its service name (an instance token and a start time in its
+heartbeat; its consumer name is ``<name>@<instance>``). A later process of the same name takes
+over: it claims what the earlier one left pending, and the earlier one, should it run again
+(it was only paused: SIGSTOP, a VM migration, a long GC), stops before acting on anything it
+read (``current``). Without this a device's drafter restarted while the old process was
+paused shared its streams with a ghost that dropped its verdicts and took its sessions back.
+
 Torch work runs on a single dedicated thread so the event loop keeps moving messages (and a
 model is never entered by two threads at once). That thread has a watchdog (``live``): a model
 call that has made no progress for longer than ``watchdog_bound_s`` while work waits on it makes
@@ -22,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +40,7 @@ from pydantic import BaseModel
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from wisp.bus import Bus, Entry
+from wisp.bus import Bus, Entry, consumer_of
 from wisp.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -104,6 +112,14 @@ class Service:
         self._set_up = False
         """``setup`` finished: the watchdog judges the model thread only from then on (a model
         load may take many minutes; the startup probe, not liveness, covers it)."""
+        self.life = {"instance": secrets.token_hex(4), "started": time.time()}
+        """This process's identity under its name: a later process of the same name (a restart
+        while this one was paused, or an operator starting it twice) supersedes this one."""
+        self.consumer = consumer_of(self.name, str(self.life["instance"]))
+        """This life's consumer name in every group it reads."""
+        self.superseded = False
+        self._confirmed = -1e9
+        """``time.monotonic()`` when this life last confirmed it is its name's current one."""
 
     # ------------------------------------------------------------------ helpers
     async def in_worker(self, fn: Callable[..., T], *args: Any) -> T:
@@ -218,8 +234,9 @@ class Service:
                 await asyncio.gather(*late, return_exceptions=True)
             hb.cancel()
             await asyncio.gather(hb, return_exceptions=True)
-            with contextlib.suppress(Exception):
-                await self.bus.clear_heartbeat(self.role, self.name)
+            if not self.superseded:  # a superseded life's heartbeat key is its successor's
+                with contextlib.suppress(Exception):
+                    await self.bus.clear_heartbeat(self.role, self.name)
             await self.teardown()
             if self._pool is not None:
                 self._pool.shutdown(wait=False, cancel_futures=True)
@@ -238,10 +255,12 @@ class Service:
                         await self._flush_acks(c, acks)
                         await self._pause(0.1)
                         continue
-                    entries = await self.bus.read(c.stream, c.group, self.name, c.model,
+                    entries = await self.bus.read(c.stream, c.group, self.consumer, c.model,
                                                   count=c.count, block_ms=self.settings.block_ms,
                                                   ack=acks)
                     acks.clear()
+                    if entries and not await self.current():
+                        return  # left pending, un-acked: the current life claims them
                     if entries:
                         await self.deliver(c, entries, acks)
             finally:
@@ -317,8 +336,35 @@ class Service:
         self._failures[key] = n
         log.exception("%s: handling %s %s failed (attempt %d of %d)", self.name, e.stream,
                       e.entry_id, n, self.settings.max_deliveries)
-        self.bus.reread_pending(c.stream, c.group, self.name)
+        self.bus.reread_pending(c.stream, c.group, self.consumer)
         await self._pause(min(0.1 * 2 ** (n - 1), 5.0))
+
+    async def current(self) -> bool:
+        """Whether this process is still the current life of its name; checked before this
+        life acts on what it read (a consumer's entries, an adoption pass). Confirmed by every
+        heartbeat; after a gap of half the heartbeat TTL (the process was paused, or its loop
+        blocked) it asks Redis first, so a process that wakes from a pause during which a later
+        one of its name took over stops before it handles or acks anything (what it read stays
+        pending for that later life, which claims it). A process is superseded for good."""
+        if self.superseded:
+            return False
+        if time.monotonic() - self._confirmed <= self.settings.heartbeat_ttl_s / 2:
+            return True
+        info = await self.bus.heartbeat_of(self.role, self.name)
+        if info is not None and later_life(info, self.life):
+            self._supersede(info)
+            return False
+        self._confirmed = time.monotonic()
+        return True
+
+    def _supersede(self, by: dict[str, Any]) -> None:
+        if not self.superseded:
+            log.error("%s: another %s process started under the name %r (instance %s) and took "
+                      "over; this one (instance %s) stops", self.name, self.role, self.name,
+                      by.get("instance"), self.life["instance"])
+            self.count("superseded")
+        self.superseded = True
+        self.stop()
 
     async def _pause(self, s: float) -> None:
         """Sleep ``s`` seconds, or less when the service is stopping."""
@@ -330,22 +376,39 @@ class Service:
         consumer died or hung) and deliver them to the same handler; one sweeper per group at a
         time through a lease; an entry delivered more than ``max_deliveries`` times is
         dead-lettered instead (``Bus.reclaim``). Leader-only consumers are swept only by the
-        leader (asked each pass: a standby starts sweeping when it takes over)."""
+        leader (asked each pass: a standby starts sweeping when it takes over).
+
+        Before that, on every stream (shared or not), what an earlier life of this name left
+        pending is claimed at once (``Bus.claim_earlier_lives``): a process restarted under its
+        name (a device's drafter, a pod's container) resumes its own streams without waiting
+        for the idle time, and so does one that superseded a paused earlier life."""
         s = self.settings
+        first = True
         while not self.stopping.is_set():
             for c in self._consumers:
+                if not await self.current():
+                    return
+                if not c.leader_only or self.leader:
+                    # an earlier life of this name (restarted, or paused and superseded) left
+                    # these: claimed at once, on every stream this service reads
+                    for e in await self.bus.claim_earlier_lives(
+                            c.stream, c.group, self.consumer, self.name, c.model,
+                            max_deliveries=s.max_deliveries, every_consumer=first):
+                        self.count("claimed_from_earlier_life")
+                        await self.deliver(c, [e])
                 if not c.reclaim or (c.leader_only and not self.leader):
                     continue
                 lease = f"sweep:{c.stream}:{c.group}"
                 if not await self.bus.acquire_lease(lease, self.name, 3 * s.reclaim_interval_s):
                     continue
                 entries = await self.bus.reclaim(
-                    c.stream, c.group, self.name, c.model, s.reclaim_idle_ms,
+                    c.stream, c.group, self.consumer, c.model, s.reclaim_idle_ms,
                     max_deliveries=s.max_deliveries, others_only=not c.ack,
                 )
                 for e in entries:
                     self.count("reclaimed")
                     await self.deliver(c, [e])
+            first = False
             await self._pause(s.reclaim_interval_s)
 
     async def _guard(self, loop: Callable[[], Awaitable[None]], what: str) -> None:
@@ -375,15 +438,34 @@ class Service:
                 delay = min(delay * 2, 5.0)
 
     async def _heartbeat(self) -> None:
+        ttl = self.settings.heartbeat_ttl_s
         while not self.stopping.is_set():
             try:
-                await self.bus.heartbeat(
-                    self.role, self.name, self.heartbeat_info(), self.settings.heartbeat_ttl_s
-                )
+                prev = await self.bus.heartbeat(self.role, self.name,
+                                                {**self.heartbeat_info(), **self.life}, ttl)
+                if prev is not None and later_life(prev, self.life):
+                    # a later process of this name took over while this one was paused: undo
+                    # this write (its heartbeat is the name's) and stop
+                    await self.bus.put_back_heartbeat(self.role, self.name, prev, ttl)
+                    self._supersede(prev)
+                    return
+                self._confirmed = time.monotonic()
             except (RedisConnectionError, RedisTimeoutError, OSError) as err:
                 log.warning("%s: heartbeat failed: %s", self.name, err)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), self.settings.heartbeat_s)
+
+
+def later_life(other: dict[str, Any], mine: dict[str, Any]) -> bool:
+    """Whether heartbeat ``other`` is of a later process of the same name than life ``mine``
+    (later start; the instance token breaks a tie). A heartbeat without a life (written by a
+    process from before lives) never supersedes."""
+    inst, started = other.get("instance"), other.get("started")
+    if not isinstance(inst, str) or not isinstance(started, int | float):
+        return False
+    if inst == mine["instance"]:
+        return False
+    return (float(started), inst) > (float(mine["started"]), str(mine["instance"]))
 
 
 def now() -> float:

@@ -474,6 +474,8 @@ class DrafterService(Service):
         s = self.settings
         while not self.stopping.is_set():
             await self._pause(min(1.0, s.round_timeout_s / 4))
+            if not await self.current():  # a paused earlier life: these are not ours any more
+                return
             t = now()
             overdue = [x for x in list(self.sessions.values())
                        if not x.finished and x.published_block is not None
@@ -576,6 +578,8 @@ class DrafterService(Service):
         """Resume sessions whose drafter is gone: our own after a restart (same name), and
         those of a drafter whose heartbeat expired (one adopter per session, by a lock)."""
         while not self.stopping.is_set():
+            if not await self.current():  # a later life of this name adopts them, not this one
+                return
             live = set(await self.bus.live("drafter")) | {self.name}
             async for st in self.store.all():
                 rid = st.request.request_id

@@ -144,6 +144,16 @@ class VerifierEngine:
                         f"session {item.session_id!r}: a drafted token has q = 0 in its dist"
                     )
 
+    def ids_to_feed(self, items: Sequence[VerifyItem]) -> list[int]:
+        """How many ids ``verify`` would feed for each item (its uncached committed ids plus
+        its draft), from the same reuse rule as the forward (the common prefix of the cached
+        and committed ids, the last committed id always fed), without touching any cache: a
+        cache that diverged from the committed ids (a rollback, a session that moved) counts
+        as the recompute it is. The verifier decides from this whether the server runs' steps
+        may ride in a batch (``rides_along``)."""
+        return [len(item.committed) - self._sessions.reusable_of(item.session_id, item.committed)
+                + len(item.draft) for item in items]
+
     def _prepare(self, item: VerifyItem) -> _Row:
         """Rewind the session's cache to what ``item.committed`` can reuse."""
         had_session = item.session_id in self._sessions

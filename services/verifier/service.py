@@ -259,10 +259,7 @@ class VerifierService(Service):
         """On the model thread: verify the batch's items, with the runs' steps in the same
         forward when they ride along (``rides_along``: no prefill in the batch). Returns the
         results and whether the runs' steps were in them."""
-        cached = self.engine.sessions()
-        new_ids = [len(i.committed) - min(cached.get(i.session_id, 0), len(i.committed) - 1)
-                   + len(i.draft) for i in items]
-        if run_items and not rides_along(new_ids):
+        if run_items and not rides_along(self.engine.ids_to_feed(items)):
             return self.engine.verify(items), False
         return self.engine.verify(items + run_items), True
 

@@ -234,6 +234,18 @@ def stream_gaps_ms(o: Outcome) -> list[float]:
     return [b - a for a, b in itertools.pairwise(start + times)]
 
 
+def longest_stall(outcomes: list[Outcome]) -> str:
+    """The longest gap with no token for one request (``stream_gaps_ms``) over a run, for the
+    reliability table: "12.3 s (ab12cd34)". Reported, never asserted on (a loaded machine
+    stretches it; the bounds are ``answered_late``'s)."""
+    worst, rid = 0.0, "-"
+    for o in outcomes:
+        gaps = stream_gaps_ms(o)
+        if gaps and max(gaps) > worst:
+            worst, rid = max(gaps), o.request_id[:8]
+    return f"{worst / 1000:.1f} s ({rid})"
+
+
 def lossless_failures(outcomes: list[Outcome], target: Path, max_new: int = MAX_NEW,
                       ref: Any = None) -> list[str]:
     """One line per request that is not exactly the target's own greedy output, delivered once

@@ -105,19 +105,26 @@ def readgroup(key: str, group: str) -> Op:
 
 def consumer_rows(role: str, key: str, group: str, reclaim: bool) -> list[Row]:
     """What ``Bus`` does on a stream a service consumes: create the group, read (its pending
-    entries, then new ones), ack, and, on a shared group, reclaim a dead consumer's entries."""
+    entries, then new ones), ack; claim what an earlier life of its own name left pending
+    (``Bus.claim_earlier_lives``: list the consumers, their pending entries, XCLAIM, delete
+    that consumer); and, on a shared group, reclaim a dead consumer's idle entries (XAUTOCLAIM,
+    or XPENDING + XCLAIM where the consumer holds its own entries on purpose: the scheduler)."""
     fresh = f"g-{uuid.uuid4().hex[:6]}"  # a new group each run: XGROUP CREATE must succeed
     rows = [
         may(role, f"XGROUP CREATE {key}", cmd("XGROUP", "CREATE", key, fresh, "0", "MKSTREAM")),
         may(role, f"XREADGROUP {key}", readgroup(key, group)),
         may(role, f"XACK {key}", cmd("XACK", key, group, "0-1")),
+        may(role, f"XINFO CONSUMERS {key}", cmd("XINFO", "CONSUMERS", key, group)),
+        may(role, f"XPENDING {key}",
+            lambda r: r.xpending_range(key, group, min="-", max="+", count=1, consumername="c1")),
+        may(role, f"XCLAIM {key}", cmd("XCLAIM", key, group, "c2", "0", "0-1")),
+        may(role, f"XGROUP DELCONSUMER {key}",
+            cmd("XGROUP", "DELCONSUMER", key, group, "c-gone")),
     ]
     if reclaim:
         rows += [
             may(role, f"XAUTOCLAIM {key}",
                 cmd("XAUTOCLAIM", key, group, "c2", "60000", "0-0", "COUNT", "64")),
-            may(role, f"XPENDING {key}",
-                lambda r: r.xpending_range(key, group, min="-", max="+", count=1)),
         ]
     return rows
 
@@ -134,7 +141,8 @@ def lease_rows(role: str, key: str) -> list[Row]:
 def heartbeat_rows(role: str) -> list[Row]:
     """``Bus.heartbeat`` / ``clear_heartbeat`` on the role's own key."""
     key = f"{NS}:hb:{role}:x1"
-    return [may(role, f"SET PX {key}", cmd("SET", key, "{}", "PX", "5000")),
+    return [may(role, f"SET PX GET {key}", cmd("SET", key, "{}", "PX", "5000", "GET")),
+            may(role, f"GET {key}", cmd("GET", key)),
             may(role, f"DEL {key}", cmd("DEL", key))]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import time
 import uuid
@@ -32,6 +33,7 @@ from tests.faults.common import (
     answered_late,
     committed_tokens,
     heartbeats,
+    longest_stall,
     lossless_failures,
     pause,
     restart,
@@ -161,7 +163,8 @@ def test_verifier_outage_past_reclaim_then_kill_scheduler(
     finally:
         unpause_all(c)
         clean_namespace(redis_url, ns)
-    print(f"\n{summarize(outcomes)} killed={seen.get('killed')} pending round delivery counts "
+    print(f"\n{summarize(outcomes)} longest stall {longest_stall(outcomes)} "
+          f"killed={seen.get('killed')} pending round delivery counts "
           f"before the kill: {seen.get('deliveries_before_kill')}, open sessions at the pause: "
           f"{seen.get('open_sessions_at_pause')}")
     assert seen.get("open_sessions_at_pause"), "the outage came after the work: nothing tested"
@@ -238,10 +241,72 @@ def test_paused_drafter_is_adopted_then_wakes(redis_url: str, tiny_pair: tuple[P
         unpause_all(c)
         clean_namespace(redis_url, ns)
     victim, other = str(seen["victim"]), str(seen["other"])
-    print(f"\n{summarize(outcomes)} {seen}; woken drafter dropped adopted sessions: "
+    print(f"\n{summarize(outcomes)} longest stall {longest_stall(outcomes)} {seen}; "
+          f"woken drafter dropped adopted sessions: "
           f"{logs[victim].count('was adopted by another drafter')}")
     assert "resumed session" in logs[other], f"{other} adopted nothing:\n{logs[other][-3000:]}"
     assert not failures, evidence
+
+
+@pytest.mark.timeout(420)
+def test_drafter_restarted_under_its_name_while_paused_then_wakes(
+        redis_url: str, tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    """The only drafter is paused (SIGSTOP) mid-generation and its supervisor starts it again
+    under the same name, as a device's init system would after a missed health check; the new
+    process adopts the sessions. Then the old one wakes (SIGCONT) with its stale sessions and
+    its open connections, reading the same streams as the new one. It must stop at once
+    (exit, logging why) without handling, acking or adopting anything: a verdict the old
+    process read and dropped is lost to the new one until the 90 s re-send (``answered_late``
+    fails the request), and its adoption pass would take the new process's sessions back.
+    Every request must be the target's greedy output, delivered once."""
+    target, draft = tiny_pair
+    ns = f"wisp-test-{uuid.uuid4().hex[:10]}"
+    c = Cluster(redis_url, ns, tmp_path, settings={"mode": "sled", "target_model": target,
+                                                   "draft_model": draft, "fault_delay_ms": 120,
+                                                   **FAST})
+    r = redis.Redis.from_url(redis_url)
+    names = ["e", "s", "v", "d1"]
+    seen: dict[str, object] = {}
+    max_new = 96
+
+    def restart_while_paused() -> None:
+        wait_until(lambda: committed_tokens(r, ns) >= 12, timeout=90)
+        pause(c, "d1")
+        c.procs["d1-old"] = c.procs.pop("d1")
+        t0 = time.time()
+        try:
+            restart(c, "drafter", "d1")
+            wait_restarted(r, ns, "d1", since=t0)
+            seen["restarted_s"] = round(time.time() - t0, 2)
+            seen["committed_at_wake"] = committed_tokens(r, ns)
+        finally:
+            os.kill(c.procs["d1-old"].pid, signal.SIGCONT)
+            seen["recovered_ts"] = time.time()
+        with contextlib.suppress(Exception):
+            c.procs["d1-old"].wait(20)  # a process that was superseded stops by itself
+
+    try:
+        with c:
+            for role, name in (("estimator", "e"), ("scheduler", "s"), ("verifier", "v"),
+                               ("drafter", "d1")):
+                c.start(role, name)
+            c.wait_ready(names)
+            outcomes = run_bounded(redis_url, ns, [p.text for p in mixed_prompts(6, offset=130)],
+                                   restart_while_paused, max_new=max_new, bound_s=BOUND_S)
+            old = c.procs["d1-old"]
+            old_rc = old.poll()
+            failures = lossless_failures(outcomes, target, max_new=max_new)
+            failures += answered_late(outcomes, float(seen["recovered_ts"]), RECOVERY_S)
+            logs = {n: all_logs(c, n) for n in names}
+            evidence = _evidence(c, names, outcomes, r, ns, failures) if failures else ""
+    finally:
+        unpause_all(c)
+        clean_namespace(redis_url, ns)
+    print(f"\n{summarize(outcomes)} longest stall {longest_stall(outcomes)} {seen}; old process "
+          f"exit code {old_rc}")
+    assert not failures, evidence
+    assert old_rc is not None, f"the superseded drafter still runs:\n{logs['d1'][-3000:]}"
+    assert "took over; this one" in logs["d1"], logs["d1"][-3000:]
 
 
 @pytest.mark.timeout(420)
@@ -295,6 +360,6 @@ def test_redis_kill9_with_aof_everysec(tiny_pair: tuple[Path, Path], tmp_path: P
     counts = summarize(outcomes)
     errors = [o.error for o in outcomes if o.status == ERROR]
     print(f"\nredis kill -9: completed={counts[DONE]} errored={counts[ERROR]} hung={counts[LOST]} "
-          f"{seen} errors={errors}")
+          f"longest stall {longest_stall(outcomes)} {seen} errors={errors}")
     assert "broker unavailable" in logs  # the services really lost the connection
     assert not failures, evidence

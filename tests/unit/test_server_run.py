@@ -162,3 +162,29 @@ async def test_the_verifier_steps_runs_beside_speculative_rounds_but_not_beside_
     results, mixed = svc._verify([VerifyItem("spec", prompt + [1], [2, 3, 4], None, 0.0, None)], run)
     assert mixed and [r.session_id for r in results] == ["spec", "run"]
     assert results[1].new_tokens == 1  # the run's step cost one row of one id
+
+    # a cache that diverged from the committed ids (a rollback, or a session whose record moved
+    # on elsewhere) counts as the recompute it is, not as a short row
+    diverged = prompt[:5] + [(t + 1) % 128 for t in prompt[5:]] + [1]
+    results, mixed = svc._verify([VerifyItem("spec", diverged, [2], None, 0.0, None)], run)
+    assert not mixed and [r.session_id for r in results] == ["spec"]
+
+
+def test_the_engine_counts_the_ids_a_forward_feeds_as_the_forward_does() -> None:
+    torch.manual_seed(1)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=False, attn_implementation="sdpa")).eval()
+    engine = VerifierEngine(model)
+    prompt = [int(t) for t in torch.randint(0, 128, (30,))]
+    engine.verify([VerifyItem("a", prompt, [], None, 0.0, None),
+                   VerifyItem("b", prompt, [], None, 0.0, None)])
+    items = [VerifyItem("a", prompt + [7], [1, 2], None, 0.0, None),  # cached: 1 new + 2 drafted
+             VerifyItem("b", prompt[:10] + [9] * 25, [3], None, 0.0, None),  # diverged at 10
+             VerifyItem("c", prompt, [4, 5, 6], None, 0.0, None)]  # unknown: all of it
+    before = engine.sessions()
+    counted = engine.ids_to_feed(items)
+    assert engine.sessions() == before  # counting touches no cache and no LRU order
+    assert counted == [3, 26, 33]
+    assert counted == [r.new_tokens for r in engine.verify(items)]

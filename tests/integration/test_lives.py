@@ -1,0 +1,132 @@
+"""Two processes under one service name (a device's drafter restarted by its supervisor while the
+old process was only paused): the later one claims what the earlier one left pending at once,
+and the earlier one, when it runs again, stops before it handles anything. Real Redis, real
+``Service`` shells in one event loop; the process-level version (SIGSTOP, restart, SIGCONT) is
+``tests/faults/test_process_kills.py``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from wisp.bus import Bus, Entry, is_life_of
+from wisp.protocol import GenerateRequest
+from wisp.service import Consumer, Service, later_life
+from wisp.settings import Settings
+
+
+class Probe(Service):
+    """One consumer on a per-device stream (no sweeper: ``reclaim`` is off, as for a drafter's
+    verdicts); records what it handled."""
+
+    role = "probe"
+
+    def __init__(self, settings: Settings, bus: Bus) -> None:
+        super().__init__(settings, bus, "probe-1")
+        self.seen: list[str] = []
+
+    def consumers(self) -> list[Consumer]:
+        return [Consumer(self.keys.verdict("dev"), "g", GenerateRequest, self.on_entry)]
+
+    async def on_entry(self, e: Entry[GenerateRequest]) -> None:
+        self.seen.append(e.msg.request_id)
+
+
+SETTINGS = Settings(block_ms=100, heartbeat_s=0.2, heartbeat_ttl_s=2.0, reclaim_interval_s=0.2,
+                    reclaim_idle_ms=600_000)
+"""Reclaiming by idle time is out of reach (10 minutes): only the claim of an earlier life's
+entries can move them."""
+
+
+async def _until(pred: Callable[[], Awaitable[bool] | bool], timeout_s: float = 20.0) -> None:
+    for _ in range(int(timeout_s / 0.05)):
+        got = pred()
+        if await got if isinstance(got, Awaitable) else got:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not reached")
+
+
+def _s(x: bytes | str) -> str:
+    return x.decode() if isinstance(x, bytes) else x
+
+
+def _req(i: int) -> GenerateRequest:
+    return GenerateRequest(request_id=f"req-life-{i:04d}", prompt="p", submitted_ts=1.0)
+
+
+def test_lives_are_told_apart_by_start_then_token() -> None:
+    a = {"instance": "aaaa", "started": 100.0}
+    assert later_life({"instance": "bbbb", "started": 101.0}, a)
+    assert not later_life({"instance": "bbbb", "started": 99.0}, a)
+    assert later_life({"instance": "bbbb", "started": 100.0}, a)  # a tie: the token decides
+    assert not later_life({"instance": "0000", "started": 100.0}, a)
+    assert not later_life(a, a)
+    assert not later_life({"ready": True}, a)  # a heartbeat of a process from before lives
+    assert not later_life({"instance": 7, "started": "x"}, a)
+    assert is_life_of("d1", "d1") and is_life_of("d1@ab12", "d1")
+    assert not is_life_of("d10@ab12", "d1") and not is_life_of("d1@ab@12", "d1")
+
+
+async def test_a_restart_claims_what_the_earlier_life_left_pending_at_once(bus: Bus) -> None:
+    stream = bus.keys.verdict("dev")
+    await bus.ensure_group(stream, "g")
+    for i in range(3):
+        await bus.publish(stream, _req(i))
+    # an earlier life of probe-1 read them and died before acking (and one from before lives,
+    # under the bare name); another service's consumer holds one that is not ours
+    assert len(await bus.read(stream, "g", "probe-1@dead0001", GenerateRequest, count=2)) == 2
+    assert len(await bus.read(stream, "g", "probe-1", GenerateRequest, count=1)) == 1
+    await bus.publish(stream, _req(9))
+    assert len(await bus.read(stream, "g", "probe-10@other", GenerateRequest, count=1)) == 1
+
+    svc = Probe(SETTINGS, bus)
+    task = asyncio.create_task(svc.run())
+    try:
+        await _until(lambda: len(svc.seen) >= 3)
+        assert sorted(svc.seen) == [_req(i).request_id for i in range(3)]
+        names = {_s(c["name"]) for c in await bus.redis.xinfo_consumers(stream, "g")}
+        assert names == {svc.consumer, "probe-10@other"}, names  # earlier lives deleted
+        assert svc.counters.get("claimed_from_earlier_life") == 3
+    finally:
+        svc.stop()
+        await task
+
+
+async def test_a_superseded_life_stops_before_handling_and_leaves_the_entry(bus: Bus) -> None:
+    stream = bus.keys.verdict("dev")
+    old = Probe(SETTINGS, bus)
+    old_task = asyncio.create_task(old.run())
+    await _until(lambda: old.ready and old._confirmed > 0)
+    new = Probe(SETTINGS.model_copy(update={"reclaim_interval_s": 60.0}), bus)
+    new.life["started"] = float(old.life["started"]) + 1.0
+    # the old life "pauses": its confirmation goes stale, as after a SIGSTOP longer than half
+    # the heartbeat TTL, and the later life starts meanwhile
+    old._confirmed = -1e9
+    await bus.heartbeat("probe", "probe-1", dict(new.life), ttl_s=30)
+    await bus.publish(stream, _req(1))
+    await asyncio.wait_for(old_task, 10)  # it read the entry, saw the later life, and stopped
+    assert old.superseded and old.seen == []
+    pending = await bus.redis.xpending_range(stream, "g", min="-", max="+", count=10)
+    # read and left pending for the later life, or not read at all
+    assert {_s(p["consumer"]) for p in pending} <= {old.consumer}
+    hb = await bus.heartbeat_of("probe", "probe-1")
+    assert hb is not None and hb["instance"] == new.life["instance"]  # not deleted on its way out
+
+    new_task = asyncio.create_task(new.run())
+    try:
+        await _until(lambda: new.seen == [_req(1).request_id])
+    finally:
+        new.stop()
+        await new_task
+
+
+async def test_a_heartbeat_that_finds_a_later_life_is_undone(bus: Bus) -> None:
+    old = Probe(SETTINGS, bus)
+    later = {"instance": "ffffffff", "started": float(old.life["started"]) + 5.0}
+    await bus.heartbeat("probe", "probe-1", {"ready": True, **later}, ttl_s=30)
+    task = asyncio.create_task(old.run())
+    await asyncio.wait_for(task, 10)
+    assert old.superseded
+    hb = await bus.heartbeat_of("probe", "probe-1")
+    assert hb is not None and hb["instance"] == "ffffffff"
