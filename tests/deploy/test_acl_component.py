@@ -27,6 +27,7 @@ from tests.faults.test_security import ROLES, redis7_binary
 ROOT = Path(__file__).resolve().parents[2]
 COMPONENT = ROOT / "deploy" / "k8s" / "components" / "acl-users"
 OVERLAY = Path(__file__).resolve().parent / "overlays" / "cpu-acl"
+WITH_KEDA = Path(__file__).resolve().parent / "overlays" / "cpu-acl-keda"
 
 pytestmark = pytest.mark.skipif(kc.kubectl() is None, reason=kc.KUBECTL_HINT)
 
@@ -111,3 +112,21 @@ def test_the_redis_start_script_builds_working_users(tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(10)
         log.close()
+
+
+def test_keda_logs_in_as_its_read_only_user() -> None:
+    """With components/keda before acl-users, KEDA's triggers authenticate as ``wisp-keda`` (it
+    may only count: XINFO GROUPS, XPENDING, XLEN), from keys of the same Secret, not as admin."""
+    objs = kc.render(WITH_KEDA)
+    secret = next(o for o in objs
+                  if o["kind"] == "Secret" and o["metadata"]["name"].startswith("wisp-redis-auth"))
+    auth = next(o for o in objs if o["kind"] == "TriggerAuthentication")
+    refs = {r["parameter"]: r for r in auth["spec"]["secretTargetRef"]}
+    assert set(refs) == {"username", "password"}
+    assert {r["name"] for r in refs.values()} == {secret["metadata"]["name"]}
+    assert base64.b64decode(secret["data"][refs["username"]["key"]]).decode() == "wisp-keda"
+    assert refs["password"]["key"] == "keda-password"
+    triggers = [t for o in objs if o["kind"] == "ScaledObject" for t in o["spec"]["triggers"]
+                if t["type"] == "redis-streams"]
+    assert triggers and all(t["authenticationRef"]["name"] == auth["metadata"]["name"]
+                            for t in triggers)

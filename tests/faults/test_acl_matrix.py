@@ -397,8 +397,27 @@ STATUS = [
     never("status", "DEL wisp:req", cmd("DEL", f"{NS}:req")),
 ]
 
+# KEDA's redis-streams scaler (kedacore/keda pkg/scalers/redis_streams_scaler.go): XINFO GROUPS
+# for lagCount, XPENDING (the summary) for pendingEntriesCount, XLEN for streamLength
+KEDA = [
+    *(may("keda", f"{what} {key}", op)
+      for key, group in ((f"{NS}:annotated", "scheduler"), (f"{NS}:req", "drafters"))
+      for what, op in (("XINFO GROUPS", cmd("XINFO", "GROUPS", key)),
+                       ("XPENDING", cmd("XPENDING", key, group)),
+                       ("XLEN", cmd("XLEN", key)))),
+    never("keda", "XRANGE wisp:req", cmd("XRANGE", f"{NS}:req", "-", "+", "COUNT", "1")),
+    never("keda", "XREADGROUP wisp:annotated", readgroup(f"{NS}:annotated", "scheduler")),
+    never("keda", "XACK wisp:annotated", cmd("XACK", f"{NS}:annotated", "scheduler", "0-1")),
+    never("keda", "XADD wisp:req", xadd(f"{NS}:req")),
+    never("keda", "XINFO GROUPS wisp:verdict:*", cmd("XINFO", "GROUPS", f"{NS}:verdict:dev1")),
+    never("keda", "GET wisp:sess:<id>", cmd("GET", f"{NS}:sess:{RID}")),
+    never("keda", "XREAD wisp:out:<id>", cmd("XREAD", "STREAMS", f"{NS}:out:{RID}", "0")),
+    never("keda", "SCAN", cmd("SCAN", "0")),
+    never("keda", "DEL wisp:annotated", cmd("DEL", f"{NS}:annotated")),
+]
+
 MATRIX: list[Row] = [*CLIENT, *GATEWAY, *DRAFTER, *ESTIMATOR, *SCHEDULER, *VERIFIER, *STATUS,
-                     *everyone_never()]
+                     *KEDA, *everyone_never()]
 
 # Known gaps: rows expected to fail until the gap is closed (xfail, strict). The last one, the
 # drafter's EVAL of any script, closed when its scripts became Redis functions (+fcall).
