@@ -513,6 +513,34 @@ class Bus:
             await self.redis.xgroup_delconsumer(stream, group, other)
         return out
 
+    async def reap_departed(self, stream: str, group: str, role: str,
+                            min_idle_ms: int) -> list[str]:
+        """Delete the consumers of a shared ``group`` whose service is gone: nothing pending,
+        idle for ``min_idle_ms``, and no heartbeat of their name (role ``role``). Pods come and
+        go under new names (a rollout, a scale-down, a device that never comes back) and each
+        left its consumer in every shared group it read, for ever. Deleting one by mistake
+        loses nothing: it has nothing pending, and a live reader is re-created by its next
+        read. Returns the names deleted."""
+        try:
+            consumers = await self.redis.xinfo_consumers(stream, group)
+        except ResponseError as err:
+            if "NOGROUP" in str(err):
+                self._groups.discard((stream, group))
+                return []
+            raise
+        idle = [_s(c["name"]) for c in consumers
+                if int(c.get("pending", 0)) == 0 and int(c.get("idle", 0)) >= min_idle_ms]
+        if not idle:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for c in idle:
+            pipe.get(self.keys.heartbeat(role, c.split(LIFE_SEP, 1)[0]))
+        alive = await pipe.execute()
+        gone = [c for c, a in zip(idle, alive, strict=True) if a is None]
+        for c in gone:
+            await self.redis.xgroup_delconsumer(stream, group, c)
+        return gone
+
     async def _decode_claimed(self, stream: str, group: str, consumer: str, model: type[M],
                               claimed: Sequence[Any], max_deliveries: int) -> list[Entry[M]]:
         """Claimed entries as messages: an empty (trimmed) one is acked, one delivered more

@@ -47,6 +47,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+REAP_EVERY = 12
+"""Sweeper passes between two reaps of departed consumers (``Bus.reap_departed``: a list of
+every consumer of the group, so not at every pass): a minute at the default 5 s interval."""
+
 Handler = Callable[[Entry[Any]], Awaitable[None]]
 BatchHandler = Callable[[list[Entry[Any]]], Awaitable[None]]
 
@@ -383,7 +387,7 @@ class Service:
         name (a device's drafter, a pod's container) resumes its own streams without waiting
         for the idle time, and so does one that superseded a paused earlier life."""
         s = self.settings
-        first = True
+        first, passes = True, 0
         while not self.stopping.is_set():
             for c in self._consumers:
                 if not await self.current():
@@ -408,7 +412,12 @@ class Service:
                 for e in entries:
                     self.count("reclaimed")
                     await self.deliver(c, [e])
+                if passes % REAP_EVERY == 0:  # departed services' consumers, now and then
+                    gone = await self.bus.reap_departed(c.stream, c.group, self.role,
+                                                        s.reclaim_idle_ms)
+                    self.count("consumers_reaped", len(gone))
             first = False
+            passes += 1
             await self._pause(s.reclaim_interval_s)
 
     async def _guard(self, loop: Callable[[], Awaitable[None]], what: str) -> None:

@@ -130,3 +130,22 @@ async def test_a_heartbeat_that_finds_a_later_life_is_undone(bus: Bus) -> None:
     assert old.superseded
     hb = await bus.heartbeat_of("probe", "probe-1")
     assert hb is not None and hb["instance"] == "ffffffff"
+
+
+async def test_departed_consumers_of_a_shared_group_are_reaped(bus: Bus) -> None:
+    """Consumers of services that are gone (no heartbeat of their name, nothing pending, idle)
+    are deleted; a live one (its heartbeat is there), and a dead one still holding an entry
+    (the sweeper reclaims it first), stay."""
+    stream = bus.keys.requests
+    await bus.ensure_group(stream, "g")
+    for i in range(2):
+        await bus.publish(stream, _req(i))
+    await bus.redis.xgroup_createconsumer(stream, "g", "gone-pod@1")
+    await bus.redis.xgroup_createconsumer(stream, "g", "alive-pod@2")
+    assert len(await bus.read(stream, "g", "holding@3", GenerateRequest, count=1)) == 1
+    await bus.heartbeat("probe", "alive-pod", {"ready": True}, ttl_s=30)
+    await asyncio.sleep(0.15)
+    assert await bus.reap_departed(stream, "g", "probe", min_idle_ms=100) == ["gone-pod@1"]
+    names = {_s(c["name"]) for c in await bus.redis.xinfo_consumers(stream, "g")}
+    assert names == {"alive-pod@2", "holding@3"}
+    assert await bus.reap_departed(stream, "g", "probe", min_idle_ms=60_000) == []
