@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from wisp.policy.estimator import BatchShape, LinearEstimator, round_shape
-from wisp.policy.scheduler import RoundInfo, round_terms
-from wisp.policy.slo import AdmissionController, VerifierLoad
+from wisp.policy.scheduler import RoundInfo, SchedulerCore, pack_batches, round_terms
+from wisp.policy.slo import AdmissionController, SloAwarePolicy, VerifierLoad
 from wisp.protocol.draft import AnnotatedBlock, DraftBlock
 from wisp.protocol.session import SessionTerms
 from wisp.services.estimator.service import block_shape
@@ -72,3 +73,41 @@ def test_admission_refuses_while_sessions_wait_for_kv() -> None:
     assert not full.admit and "KV" in full.reason
     # a verifier that does not report KV is judged as before
     assert ac.decide([VerifierLoad(name="v", backlog_ms=0.0)], *slo, prompt_len=100).admit
+
+
+PADDED = LinearEstimator(coef=[100.0, 0, 0, 0, 10.0, 0, 0, 0, 0])
+"""100 ms per forward plus 10 ms per padded token position (rounds x longest row): an engine
+that pads every row to the longest, like the HF verifier."""
+
+
+def test_a_queue_is_priced_packed_as_a_padding_aware_scheduler_would() -> None:
+    prefill, decode = (154, 0), (5, 256)
+    batches = pack_batches(PADDED, [decode, prefill, decode, decode, decode], max_batch_size=16)
+    assert [(b.rounds, max(b.new_tokens)) for b in batches] == [(1, 154), (4, 5)]
+    # one padded batch of all five would be 100 + 5 x 154 x 10 = 7800 ms; packed: 1640 + 300
+    assert sum(PADDED.predict(b) for b in batches) == pytest.approx(1640.0 + 300.0)
+    assert [b.rounds for b in pack_batches(PADDED, [decode] * 20, max_batch_size=8)] == [8, 8, 4]
+    # without padding a shared forward is always cheaper: one batch
+    assert [b.rounds for b in pack_batches(PER_TOKEN, [decode, prefill], 16)] == [2]
+
+
+def test_admission_prices_the_newcomer_prefill_alone_beside_running_sessions() -> None:
+    ac = AdmissionController(PADDED, max_batch_size=16, draft_len=4, context_len=256)
+    a = ac.decide([VerifierLoad(name="v", backlog_ms=0.0, sessions=4)], 15_000.0, 10_000.0,
+                  prompt_len=150)
+    # 100 + 154 x 10 alone; priced beside 4 decode rounds it was 100 + 5 x 154 x 10 = 7800
+    assert a.admit and a.predicted_ttft_ms == pytest.approx(1640.0)
+
+
+def test_the_backlog_prices_a_queued_prefill_apart_from_the_decode_rounds() -> None:
+    core = SchedulerCore(SloAwarePolicy(max_batch_size=16), PADDED)
+    core.set_verifiers(["v"])
+    now = time.time()
+    for i in range(4):
+        core.affinity[f"s{i}"] = "v"
+        core.queue[f"s{i}:3"] = RoundInfo(key=f"s{i}:3", request_id=f"s{i}", round=3, arrival=now,
+                                         deadline=now + 10, **round_terms(4, 256, 10))
+    core.affinity["new"] = "v"
+    core.queue["new:0"] = RoundInfo(key="new:0", request_id="new", round=0, arrival=now,
+                                    deadline=now + 10, **round_terms(4, 150, 0))
+    assert core.backlog_ms("v", now) == pytest.approx(1640.0 + 300.0)
