@@ -467,35 +467,30 @@ class Bus:
         return await self.redis.xclaim(stream, group, consumer, min_idle_ms, ids), []
 
     async def claim_earlier_lives(self, stream: str, group: str, consumer: str, name: str,
-                                  model: type[M], max_deliveries: int = 5,
-                                  every_consumer: bool = False) -> list[Entry[M]]:
+                                  model: type[M], current: str | None,
+                                  max_deliveries: int = 5) -> list[Entry[M]]:
         """Claim for ``consumer`` (``name@<instance>``) every entry pending for an earlier life
         of ``name`` in ``group``: a consumer called ``name`` or ``name@<other instance>``. Such
         a life is dead or superseded (a later process of the same name took over its
         heartbeat), so its entries are claimed at once, not after ``reclaim_idle_ms``: a device
         restarted under its own name resumes its verdicts without a wait, and a paused earlier
-        life that wakes finds them gone. Earlier lives left with nothing pending are deleted
-        from the group, so restarts do not pile up consumers.
-
-        ``every_consumer`` (once, at start): list every consumer of the group (XINFO
-        CONSUMERS), so earlier lives with nothing pending are deleted too. Otherwise only the
-        consumers holding pending entries (XPENDING's summary), which stays short on a shared
-        group with thousands of drafters."""
+        life that wakes finds them gone. ``current``: the consumer the name's heartbeat names
+        right now (read by the caller just before), never claimed from even if it is not
+        ``consumer``: a life that has not yet learnt it was superseded must not take a later
+        life's entries. Only consumers holding entries are looked at (XPENDING's summary);
+        emptied ones are left to ``reap_departed``."""
         await self.ensure_group(stream, group)
         try:
-            if every_consumer:
-                names = [_s(c["name"]) for c in await self.redis.xinfo_consumers(stream, group)]
-            else:
-                summary = await self.redis.xpending(stream, group)
-                names = [_s(c["name"]) for c in summary.get("consumers") or []]
+            summary = await self.redis.xpending(stream, group)
         except ResponseError as err:
             if "NOGROUP" in str(err):
                 self._groups.discard((stream, group))
                 return []
             raise
         out: list[Entry[M]] = []
-        for other in names:
-            if other == consumer or not is_life_of(other, name):
+        for info in summary.get("consumers") or []:
+            other = _s(info["name"])
+            if other in (consumer, current) or not is_life_of(other, name):
                 continue
             for _ in range(1000):  # 100 per pass; bounded in case the list does not shrink
                 rows = await self.redis.xpending_range(stream, group, min="-", max="+",
@@ -503,24 +498,28 @@ class Bus:
                 if not rows:
                     break
                 ids = [_s(r["message_id"]) for r in rows]
-                claimed = await self.redis.xclaim(stream, group, consumer, 0, ids)
+                claimed = [c for c in await self.redis.xclaim(stream, group, consumer, 0, ids)
+                           if c[0] is not None]  # Redis 6.2 answers nil for a trimmed entry
                 got = {_s(eid) for eid, _ in claimed}
                 gone = [i for i in ids if i not in got]  # trimmed from the stream meanwhile
                 if gone:
                     await self.ack(stream, group, *gone)
                 out += await self._decode_claimed(stream, group, consumer, model, claimed,
                                                   max_deliveries)
-            await self.redis.xgroup_delconsumer(stream, group, other)
         return out
 
     async def reap_departed(self, stream: str, group: str, role: str,
                             min_idle_ms: int) -> list[str]:
-        """Delete the consumers of a shared ``group`` whose service is gone: nothing pending,
-        idle for ``min_idle_ms``, and no heartbeat of their name (role ``role``). Pods come and
-        go under new names (a rollout, a scale-down, a device that never comes back) and each
-        left its consumer in every shared group it read, for ever. Deleting one by mistake
-        loses nothing: it has nothing pending, and a live reader is re-created by its next
-        read. Returns the names deleted."""
+        """Delete the consumers of ``group`` that no live process reads with: nothing pending,
+        idle for ``min_idle_ms``, and either no heartbeat of their name (role ``role``: a pod
+        replaced in a rollout, a device that never came back) or a heartbeat of another life
+        of that name (a restart). Each left its consumer in every group it read, for ever.
+
+        Not atomic: a consumer that reads in the moment between the listing and the delete
+        would lose what it read from the group's pending list. ``min_idle_ms`` is long
+        (minutes) so that only a process paused that long can be caught, in a window of one
+        round trip; the delete's reply (entries dropped) is logged so it would not go unseen.
+        Returns the names deleted."""
         try:
             consumers = await self.redis.xinfo_consumers(stream, group)
         except ResponseError as err:
@@ -535,10 +534,21 @@ class Bus:
         pipe = self.redis.pipeline(transaction=False)
         for c in idle:
             pipe.get(self.keys.heartbeat(role, c.split(LIFE_SEP, 1)[0]))
-        alive = await pipe.execute()
-        gone = [c for c, a in zip(idle, alive, strict=True) if a is None]
-        for c in gone:
-            await self.redis.xgroup_delconsumer(stream, group, c)
+        beats = await pipe.execute()
+        gone = []
+        for c, raw in zip(idle, beats, strict=True):
+            hb = _json_dict(raw)
+            if hb is not None:
+                base, inst = c.split(LIFE_SEP, 1)[0], hb.get("instance")
+                # the live process's own consumer (a process from before lives reads as ``base``)
+                if c == (base if not isinstance(inst, str) else consumer_of(base, inst)):
+                    continue
+            dropped = int(await self.redis.xgroup_delconsumer(stream, group, c) or 0)
+            if dropped:
+                log.warning("deleted consumer %s of %s/%s while it held %d entries (it read "
+                            "them just now); they are in the stream but no longer pending",
+                            c, stream, group, dropped)
+            gone.append(c)
         return gone
 
     async def _decode_claimed(self, stream: str, group: str, consumer: str, model: type[M],
@@ -547,6 +557,8 @@ class Bus:
         than ``max_deliveries`` times or unparseable is dead-lettered and acked."""
         out: list[Entry[M]] = []
         for entry_id, fields in claimed:
+            if entry_id is None:  # Redis 6.2: nil for an entry trimmed from the stream
+                continue
             eid = _s(entry_id)
             if not fields:
                 await self.ack(stream, group, eid)

@@ -50,6 +50,9 @@ T = TypeVar("T")
 REAP_EVERY = 12
 """Sweeper passes between two reaps of departed consumers (``Bus.reap_departed``: a list of
 every consumer of the group, so not at every pass): a minute at the default 5 s interval."""
+REAP_IDLE_MS = 300_000
+"""A consumer is reaped only after this long idle (or 10 x ``reclaim_idle_ms`` if longer): the
+reap is not atomic, and only a process paused that long could read in its window."""
 
 Handler = Callable[[Entry[Any]], Awaitable[None]]
 BatchHandler = Callable[[list[Entry[Any]]], Awaitable[None]]
@@ -387,20 +390,35 @@ class Service:
         name (a device's drafter, a pod's container) resumes its own streams without waiting
         for the idle time, and so does one that superseded a paused earlier life."""
         s = self.settings
-        first, passes = True, 0
+        claimed_at_start: set[tuple[str, str]] = set()
+        passes = 0
         while not self.stopping.is_set():
+            # read afresh each pass: claiming must never take a later life's entries
+            now_current = await self._current_consumer()
+            if self.superseded:
+                return
+            reap = passes % REAP_EVERY == 0
+            reap_idle_ms = max(REAP_IDLE_MS, 10 * s.reclaim_idle_ms)
             for c in self._consumers:
-                if not await self.current():
-                    return
-                if not c.leader_only or self.leader:
+                active = not c.leader_only or self.leader
+                if active and (not c.reclaim or (c.stream, c.group) not in claimed_at_start):
                     # an earlier life of this name (restarted, or paused and superseded) left
-                    # these: claimed at once, on every stream this service reads
+                    # these: on this service's own streams at every pass, on a shared group
+                    # once at start (after that its idle sweep below covers them)
                     for e in await self.bus.claim_earlier_lives(
-                            c.stream, c.group, self.consumer, self.name, c.model,
-                            max_deliveries=s.max_deliveries, every_consumer=first):
+                            c.stream, c.group, self.consumer, self.name, c.model, now_current,
+                            max_deliveries=s.max_deliveries):
                         self.count("claimed_from_earlier_life")
                         await self.deliver(c, [e])
-                if not c.reclaim or (c.leader_only and not self.leader):
+                    if c.reclaim:
+                        claimed_at_start.add((c.stream, c.group))
+                if not c.reclaim:  # a stream of this service's own: few consumers, no lease
+                    if reap and active:
+                        gone = await self.bus.reap_departed(c.stream, c.group, self.role,
+                                                            reap_idle_ms)
+                        self.count("consumers_reaped", len(gone))
+                    continue
+                if not active:
                     continue
                 lease = f"sweep:{c.stream}:{c.group}"
                 if not await self.bus.acquire_lease(lease, self.name, 3 * s.reclaim_interval_s):
@@ -412,13 +430,24 @@ class Service:
                 for e in entries:
                     self.count("reclaimed")
                     await self.deliver(c, [e])
-                if passes % REAP_EVERY == 0:  # departed services' consumers, now and then
-                    gone = await self.bus.reap_departed(c.stream, c.group, self.role,
-                                                        s.reclaim_idle_ms)
+                if reap:  # departed services' consumers, by the group's one sweeper
+                    gone = await self.bus.reap_departed(c.stream, c.group, self.role, reap_idle_ms)
                     self.count("consumers_reaped", len(gone))
-            first = False
             passes += 1
             await self._pause(s.reclaim_interval_s)
+
+    async def _current_consumer(self) -> str | None:
+        """The consumer of the life the name's heartbeat names now, read from Redis (None:
+        no heartbeat, or one from before lives); supersedes this life if that one is later."""
+        info = await self.bus.heartbeat_of(self.role, self.name)
+        if info is None:
+            return None
+        if later_life(info, self.life):
+            self._supersede(info)
+            return None
+        self._confirmed = time.monotonic()
+        inst = info.get("instance")
+        return consumer_of(self.name, inst) if isinstance(inst, str) else None
 
     async def _guard(self, loop: Callable[[], Awaitable[None]], what: str) -> None:
         """Keep a consumer loop alive: broker outages back off and retry; a bug in handling
@@ -461,6 +490,8 @@ class Service:
                 self._confirmed = time.monotonic()
             except (RedisConnectionError, RedisTimeoutError, OSError) as err:
                 log.warning("%s: heartbeat failed: %s", self.name, err)
+            except Exception:  # e.g. a refused command: the heartbeat must go on regardless
+                log.exception("%s: heartbeat failed", self.name)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), self.settings.heartbeat_s)
 

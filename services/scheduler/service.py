@@ -83,7 +83,7 @@ class SchedulerService(Service):
             policy or batch_policy(s),
             self.estimator,
             max_inflight=s.max_inflight_batches,
-            id_prefix=f"{self.name}-",
+            id_prefix=f"{self.consumer}-",  # per life: a restart does not reuse batch ids
         )
         self.blocks: dict[str, AnnotatedBlock] = {}
         self.entry_ids: dict[str, str] = {}
@@ -121,6 +121,8 @@ class SchedulerService(Service):
         return [*loops, self.model_loop] if self.reload_estimator else loops
 
     async def teardown(self) -> None:
+        if self.superseded:  # the lease (held by name) is the later life's now
+            return
         with contextlib.suppress(Exception):
             await self.bus.release_lease(LEASE, self.name)
 
@@ -128,6 +130,9 @@ class SchedulerService(Service):
     async def lease_loop(self) -> None:
         ttl = self.settings.heartbeat_ttl_s
         while not self.stopping.is_set():
+            if not await self.current():  # a later life of this name holds the lease
+                self.leader = False
+                return
             was = self.leader
             self.leader = await self.bus.acquire_lease(LEASE, self.name, ttl)
             if self.leader != was:
@@ -206,6 +211,8 @@ class SchedulerService(Service):
         while not self.stopping.is_set():
             self.wake.clear()
             timeout = 0.05
+            if self.leader and not await self.current():  # woke superseded: send nothing
+                return
             if self.leader:
                 lost = self.core.requeue_overdue(now(), grace_s=self.settings.batch_timeout_s)
                 if lost:

@@ -405,6 +405,7 @@ KEDA = [
       for what, op in (("XINFO GROUPS", cmd("XINFO", "GROUPS", key)),
                        ("XPENDING", cmd("XPENDING", key, group)),
                        ("XLEN", cmd("XLEN", key)))),
+    may("keda", "INFO server", cmd("INFO", "server")),
     never("keda", "XRANGE wisp:req", cmd("XRANGE", f"{NS}:req", "-", "+", "COUNT", "1")),
     never("keda", "XREADGROUP wisp:annotated", readgroup(f"{NS}:annotated", "scheduler")),
     never("keda", "XACK wisp:annotated", cmd("XACK", f"{NS}:annotated", "scheduler", "0-1")),

@@ -85,9 +85,13 @@ async def test_a_restart_claims_what_the_earlier_life_left_pending_at_once(bus: 
     try:
         await _until(lambda: len(svc.seen) >= 3)
         assert sorted(svc.seen) == [_req(i).request_id for i in range(3)]
-        names = {_s(c["name"]) for c in await bus.redis.xinfo_consumers(stream, "g")}
-        assert names == {svc.consumer, "probe-10@other"}, names  # earlier lives deleted
         assert svc.counters.get("claimed_from_earlier_life") == 3
+        # the emptied earlier lives are reaped (after minutes idle in service; here at once),
+        # the live one and another service's consumer holding an entry are not
+        assert sorted(await bus.reap_departed(stream, "g", "probe", min_idle_ms=0)) == [
+            "probe-1", "probe-1@dead0001"]
+        names = {_s(c["name"]) for c in await bus.redis.xinfo_consumers(stream, "g")}
+        assert names == {svc.consumer, "probe-10@other"}, names
     finally:
         svc.stop()
         await task
@@ -143,9 +147,40 @@ async def test_departed_consumers_of_a_shared_group_are_reaped(bus: Bus) -> None
     await bus.redis.xgroup_createconsumer(stream, "g", "gone-pod@1")
     await bus.redis.xgroup_createconsumer(stream, "g", "alive-pod@2")
     assert len(await bus.read(stream, "g", "holding@3", GenerateRequest, count=1)) == 1
-    await bus.heartbeat("probe", "alive-pod", {"ready": True}, ttl_s=30)
+    await bus.heartbeat("probe", "alive-pod", {"ready": True, "instance": "2", "started": 1.0},
+                        ttl_s=30)
     await asyncio.sleep(0.15)
     assert await bus.reap_departed(stream, "g", "probe", min_idle_ms=100) == ["gone-pod@1"]
     names = {_s(c["name"]) for c in await bus.redis.xinfo_consumers(stream, "g")}
     assert names == {"alive-pod@2", "holding@3"}
     assert await bus.reap_departed(stream, "g", "probe", min_idle_ms=60_000) == []
+
+
+async def test_a_life_never_claims_from_the_life_the_heartbeat_names(bus: Bus) -> None:
+    """A process that has not yet learnt it was superseded (its confirmation is up to half a
+    TTL old) must not take the later life's entries: the claim skips the consumer the
+    heartbeat names, and takes only from lives before it."""
+    stream = bus.keys.verdict("dev")
+    await bus.ensure_group(stream, "g")
+    for i in range(2):
+        await bus.publish(stream, _req(i))
+    assert len(await bus.read(stream, "g", "probe-1@later", GenerateRequest, count=1)) == 1
+    assert len(await bus.read(stream, "g", "probe-1@dead", GenerateRequest, count=1)) == 1
+    got = await bus.claim_earlier_lives(stream, "g", "probe-1@old", "probe-1", GenerateRequest,
+                                        current="probe-1@later")
+    assert [e.msg.request_id for e in got] == [_req(1).request_id]
+    pending = await bus.redis.xpending_range(stream, "g", min="-", max="+", count=10)
+    assert sorted(_s(p["consumer"]) for p in pending) == ["probe-1@later", "probe-1@old"]
+
+
+async def test_a_superseded_scheduler_leaves_the_lease_to_its_successor(bus: Bus) -> None:
+    """Leases are held by name, which every life of a scheduler shares: a superseded life on
+    its way out must not release the lease the later life holds (a needless failover)."""
+    from wisp.services.scheduler.service import LEASE, SchedulerService
+
+    old = SchedulerService(Settings(), bus, name="sched-1")
+    assert await bus.acquire_lease(LEASE, "sched-1", 30)  # the later life's, by name
+    old._supersede({"instance": "later"})
+    await old.teardown()
+    assert await bus.redis.get(bus.keys.lease(LEASE)) == b"sched-1"
+    await bus.redis.delete(bus.keys.lease(LEASE))

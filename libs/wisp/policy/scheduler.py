@@ -202,19 +202,24 @@ def pack_batches(estimator: VerifyTimeEstimator, shapes: Sequence[tuple[int, int
     out: list[BatchShape] = []
     new: list[int] = []
     ctx: list[int] = []
-    cost = 0.0
     for n, c in sorted(shapes, key=lambda s: (-s[0], -s[1])):
         if new and len(new) < size:
+            # a row as long as the open batch's last adds no padding: it joins without a
+            # prediction (decode rounds have a handful of lengths, so a long queue costs a
+            # few predictions per batch, not two per round)
+            if n == new[-1]:
+                new.append(n)
+                ctx.append(c)
+                continue
+            cost = estimator.predict(BatchShape.of(new, ctx))
             joined = estimator.predict(BatchShape.of([*new, n], [*ctx, c]))
             if joined - cost <= estimator.predict(BatchShape.of([n], [c])):
                 new.append(n)
                 ctx.append(c)
-                cost = joined
                 continue
         if new:
             out.append(BatchShape.of(new, ctx))
         new, ctx = [n], [c]
-        cost = estimator.predict(BatchShape.of(new, ctx))
     if new:
         out.append(BatchShape.of(new, ctx))
     return out
