@@ -327,6 +327,10 @@ async def run_services(
                     k: v for _, detail in verdicts for k, v in detail.items()}
 
             http = await serve_http(settings.http_host, settings.http_port, ready, live)
+            # the port bound (WISP_HTTP_PORT=0: one the kernel chose, free by construction)
+            bound = http.sockets[0].getsockname()[1] if http.sockets else settings.http_port
+            log.info("probes and metrics on http://%s:%d (/healthz /readyz /metrics)",
+                     settings.http_host, bound)
         for role in roles:
             bus = await _connect_until_up(settings, url, stop, state,
                                           forever=settings.http_port is not None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -109,6 +110,21 @@ class Cluster:
         finally:
             r.close()
         raise TimeoutError(f"services not ready: {set(names)}; logs: {self.log_dir}")
+
+    def http_port(self, name: str, timeout_s: float = 60.0) -> int:
+        """The HTTP port ``name`` bound, from its log. Start a service with ``http_port=0`` and
+        read its port here: a port picked before the process binds it can be taken meanwhile
+        (CI saw it twice: "address already in use"); the kernel's choice at bind time cannot."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            found = re.search(r"probes and metrics on http://[^:\s]+:(\d+)", self.log(name))
+            if found:
+                return int(found.group(1))
+            p = self.procs.get(name)
+            if p is not None and p.poll() is not None:
+                raise RuntimeError(f"{name} exited with {p.returncode}:\n{self.log(name)[-3000:]}")
+            time.sleep(0.1)
+        raise TimeoutError(f"{name} logged no HTTP port in {timeout_s:.0f} s")
 
     def log(self, name: str) -> str:
         path = self.log_dir / f"{name}.log"

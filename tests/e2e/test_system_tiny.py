@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 from wisp.data import mixed_prompts
-from wisp.services.runner import free_port
 
 from tests.harness import Cluster, clean_namespace, cli, collect, spawn_submit, submit_json
 from tests.reference import chat_prompt_ids, greedy_reference, load_target
@@ -29,8 +28,8 @@ from tests.reference import chat_prompt_ids, greedy_reference, load_target
 ROLES = [("estimator", "est"), ("scheduler", "sch"), ("verifier", "v1"), ("verifier", "v2"),
          ("drafter", "d1"), ("drafter", "d2"), ("drafter", "d3")]
 PORTS: dict[str, int] = {}
-"""Each service's HTTP port, picked when the cluster starts: picked at collection time, minutes
-before, another test's service could bind one first (a CI run: d1's port in use)."""
+"""Each service's HTTP port, as it bound it (``http_port=0``, read from its log): ports picked
+in advance were taken by something else before the service bound them, in two CI runs."""
 MAX_NEW = 20
 N_PROMPTS = 24  # 8 from each of HumanEval, MT-Bench, ShareGPT
 
@@ -46,10 +45,10 @@ def cluster(redis_url: str, tiny_pair: tuple[Path, Path], tmp_path_factory: pyte
                           "max_wait_ms": 5, "draft_k": 4})
     with c:
         PORTS.clear()
-        PORTS.update({name: free_port() for _, name in ROLES})
         for role, name in ROLES:
-            c.start(role, name, http_port=PORTS[name])
+            c.start(role, name, http_port=0)  # the kernel picks a free port at bind time
         c.wait_ready([name for _, name in ROLES])
+        PORTS.update({name: c.http_port(name) for _, name in ROLES})
         yield c
     clean_namespace(redis_url, ns)
 
