@@ -46,6 +46,7 @@ OutputEvent = TokenEvent | DoneEvent | ErrorEvent
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 FIELD = b"d"
 """The single field of every stream entry; its value is the JSON message."""
 OUTPUT_MAXLEN = 100_000
@@ -432,20 +433,20 @@ class Bus:
         and lost with the scheduler."""
         await self.ensure_group(stream, group)
         cursor = self._cursors.get((stream, group), "0-0")
-        try:
+
+        async def claim() -> tuple[list[Any], list[Any]]:
             if others_only:
-                claimed, deleted = await self._claim_from_others(stream, group, consumer,
-                                                                 min_idle_ms, cursor, count)
-            else:
-                res = await self.redis.xautoclaim(stream, group, consumer, min_idle_ms,
-                                                  start_id=cursor, count=count)
-                self._cursors[(stream, group)] = _s(res[0])
-                claimed, deleted = res[1], (res[2] if len(res) > 2 else [])
-        except ResponseError as err:
-            if "NOGROUP" in str(err):
-                self._groups.discard((stream, group))
-                return []
-            raise
+                return await self._claim_from_others(stream, group, consumer, min_idle_ms,
+                                                     cursor, count)
+            res = await self.redis.xautoclaim(stream, group, consumer, min_idle_ms,
+                                              start_id=cursor, count=count)
+            self._cursors[(stream, group)] = _s(res[0])
+            return res[1], (res[2] if len(res) > 2 else [])
+
+        got = await self._on_group(stream, group, claim())
+        if got is None:
+            return []
+        claimed, deleted = got
         if deleted:
             await self.ack(stream, group, *[_s(d) for d in deleted])
         return await self._decode_claimed(stream, group, consumer, model, claimed, max_deliveries)
@@ -466,6 +467,17 @@ class Bus:
         # from the pending list itself): neither is ours to ack
         return await self.redis.xclaim(stream, group, consumer, min_idle_ms, ids), []
 
+    async def _on_group(self, stream: str, group: str, call: Awaitable[T]) -> T | None:
+        """Await a command on ``group``; None if the stream or group was deleted under us
+        (NOGROUP: forgotten, so the next read recreates it)."""
+        try:
+            return await call
+        except ResponseError as err:
+            if "NOGROUP" in str(err):
+                self._groups.discard((stream, group))
+                return None
+            raise
+
     async def claim_earlier_lives(self, stream: str, group: str, consumer: str, name: str,
                                   model: type[M], current: str | None,
                                   max_deliveries: int = 5) -> list[Entry[M]]:
@@ -480,13 +492,9 @@ class Bus:
         life's entries. Only consumers holding entries are looked at (XPENDING's summary);
         emptied ones are left to ``reap_departed``."""
         await self.ensure_group(stream, group)
-        try:
-            summary = await self.redis.xpending(stream, group)
-        except ResponseError as err:
-            if "NOGROUP" in str(err):
-                self._groups.discard((stream, group))
-                return []
-            raise
+        summary = await self._on_group(stream, group, self.redis.xpending(stream, group))
+        if summary is None:
+            return []
         out: list[Entry[M]] = []
         for info in summary.get("consumers") or []:
             other = _s(info["name"])
@@ -520,13 +528,9 @@ class Bus:
         (minutes) so that only a process paused that long can be caught, in a window of one
         round trip; the delete's reply (entries dropped) is logged so it would not go unseen.
         Returns the names deleted."""
-        try:
-            consumers = await self.redis.xinfo_consumers(stream, group)
-        except ResponseError as err:
-            if "NOGROUP" in str(err):
-                self._groups.discard((stream, group))
-                return []
-            raise
+        consumers = await self._on_group(stream, group, self.redis.xinfo_consumers(stream, group))
+        if consumers is None:
+            return []
         idle = [_s(c["name"]) for c in consumers
                 if int(c.get("pending", 0)) == 0 and int(c.get("idle", 0)) >= min_idle_ms]
         if not idle:

@@ -353,16 +353,20 @@ class Service:
         blocked) it asks Redis first, so a process that wakes from a pause during which a later
         one of its name took over stops before it handles or acks anything (what it read stays
         pending for that later life, which claims it). A process is superseded for good."""
-        if self.superseded:
-            return False
-        if time.monotonic() - self._confirmed <= self.settings.heartbeat_ttl_s / 2:
-            return True
+        if not self.superseded and (time.monotonic() - self._confirmed
+                                    > self.settings.heartbeat_ttl_s / 2):
+            await self._read_heartbeat()
+        return not self.superseded
+
+    async def _read_heartbeat(self) -> dict[str, Any] | None:
+        """The name's heartbeat, read from Redis (None: none); supersedes this life if it is a
+        later one's, else confirms this life."""
         info = await self.bus.heartbeat_of(self.role, self.name)
         if info is not None and later_life(info, self.life):
             self._supersede(info)
-            return False
-        self._confirmed = time.monotonic()
-        return True
+        else:
+            self._confirmed = time.monotonic()
+        return info
 
     def _supersede(self, by: dict[str, Any]) -> None:
         if not self.superseded:
@@ -439,13 +443,9 @@ class Service:
     async def _current_consumer(self) -> str | None:
         """The consumer of the life the name's heartbeat names now, read from Redis (None:
         no heartbeat, or one from before lives); supersedes this life if that one is later."""
-        info = await self.bus.heartbeat_of(self.role, self.name)
-        if info is None:
+        info = await self._read_heartbeat()
+        if info is None or self.superseded:
             return None
-        if later_life(info, self.life):
-            self._supersede(info)
-            return None
-        self._confirmed = time.monotonic()
         inst = info.get("instance")
         return consumer_of(self.name, inst) if isinstance(inst, str) else None
 

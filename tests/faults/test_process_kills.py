@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import time
 import uuid
@@ -27,6 +26,7 @@ from tests.faults.common import (
     ERROR,
     FAST,
     LOST,
+    MAX_NEW,
     Outcome,
     PrivateRedis,
     all_logs,
@@ -72,6 +72,16 @@ def _evidence(c: Cluster, names: list[str], outcomes: list[Outcome], r: redis.Re
     tails = "\n".join(f"--- {n} ---\n{_signal(all_logs(c, n))[-2500:]}" for n in names)
     return (f"{summarize(outcomes)}\n" + "\n".join(failures) + f"\ndead letters ({len(dead)}): "
             f"{dead[:10]}\n{tails}")
+
+
+def _judged(c: Cluster, names: list[str], outcomes: list[Outcome], target: Path,
+            r: redis.Redis, ns: str, recovered_ts: float, max_new: int = MAX_NEW,
+            ) -> tuple[list[str], str]:
+    """The failures of a bounded run (not the target's greedy output delivered once, or
+    answered more than ``RECOVERY_S`` after the fault was over) and their evidence."""
+    failures = lossless_failures(outcomes, target, max_new=max_new)
+    failures += answered_late(outcomes, recovered_ts, RECOVERY_S)
+    return failures, _evidence(c, names, outcomes, r, ns, failures) if failures else ""
 
 
 _NOISE = ("broker unavailable", "heartbeat failed", "Loading weights", "FutureWarning",
@@ -157,9 +167,8 @@ def test_verifier_outage_past_reclaim_then_kill_scheduler(
 
             outcomes = run_bounded(redis_url, ns, [p.text for p in mixed_prompts(8, offset=100)],
                                    outage_then_kill, bound_s=BOUND_S)
-            failures = lossless_failures(outcomes, target)
-            failures += answered_late(outcomes, float(seen["recovered_ts"]), RECOVERY_S)
-            evidence = _evidence(c, names, outcomes, r, ns, failures) if failures else ""
+            failures, evidence = _judged(c, names, outcomes, target, r, ns,
+                                         float(seen["recovered_ts"]))
     finally:
         unpause_all(c)
         clean_namespace(redis_url, ns)
@@ -233,10 +242,9 @@ def test_paused_drafter_is_adopted_then_wakes(redis_url: str, tiny_pair: tuple[P
             outcomes = run_bounded(redis_url, ns, [p.text for p in mixed_prompts(6, offset=110)],
                                    pause_past_ttl, max_new=max_new, bound_s=BOUND_S)
             time.sleep(1.0)  # let the woken drafter act on its stale state before the logs are read
-            failures = lossless_failures(outcomes, target, max_new=max_new)
-            failures += answered_late(outcomes, float(seen["recovered_ts"]), RECOVERY_S)
+            failures, evidence = _judged(c, names, outcomes, target, r, ns,
+                                         float(seen["recovered_ts"]), max_new)
             logs = {n: all_logs(c, n) for n in names}
-            evidence = _evidence(c, names, outcomes, r, ns, failures) if failures else ""
     finally:
         unpause_all(c)
         clean_namespace(redis_url, ns)
@@ -280,7 +288,7 @@ def test_drafter_restarted_under_its_name_while_paused_then_wakes(
             seen["restarted_s"] = round(time.time() - t0, 2)
             seen["committed_at_wake"] = committed_tokens(r, ns)
         finally:
-            os.kill(c.procs["d1-old"].pid, signal.SIGCONT)
+            unpause(c, "d1-old")
             seen["recovered_ts"] = time.time()
         with contextlib.suppress(Exception):
             c.procs["d1-old"].wait(20)  # a process that was superseded stops by itself
@@ -295,10 +303,9 @@ def test_drafter_restarted_under_its_name_while_paused_then_wakes(
                                    restart_while_paused, max_new=max_new, bound_s=BOUND_S)
             old = c.procs["d1-old"]
             old_rc = old.poll()
-            failures = lossless_failures(outcomes, target, max_new=max_new)
-            failures += answered_late(outcomes, float(seen["recovered_ts"]), RECOVERY_S)
+            failures, evidence = _judged(c, names, outcomes, target, r, ns,
+                                         float(seen["recovered_ts"]), max_new)
             logs = {n: all_logs(c, n) for n in names}
-            evidence = _evidence(c, names, outcomes, r, ns, failures) if failures else ""
     finally:
         unpause_all(c)
         clean_namespace(redis_url, ns)

@@ -51,6 +51,12 @@ def _s(x: bytes | str) -> str:
     return x.decode() if isinstance(x, bytes) else x
 
 
+async def _take(bus: Bus, stream: str, consumer: str, n: int) -> None:
+    """``consumer`` reads ``n`` entries of group "g" and holds them, un-acked (a life that died
+    or was paused holding them)."""
+    assert len(await bus.read(stream, "g", consumer, GenerateRequest, count=n)) == n
+
+
 def _req(i: int) -> GenerateRequest:
     return GenerateRequest(request_id=f"req-life-{i:04d}", prompt="p", submitted_ts=1.0)
 
@@ -75,10 +81,10 @@ async def test_a_restart_claims_what_the_earlier_life_left_pending_at_once(bus: 
         await bus.publish(stream, _req(i))
     # an earlier life of probe-1 read them and died before acking (and one from before lives,
     # under the bare name); another service's consumer holds one that is not ours
-    assert len(await bus.read(stream, "g", "probe-1@dead0001", GenerateRequest, count=2)) == 2
-    assert len(await bus.read(stream, "g", "probe-1", GenerateRequest, count=1)) == 1
+    await _take(bus, stream, "probe-1@dead0001", 2)
+    await _take(bus, stream, "probe-1", 1)
     await bus.publish(stream, _req(9))
-    assert len(await bus.read(stream, "g", "probe-10@other", GenerateRequest, count=1)) == 1
+    await _take(bus, stream, "probe-10@other", 1)
 
     svc = Probe(SETTINGS, bus)
     task = asyncio.create_task(svc.run())
@@ -146,7 +152,7 @@ async def test_departed_consumers_of_a_shared_group_are_reaped(bus: Bus) -> None
         await bus.publish(stream, _req(i))
     await bus.redis.xgroup_createconsumer(stream, "g", "gone-pod@1")
     await bus.redis.xgroup_createconsumer(stream, "g", "alive-pod@2")
-    assert len(await bus.read(stream, "g", "holding@3", GenerateRequest, count=1)) == 1
+    await _take(bus, stream, "holding@3", 1)
     await bus.heartbeat("probe", "alive-pod", {"ready": True, "instance": "2", "started": 1.0},
                         ttl_s=30)
     await asyncio.sleep(0.15)
@@ -164,8 +170,8 @@ async def test_a_life_never_claims_from_the_life_the_heartbeat_names(bus: Bus) -
     await bus.ensure_group(stream, "g")
     for i in range(2):
         await bus.publish(stream, _req(i))
-    assert len(await bus.read(stream, "g", "probe-1@later", GenerateRequest, count=1)) == 1
-    assert len(await bus.read(stream, "g", "probe-1@dead", GenerateRequest, count=1)) == 1
+    await _take(bus, stream, "probe-1@later", 1)
+    await _take(bus, stream, "probe-1@dead", 1)
     got = await bus.claim_earlier_lives(stream, "g", "probe-1@old", "probe-1", GenerateRequest,
                                         current="probe-1@later")
     assert [e.msg.request_id for e in got] == [_req(1).request_id]
