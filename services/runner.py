@@ -50,26 +50,38 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+_ISSUED: set[int] = set()
+"""Ports this process has handed out: two picks moments apart must not name the same port."""
+
+
 def free_port() -> int:
-    """A TCP port nothing listens on, picked at random *below* the kernel's ephemeral range.
+    """A TCP port nothing listens on, picked at random *below* the kernel's ephemeral range,
+    and never one this process has handed out before.
 
     Why not ``bind(0)``: the kernel hands the same ephemeral ports to outgoing connections, so
     between choosing a port and a server binding it, any client socket (a Redis connection) can
     take it. CI hit exactly that ("address already in use" for a service's HTTP port picked a
-    few minutes earlier)."""
+    few minutes earlier). Why remember: a caller that picks several ports before starting the
+    servers (a rendered deployment's pods) would otherwise draw the same free port twice about
+    once in a few hundred runs; CI hit that too (a gateway's API port)."""
     low = _ephemeral_low()
     rng = random.SystemRandom()
     for _ in range(200):
         port = rng.randrange(max(1024, low - 20_000), max(1025, low))
+        if port in _ISSUED:
+            continue
         try:
             with socket.socket() as s:
                 s.bind(("0.0.0.0", port))
         except OSError:
             continue
+        _ISSUED.add(port)
         return port
     with socket.socket() as s:  # everything below the range is taken: fall back
         s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        port = int(s.getsockname()[1])
+    _ISSUED.add(port)
+    return port
 
 
 def redis_server_binary() -> str:

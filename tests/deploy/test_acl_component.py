@@ -27,7 +27,8 @@ from tests.faults.test_security import ROLES, redis7_binary
 ROOT = Path(__file__).resolve().parents[2]
 COMPONENT = ROOT / "deploy" / "k8s" / "components" / "acl-users"
 OVERLAY = Path(__file__).resolve().parent / "overlays" / "cpu-acl"
-WITH_KEDA = Path(__file__).resolve().parent / "overlays" / "cpu-acl-keda"
+WITH_EXTRAS = Path(__file__).resolve().parent / "overlays" / "cpu-acl-extras"
+"""cpu + keda + monitoring + acl-users, in that order."""
 
 pytestmark = pytest.mark.skipif(kc.kubectl() is None, reason=kc.KUBECTL_HINT)
 
@@ -103,6 +104,12 @@ def test_the_redis_start_script_builds_working_users(tmp_path: Path) -> None:
         for role in ROLES:
             user = redis.Redis(port=port, username=f"wisp-{role}", password=pw[f"{role}-password"])
             assert user.ping(), role
+        # the exporter reads every setting (CONFIG GET *): none of them may be a password
+        exporter = redis.Redis(port=port, username="wisp-exporter", password=pw["exporter-password"])
+        settings = " ".join(f"{k} {v}" for k, v in exporter.config_get("*").items())
+        assert len(settings) > 1000  # it did read them
+        leaked = [k for k, v in pw.items() if k.endswith("password") and v in settings]
+        assert not leaked, f"CONFIG GET * shows {leaked}"
         admin.function_load(function_library(), replace=True)  # the scheduler's init container
         drafter = redis.Redis(port=port, username="wisp-drafter", password=pw["drafter-password"])
         assert drafter.fcall(f"{LIBRARY_NAME}_loaded", 0) == 1
@@ -117,7 +124,7 @@ def test_the_redis_start_script_builds_working_users(tmp_path: Path) -> None:
 def test_keda_logs_in_as_its_read_only_user() -> None:
     """With components/keda before acl-users, KEDA's triggers authenticate as ``wisp-keda`` (it
     may only count: XINFO GROUPS, XPENDING, XLEN), from keys of the same Secret, not as admin."""
-    objs = kc.render(WITH_KEDA)
+    objs = kc.render(WITH_EXTRAS)
     secret = next(o for o in objs
                   if o["kind"] == "Secret" and o["metadata"]["name"].startswith("wisp-redis-auth"))
     auth = next(o for o in objs if o["kind"] == "TriggerAuthentication")
@@ -130,3 +137,29 @@ def test_keda_logs_in_as_its_read_only_user() -> None:
                 if t["type"] == "redis-streams"]
     assert triggers and all(t["authenticationRef"]["name"] == auth["metadata"]["name"]
                             for t in triggers)
+
+
+def test_the_redis_exporter_logs_in_as_its_own_user() -> None:
+    """With components/monitoring before acl-users, the redis_exporter sidecar authenticates as
+    ``wisp-exporter`` (server statistics only) from keys of the Redis Secret, not with the admin
+    password; without monitoring, acl-users adds no exporter (its patch finds no sidecar)."""
+    objs = kc.render(WITH_EXTRAS)
+    secret = next(o for o in objs
+                  if o["kind"] == "Secret" and o["metadata"]["name"].startswith("wisp-redis-auth"))
+    [sts] = kc.of_kind(objs, "StatefulSet")
+    containers = {c["name"]: c for c in sts["spec"]["template"]["spec"]["containers"]}
+    assert list(containers) == ["redis", "redis-exporter"]
+    exporter = containers["redis-exporter"]
+    assert exporter["image"].startswith("oliver006/redis_exporter:")
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in exporter["env"] if "valueFrom" in e}
+    assert set(refs) == {"REDIS_USER", "REDIS_PASSWORD"}
+    assert {r["name"] for r in refs.values()} == {secret["metadata"]["name"]}
+    user = base64.b64decode(secret["data"][refs["REDIS_USER"]["key"]]).decode()
+    assert user == "wisp-exporter"
+    assert refs["REDIS_PASSWORD"]["key"] == "exporter-password"
+    [redis_c] = [c for c in sts["spec"]["template"]["spec"]["containers"] if c["name"] == "redis"]
+    assert {"name": "EXPORTER_PASSWORD",
+            "valueFrom": {"secretKeyRef": {"name": secret["metadata"]["name"],
+                                           "key": "exporter-password"}}} in redis_c["env"]
+    [plain] = kc.of_kind(_objs(), "StatefulSet")
+    assert [c["name"] for c in plain["spec"]["template"]["spec"]["containers"]] == ["redis"]

@@ -28,8 +28,10 @@ from wisp.services.runner import EmbeddedRedis, free_port, redis_server_binary
 from tests.harness import Cluster, api_completion, api_get, cli, service_env, submit_json
 
 ACL_FILE = Path(__file__).resolve().parents[2] / "deploy" / "redis-acl.conf"
-ROLES = ("drafter", "estimator", "scheduler", "verifier", "gateway", "client", "status", "keda")
-"""Every user of deploy/redis-acl.conf (``wisp-<role>``); ``keda`` is the KEDA operator's."""
+ROLES = ("drafter", "estimator", "scheduler", "verifier", "gateway", "client", "status", "keda",
+         "exporter")
+"""Every user of deploy/redis-acl.conf (``wisp-<role>``); ``keda`` is the KEDA operator's,
+``exporter`` the redis_exporter sidecar's."""
 
 
 def _load_acl(r: redis.Redis, passwords: dict[str, str]) -> None:

@@ -68,6 +68,24 @@ def test_free_ports_come_from_below_the_ephemeral_range() -> None:
         s.bind(("0.0.0.0", ports.pop()))  # and really free
 
 
+def test_free_port_never_hands_out_the_same_port_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller that picks every pod's ports before starting any (the rendered-deployment test)
+    must get distinct ports even when the random draw repeats itself; CI once gave a gateway's
+    API port to a second pod this way."""
+    from wisp.services import runner
+
+    draws = iter([21_000, 21_000, 21_000, 21_001])
+
+    class Repeating:
+        def randrange(self, start: int, stop: int) -> int:
+            return next(draws)
+
+    monkeypatch.setattr(runner.random, "SystemRandom", Repeating)
+    monkeypatch.setattr(runner, "_ISSUED", set())
+    first, second = runner.free_port(), runner.free_port()
+    assert first == 21_000 and second == 21_001
+
+
 def test_a_named_controller_that_does_not_load_is_one_line() -> None:
     res = cli(["serve", "drafter", "--mode", "wisp", "--redis-url", "redis://127.0.0.1:1"],
               {**ENV, "WISP_CONTROLLER": "/nonexistent/controller.json"}, timeout=120)
