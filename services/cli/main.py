@@ -11,7 +11,17 @@ import sys
 
 import typer
 from typer._click import exceptions as click_exc  # typer vendors click; its errors live here
-from wisp.services.cli import bench, controller, drafter, estimator, prepare, redis_admin, sim, system
+from wisp.services.cli import (
+    bench,
+    controller,
+    drafter,
+    estimator,
+    peers,
+    prepare,
+    redis_admin,
+    sim,
+    system,
+)
 from wisp.services.cli.common import CliError
 
 app = typer.Typer(
@@ -29,6 +39,7 @@ app.add_typer(system.app)
 app.add_typer(prepare.models_app, name="models")
 app.add_typer(prepare.app)
 app.add_typer(bench.app)
+app.add_typer(peers.app)
 app.add_typer(controller.trace_app, name="trace")
 app.add_typer(controller.controller_app, name="controller")
 app.add_typer(drafter.drafter_app, name="drafter")

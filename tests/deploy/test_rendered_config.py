@@ -52,6 +52,9 @@ Substitutions, only for what cannot exist on a test machine:
   ``smollm2-135m`` is not prepared offline, and would cost minutes on two shared cores); so the
   ``models`` init containers (``wisp-cli models prepare <alias>``, which pip-installs the
   weights) are not run;
+* the gpu overlay (CUDA image, one GPU per verifier) runs on CPU torch: ``WISP_DEVICE=cuda`` of
+  its verifier -> ``cpu`` (``ENV``); its GPU limit, toleration and ``/dev/shm`` volume are as
+  rendered (a limit and a toleration mean nothing to a local process, the volume is a folder);
 * every mount path (``/models``, ``/tmp``, ``/home/wisp/.cache``, ``/etc/wisp/api-keys``,
   ``/data``, ``/etc/redis``...) and the image's ``/home/wisp`` -> folders under ``tmp_path``,
   filled from the rendered ConfigMaps and Secrets; a claim (``wisp-models``) is one folder
@@ -60,8 +63,8 @@ Substitutions, only for what cannot exist on a test machine:
   variables that carry them; a drafter's own API (pod-local ``127.0.0.1:8000``, no variable in
   the render) -> ``WISP_DEVICE_API_PORT`` = a free port;
 * one pod per workload (the scheduler's and gateway's second replicas, and the second simulated
-  device, add nothing to what is checked here), and with ``components/acl-users`` one drafter
-  process for both drafter workloads, whose rendered containers are compared instead
+  device, add nothing to what is checked here), and with ``components/acl-users`` and in the
+  gpu render one drafter process for both drafter workloads, whose rendered containers are compared instead
   (``SAME_DRAFTERS``); the preStop ``sleep 5`` is not slept: the drain bound is the grace period
   less it.
 
@@ -100,11 +103,15 @@ REPO = Path(__file__).resolve().parents[2]
 RENDERS = {
     "cpu": REPO / "deploy" / "k8s" / "overlays" / "cpu",
     "cpu-acl": Path(__file__).resolve().parent / "overlays" / "cpu-acl",
+    "gpu": REPO / "deploy" / "k8s" / "overlays" / "gpu",
 }
+ENV = {"gpu": {"WISP_DEVICE": "cpu"}}
+"""Per render, variables set over the rendered ones: the gpu overlay's verifier asks for cuda,
+and runs here on CPU torch (the one substitution for that render)."""
 MAX_NEW = 16
 READY_TIMEOUT_S = 120.0
 ROLE_ORDER = ("scheduler", "estimator", "verifier", "drafter", "drafter-sim", "gateway")
-SAME_DRAFTERS = {"cpu-acl"}
+SAME_DRAFTERS = {"cpu-acl", "gpu"}
 """Renders run with one drafter process for both drafter workloads (the edge DaemonSet and the
 simulated devices), their rendered environments compared instead: a process less on two
 shared cores. The cpu render runs both."""
@@ -225,7 +232,8 @@ def run_rendered(key: str, root: Path, tiny_pair: tuple[Path, Path]) -> list[Tim
         ports={6379: redis_port},
         commands={"redis-cli": f"{Path(exe).parent / 'redis-cli'} -p {redis_port}"},
     )
-    wisp_subs = lp.Substitutions(config=subs.config, env=dict.fromkeys(dropped))
+    wisp_subs = lp.Substitutions(config=subs.config,
+                                 env={**ENV.get(key, {}), **dict.fromkeys(dropped)})
     shared: dict[str, Path] = {}
     started: list[lp.LocalContainer] = []
     timings: list[Timing] = []
