@@ -163,3 +163,62 @@ def test_the_redis_exporter_logs_in_as_its_own_user() -> None:
                                            "key": "exporter-password"}}} in redis_c["env"]
     [plain] = kc.of_kind(_objs(), "StatefulSet")
     assert [c["name"] for c in plain["spec"]["template"]["spec"]["containers"]] == ["redis"]
+
+
+OWN_PASSWORDS = Path(__file__).resolve().parent / "overlays" / "cpu-acl-own-passwords"
+"""docs/deploy.md's "Redis password" overlay: keda, monitoring, acl-users and one env file."""
+
+
+def _documented_password_script() -> str:
+    """The shell block of docs/deploy.md's "Redis password" section."""
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    section = text.split("## Redis password", 1)[1].split("\n## ", 1)[0]
+    return section.split("```bash\n", 1)[1].split("```", 1)[0]
+
+
+def test_an_operators_overlay_replaces_every_password() -> None:
+    """The documented overlay, in one kustomization with the components, leaves no placeholder
+    in wisp-redis-auth and every reference to it finds its key. (The role passwords used to be
+    merged in by components/acl-users, after the overlay's own generator: they kept their
+    CHANGE-ME values whatever the operator wrote.)"""
+    objs = kc.render(OWN_PASSWORDS)
+    [secret] = [o for o in objs
+                if o["kind"] == "Secret" and o["metadata"]["name"].startswith("wisp-redis-auth")]
+    data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    given = dict(line.split("=", 1) for line in
+                 (OWN_PASSWORDS / "redis-password.env").read_text().splitlines() if line)
+    assert data == given
+    assert not [k for k, v in data.items() if "CHANGE-ME" in v]
+    refs = [r for o in objs for r in _secret_refs(o) if r["name"] == secret["metadata"]["name"]]
+    assert refs and all(r["key"] in data for r in refs), [r for r in refs if r["key"] not in data]
+
+
+def _secret_refs(obj: Any) -> list[dict[str, Any]]:
+    """Every ``secretKeyRef`` and KEDA ``secretTargetRef`` in an object."""
+    found: list[dict[str, Any]] = []
+    if isinstance(obj, dict):
+        if "secretKeyRef" in obj:
+            found.append(obj["secretKeyRef"])
+        for ref in obj.get("secretTargetRef", []) if isinstance(obj.get("secretTargetRef"), list) else []:
+            found.append(ref)
+        for v in obj.values():
+            found += _secret_refs(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            found += _secret_refs(v)
+    return found
+
+
+def test_the_documented_password_file_has_every_key(tmp_path: Path) -> None:
+    """The shell lines of docs/deploy.md write an env file with exactly the keys the rendered
+    configuration refers to (the test overlay's), each a fresh 64-hex-digit password."""
+    (tmp_path / "my-cluster").mkdir()
+    subprocess.run(["bash", "-euc", _documented_password_script()], cwd=tmp_path, check=True)
+    made = dict(line.split("=", 1) for line in
+                (tmp_path / "my-cluster" / "redis-password.env").read_text().splitlines() if line)
+    given = dict(line.split("=", 1) for line in
+                 (OWN_PASSWORDS / "redis-password.env").read_text().splitlines() if line)
+    assert set(made) == set(given)
+    pw = [v for k, v in made.items() if k.endswith("password")]
+    assert len(set(pw)) == len(pw) and all(len(v) == 64 and int(v, 16) >= 0 for v in pw)
+    assert (tmp_path / "my-cluster" / ".gitignore").read_text().strip() == "redis-password.env"

@@ -93,6 +93,7 @@ from typing import Any
 
 import pytest
 import redis
+from wisp.settings import Settings
 
 from tests.deploy import k8s_checks as kc
 from tests.deploy import local_pods as lp
@@ -108,10 +109,16 @@ RENDERS = {
 ENV = {"gpu": {"WISP_DEVICE": "cpu"}}
 """Per render, variables set over the rendered ones: the gpu overlay's verifier asks for cuda,
 and runs here on CPU torch (the one substitution for that render)."""
+MODEL_INITS = {"gpu"}
+"""Renders whose ``models`` init containers run, with the rendered model aliases: the gpu
+overlay's are the packaged Qwen pair, which the README's test command prepares; the cache they
+prepare into (the ``wisp-models`` claim, an edge node's own volume) is seeded with that
+preparation, as every pod start after the first finds it."""
+MODEL_KEYS = ("WISP_DRAFT_MODEL", "WISP_TARGET_MODEL")
 MAX_NEW = 16
 READY_TIMEOUT_S = 120.0
 ROLE_ORDER = ("scheduler", "estimator", "verifier", "drafter", "drafter-sim", "gateway")
-SAME_DRAFTERS = {"cpu-acl", "gpu"}
+SAME_DRAFTERS = {"cpu-acl"}
 """Renders run with one drafter process for both drafter workloads (the edge DaemonSet and the
 simulated devices), their rendered environments compared instead: a process less on two
 shared cores. The cpu render runs both."""
@@ -246,13 +253,22 @@ def run_rendered(key: str, root: Path, tiny_pair: tuple[Path, Path]) -> list[Tim
                       base_env={"PATH": f"{Path(exe).parent}:/usr/bin:/bin"})
         pods: dict[str, lp.LocalContainer] = {}
         inits: dict[str, list[lp.LocalContainer]] = {}
-        for role in ROLE_ORDER:
+        model_inits: list[lp.LocalContainer] = []
+        init_subs = lp.Substitutions(
+            config={k: v for k, v in subs.config.items() if k not in MODEL_KEYS}, env=ENV.get(key, {}))
+        present = {kc.component(w) for w, _ in kc.workloads(objs)}
+        for role in (r for r in ROLE_ORDER if r in present):
             w = kc.wisp_workload(objs, role)
             spec = kc.pod_template(w)["spec"]
             pod = _pod_name(w)
-            # `models prepare` pip-installs packaged weights: the tiny pair stands in for them
+            # `models prepare` pip-installs packaged weights: the tiny pair stands in for them,
+            # but for MODEL_INITS, whose init containers prepare the rendered aliases
             inits[role] = [lp.build(objs, w, ic, pod=pod, root=root, subs=wisp_subs, shared=shared)
                            for ic in spec.get("initContainers", []) if ic["args"][0] != "models"]
+            if key in MODEL_INITS and role != "drafter-sim":
+                model_inits += [lp.build(objs, w, ic, pod=pod, root=root, subs=init_subs,
+                                         shared=shared)
+                                for ic in spec.get("initContainers", []) if ic["args"][0] == "models"]
             [main] = spec["containers"]
             c = lp.build(objs, w, main, pod=pod, root=root, subs=wisp_subs, shared=shared)
             if role.startswith("drafter") and "WISP_DEVICE_API_PORT" not in c.env:
@@ -267,6 +283,26 @@ def run_rendered(key: str, root: Path, tiny_pair: tuple[Path, Path]) -> list[Tim
             assert ([e for e in sim["env"] if e["name"] != "WISP_NAME"]
                     == [e for e in edge["env"] if e["name"] != "WISP_NAME"]), \
                 "the two drafter workloads are configured differently"
+        # ---- the model caches, before anything (no Redis needed): each `models` init
+        # container as rendered, against a cache seeded with this machine's preparation
+        for c in model_inits:
+            cache = Path(c.env["WISP_MODEL_CACHE"])
+            for alias in (c.env[k] for k in MODEL_KEYS):
+                prepared = Settings().model_cache / alias
+                assert (prepared / "wisp-model.json").is_file(), \
+                    f"{alias} is not prepared here: run `wisp-cli models prepare {alias}`"
+                if not (cache / alias).exists():
+                    (cache / alias).symlink_to(prepared, target_is_directory=True)
+            begun = time.monotonic()
+            started.append(c.start())
+            assert c.proc is not None
+            assert c.proc.wait(120) == 0, f"{c.pod} init {c.name} failed:\n{c.output()[-3000:]}"
+            said = c.output()
+            assert "Traceback" not in said, said[-3000:]
+            want = [f"{c.env[k]}" for k in MODEL_KEYS] if "--for" in c.argv else \
+                [c.env["WISP_TARGET_MODEL"]]
+            assert all(f"{a}" in said for a in want), (c.argv, said[-2000:])
+            timings.append(Timing(f"{c.pod} (init {c.name})", time.monotonic() - begun, None, None))
         early = {role: c for role, c in pods.items() if not inits[role]}
         for c in early.values():
             started.append(c.start())
@@ -421,6 +457,9 @@ def run_rendered(key: str, root: Path, tiny_pair: tuple[Path, Path]) -> list[Tim
     for tm in timings:
         def f(x: float | None) -> str:
             return "    -" if x is None else f"{x:5.2f}"
+        if tm.bound_s is None:  # an init container: from its start to its exit
+            print(f"  {tm.pod:34s} ran {f(tm.ready_s)}")
+            continue
         print(f"  {tm.pod:34s} up {f(tm.up_s)}  ready {f(tm.ready_s)}  after Redis "
               f"{f(tm.after_redis_s)}  drain {f(tm.drain_s)} (<= {tm.bound_s:.0f})")
     return timings
