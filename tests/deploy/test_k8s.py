@@ -39,9 +39,11 @@ RENDERS = {
     "gpu-keda": OVERLAYS / "gpu-keda",  # gpu + keda
     "cpu-acl": OVERLAYS / "cpu-acl",  # cpu + acl-users: every workload as its Redis ACL user
     "gpu-extras": OVERLAYS / "gpu-extras",  # gpu + NFD node label + RuntimeClass + monitoring
+    # cpu + keda + monitoring + acl-users, with an operator's own passwords (one env file)
+    "cpu-acl-own-passwords": OVERLAYS / "cpu-acl-own-passwords",
 }
 ALL = sorted(RENDERS)
-WITH_KEDA = ["prefixed-keda", "gpu-keda"]
+WITH_KEDA = ["prefixed-keda", "gpu-keda", "cpu-acl-own-passwords"]
 GPU = ["gpu", "gpu-hpa", "gpu-keda", "gpu-extras"]
 CPU = ["default", "cpu", "prefixed-keda"]
 ROLES = {
@@ -587,9 +589,12 @@ def test_keda_scales_verifiers_on_the_scheduler_backlog(key: str) -> None:
             assert ("address" in meta) or {"hostFromEnv", "portFromEnv"} <= set(meta)
             auth = kc.find(d, "TriggerAuthentication", trig["authenticationRef"]["name"], kc.ns(so))
             assert auth is not None and auth["apiVersion"] == "keda.sh/v1alpha1"
-            [ref] = auth["spec"]["secretTargetRef"]
-            assert ref["parameter"] == "password"
-            assert kc.find(d, "Secret", ref["name"], kc.ns(so)) is not None
+            refs = {r["parameter"]: r for r in auth["spec"]["secretTargetRef"]}
+            # the password, and with components/acl-users the read-only user's name
+            assert set(refs) in ({"password"}, {"username", "password"})
+            for ref in refs.values():
+                secret = kc.find(d, "Secret", ref["name"], kc.ns(so))
+                assert secret is not None and ref["key"] in secret["data"]
     [so] = [s for s in sos if s["spec"]["scaleTargetRef"]["name"] == kc.name(verifier)]
     lag = [t["metadata"] for t in so["spec"]["triggers"] if "lagCount" in t["metadata"]]
     assert lag == [{**lag[0], "stream": f"{conf['WISP_NAMESPACE']}:annotated", "consumerGroup": "scheduler"}]
