@@ -1300,6 +1300,14 @@ async def wait_for_redis(url: str, timeout_s: float = 10.0, *,
             if is_tls and isinstance(last, TimeoutError | RedisTimeoutError):
                 # a plain-text server leaves the TLS handshake unanswered
                 hint = " (if that port does not speak TLS, use a redis:// URL)"
+            elif ("reset by peer" in str(last) or "closed by server" in str(last)) and is_tls:
+                # TLS 1.3: a server that wants a client certificate may close the connection
+                # after the handshake instead of sending its alert first (timing-dependent)
+                hint = (" (a TLS server that closes the connection wants a client certificate: "
+                        "set WISP_REDIS_TLS_CERT_FILE and WISP_REDIS_TLS_KEY_FILE)"
+                        if not tls_cert_file else
+                        " (the server may refuse this client certificate: its tls-ca-cert-file "
+                        "must have signed WISP_REDIS_TLS_CERT_FILE)")
             elif "reset by peer" in str(last) or "closed by server" in str(last):
                 hint = " (if that port speaks TLS, use a rediss:// URL)"
             else:

@@ -301,3 +301,46 @@ def test_tls_options_of_wait_for_redis(tmp_path: Path) -> None:
         # password in clear to whatever answers on that port
         url = url.replace("rediss://", "redis://")
         assert "does not use TLS: use a rediss:// URL" in error(tls_ca_file=ca)
+
+
+def test_a_tls_server_that_closes_the_connection_is_said_to_want_a_client_certificate() -> None:
+    """Under TLS 1.3 a server with ``tls-auth-clients yes`` may close the connection after the
+    handshake before its alert arrives, so the client sees "connection reset by peer" (CI saw it
+    in ``test_service_and_cli_over_tls[mutual-tls]``). Over ``rediss://`` that must name the
+    client certificate, not suggest a ``rediss://`` URL it already uses. A server that resets
+    every connection stands in for that timing, deterministically."""
+    import struct
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    srv.settimeout(0.2)
+    stop = threading.Event()
+
+    def reset_all() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()  # an RST, as the server that refused the client does
+
+    t = threading.Thread(target=reset_all, daemon=True)
+    t.start()
+    url = f"rediss://127.0.0.1:{srv.getsockname()[1]}/0"
+    try:
+        with pytest.raises(ConnectionError) as err:
+            asyncio.run(wait_for_redis(url, timeout_s=1.0))
+        msg = str(err.value)
+        assert "client certificate" in msg and "WISP_REDIS_TLS_CERT_FILE" in msg, msg
+        assert "use a rediss:// URL" not in msg, msg
+        plain = url.replace("rediss://", "redis://")
+        with pytest.raises(ConnectionError) as err:
+            asyncio.run(wait_for_redis(plain, timeout_s=1.0))
+        assert "use a rediss:// URL" in str(err.value), str(err.value)
+    finally:
+        stop.set()
+        t.join(2)
+        srv.close()
