@@ -12,6 +12,7 @@ What it guarantees to the services:
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 import logging
@@ -1249,6 +1250,22 @@ async def wait_for_redis(url: str, timeout_s: float = 10.0, *,
             seen = seen.__cause__ or seen.__context__
         return None
 
+    def was_reset(err: BaseException | None) -> bool:
+        """The server closed or reset the connection: redis-py words it several ways ("reset by
+        peer", "Error 104 connecting ... Connect call failed", "closed by server")."""
+        seen = err
+        for _ in range(8):
+            if seen is None:
+                return False
+            if isinstance(seen, ConnectionResetError) or getattr(seen, "errno", None) == errno.ECONNRESET:
+                return True
+            text = str(seen)
+            if ("reset by peer" in text or "closed by server" in text
+                    or f"Error {errno.ECONNRESET} " in text):
+                return True
+            seen = seen.__cause__ or seen.__context__
+        return False
+
     deadline = time.monotonic() + timeout_s
     delay = 0.05
     last: Exception | None = None
@@ -1300,7 +1317,7 @@ async def wait_for_redis(url: str, timeout_s: float = 10.0, *,
             if is_tls and isinstance(last, TimeoutError | RedisTimeoutError):
                 # a plain-text server leaves the TLS handshake unanswered
                 hint = " (if that port does not speak TLS, use a redis:// URL)"
-            elif ("reset by peer" in str(last) or "closed by server" in str(last)) and is_tls:
+            elif was_reset(last) and is_tls:
                 # TLS 1.3: a server that wants a client certificate may close the connection
                 # after the handshake instead of sending its alert first (timing-dependent)
                 hint = (" (a TLS server that closes the connection wants a client certificate: "
@@ -1308,7 +1325,7 @@ async def wait_for_redis(url: str, timeout_s: float = 10.0, *,
                         if not tls_cert_file else
                         " (the server may refuse this client certificate: its tls-ca-cert-file "
                         "must have signed WISP_REDIS_TLS_CERT_FILE)")
-            elif "reset by peer" in str(last) or "closed by server" in str(last):
+            elif was_reset(last):
                 hint = " (if that port speaks TLS, use a rediss:// URL)"
             else:
                 hint = ""
