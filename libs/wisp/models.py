@@ -183,6 +183,18 @@ def _chunk_files(entry: PackagedModel) -> list[Path]:
     return files
 
 
+def gguf_sources(alias: str) -> list[Path]:
+    """The installed files ``gguf_path`` reads for a registered model (the single file, or the
+    chunks in join order); ``FileNotFoundError`` when its packages are not installed."""
+    entry = REGISTRY[alias]
+    if entry.gguf_name is not None:
+        path = package_dir(entry.packages[0]) / entry.gguf_name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing")
+        return [path]
+    return _chunk_files(entry)
+
+
 def gguf_path(alias: str, work_dir: Path) -> Path:
     """The GGUF file of a registered model (packages must be installed). A single-file model is
     used in place; a chunked one is joined into ``work_dir`` (the caller deletes it)."""

@@ -234,8 +234,9 @@ def _wisp(settings: Any, mode: str, prompt_text: str, max_new: int) -> Run:
     from wisp.client import submit
     from wisp.services.drafter.llamacpp_engine import draft_backend
     from wisp.services.runner import with_services
+    from wisp.settings import Mode
 
-    s = settings.model_copy(update={"mode": mode})
+    s = settings.model_copy(update={"mode": Mode(mode)})  # model_copy does not validate
 
     async def main() -> tuple[Any, float, float]:
         started = time.perf_counter()
@@ -255,6 +256,39 @@ def _wisp(settings: Any, mode: str, prompt_text: str, max_new: int) -> Run:
              "accepted": done.accepted_tokens, "ttft_ms": done.ttft_ms, "tpot_ms": done.tpot_ms,
              "prompt_token_ids": done.prompt_token_ids}
     return Run(f"wisp-{mode}", engine, list(done.token_ids), seconds, load_s, extra)
+
+
+def _preflight(chosen: list[str], settings: Any) -> None:
+    """One line naming what to prepare, before anything loads, when a chosen peer's models are
+    missing: the torch weights of both models (HF peers; WISP's verifier and, with the torch
+    backend, its drafter), the draft GGUF and the target's weight packages (llama.cpp peers)."""
+    from wisp import models
+    from wisp.services.cli.common import preflight_models
+    from wisp.services.runner import ALL_ROLES
+    from wisp.settings import Mode
+
+    hf = {"hf-generate": [settings.target_model],
+          "hf-assisted": [settings.target_model, settings.draft_model]}
+    for name in dict.fromkeys(n for p in chosen for n in hf.get(p, [])):
+        try:
+            models.resolve(name, settings.model_cache)
+        except (FileNotFoundError, ValueError) as err:
+            fail(str(err))
+    for peer in chosen:
+        if peer.startswith("wisp-"):
+            preflight_models(settings.model_copy(update={"mode": Mode(peer.removeprefix("wisp-"))}),
+                             ALL_ROLES)
+    if "llamacpp-spec" in chosen:
+        try:
+            models.draft_gguf(settings.draft_model, settings.model_cache)
+        except (FileNotFoundError, ValueError) as err:
+            fail(str(err))
+    if {"llamacpp", "llamacpp-spec"} & set(chosen):
+        try:
+            models.gguf_sources(settings.target_model)
+        except (FileNotFoundError, ValueError) as err:
+            fail(f"the GGUF packages of {settings.target_model!r} are not installed ({err}); run "
+                 f"`wisp-cli models prepare {settings.target_model}`")
 
 
 def _version(dist: str) -> str:
@@ -307,6 +341,7 @@ def peers(
     if needs_gguf and settings.target_model not in REGISTRY:
         fail(f"{', '.join(sorted(needs_gguf))} need the target's GGUF: {settings.target_model!r} is "
              "not a packaged alias (drop them with --only)")
+    _preflight(chosen, settings)
     output_path(out)
     tokenizer = load_tokenizer(settings.target_model, settings)
     ids = encode_prompt(tokenizer, prompt)

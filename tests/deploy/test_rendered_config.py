@@ -72,9 +72,9 @@ Substitutions, only for what cannot exist on a test machine:
 every WISP container's environment: run it so to see this test fail when the rendered
 environment cannot log in.
 
-Cost, on two cores shared with other work (load average ~8): about 60 s for the cpu render
-(seven processes, three requests) and 45 s for cpu-acl, plus the tiny pair (~10 s, shared with
-the other tests of the session); about 35 s of CPU each.
+Cost on a quiet 2-core VM: about 30 s for the cpu render (seven processes, three requests),
+20 s for cpu-acl and 25 s for gpu (its two ``models`` init containers about 1 s each on the
+seeded cache), plus the tiny pair (~10 s, shared with the other tests of the session).
 """
 
 from __future__ import annotations

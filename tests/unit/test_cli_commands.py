@@ -194,6 +194,7 @@ CHEAP: dict[tuple[str, ...], tuple[list[str], int, str]] = {
     ("redis", "load-functions"): (["--show"], 0, "redis.register_function"),
     ("bench-api",): (["--concurrency", "1", "--requests", "1", "--rounds", "1",
                       "--max-new-tokens", "2", "--prompts", "1"], 0, "added (api - redis)"),
+    ("peers",): (["--max-new-tokens", "2"], 1, _prepare("models prepare")),
     ("drafter", "speed"): (["--sessions", "1", "--tokens", "1", "--reps", "1"], 1,
                            _prepare("models prepare")),
     ("profile", "verifier"): (["--out", "out/profile.json"], 1, _prepare("models prepare")),
