@@ -123,6 +123,11 @@ SAME_DRAFTERS = {"cpu-acl"}
 simulated devices), their rendered environments compared instead: a process less on two
 shared cores. The cpu render runs both."""
 DOCS_EXEC = re.compile(r"kubectl -n wisp exec deploy/(\S+) -- wisp-cli (.*)$")
+DOCS_ADMIN_EXEC = re.compile(
+    r"`kubectl -n wisp exec deploy/(\S+) -- env ((?:\w+=\S+ )+)wisp-cli ([^`]+)`")
+"""docs/deploy.md's admin lines (loading the Redis functions by hand, ACL users): variables set
+for the one command, ``wisp-redis:6379`` and ``PASSWORD`` standing for the Service and the
+admin password."""
 
 pytestmark = pytest.mark.skipif(kc.kubectl() is None, reason=kc.KUBECTL_HINT)
 
@@ -219,6 +224,16 @@ def _documented_execs() -> list[DocExec]:
             found.append(DocExec(m.group(1), tuple(shlex.split(m.group(2))),
                                  "ACL users" in section))
     assert {d.args[0] for d in found} >= {"submit", "status"}, found
+    return found
+
+
+def _documented_admin_execs() -> list[tuple[str, dict[str, str], list[str]]]:
+    """(deployment, variables, wisp-cli arguments) of each DOCS_ADMIN_EXEC line."""
+    found = []
+    for m in DOCS_ADMIN_EXEC.finditer((REPO / "docs" / "deploy.md").read_text()):
+        env = dict(kv.split("=", 1) for kv in m.group(2).split())
+        found.append((m.group(1), env, shlex.split(m.group(3))))
+    assert any(args[:2] == ["redis", "load-functions"] for _, _, args in found), found
     return found
 
 
@@ -413,6 +428,22 @@ def run_rendered(key: str, root: Path, tiny_pair: tuple[Path, Path]) -> list[Tim
             else:
                 live = {s["name"] for s in json.loads(stdout)["services"]}
                 assert {c.env["WISP_NAME"] for c in pods.values()} <= live, (what, stdout)
+
+        # the documented admin line (ACL users: loading WISP's functions by hand as `admin`)
+        if acl:
+            host, port = _redis_host_and_port(objs)
+            for deploy, extra, args in _documented_admin_execs():
+                c = pods[by_role[deploy]]
+                env = {**c.env}
+                for k, v in extra.items():
+                    assert "wisp-redis:6379" not in v or host.split(".")[0] == "wisp-redis" \
+                        and port == "6379", (host, port)
+                    env[k] = (v.replace("wisp-redis:6379", f"127.0.0.1:{redis_port}")
+                              .replace("PASSWORD", rc.env["REDIS_PASSWORD"]))
+                done = subprocess.run([c.argv[0], *args], env=env, cwd=c.cwd, capture_output=True,
+                                      text=True, timeout=120)
+                what = f"kubectl exec deploy/{deploy} -- env ... wisp-cli {shlex.join(args)}"
+                assert done.returncode == 0, (what, done.stderr[-2000:])
 
         # ---- SIGTERM, as when the pods are deleted (after their preStop pause)
         sent = {role: c.terminate() for role, c in pods.items()}

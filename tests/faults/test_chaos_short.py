@@ -1,5 +1,5 @@
-"""A short chaos run in CI (``tests/chaos.py``): 40 s of steady greedy load while a random
-service process is killed -9 and restarted every ~4 s. Nothing may be lost, duplicated or
+"""A short chaos run in CI (``tests/chaos.py``): 28 s of steady greedy load while a random
+service process is killed -9 and restarted every ~3 s. Nothing may be lost, duplicated or
 wrong; clear errors are allowed (and printed). The long run is ``python -m tests.chaos``.
 
 The first test checks the detectors themselves on hand-made streams, so a chaos run that reports
