@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ def _ephemeral_low() -> int:
 
 _ISSUED: set[int] = set()
 """Ports this process has handed out: two picks moments apart must not name the same port."""
+_ISSUED_LOCK = threading.Lock()
 
 
 def free_port() -> int:
@@ -68,15 +70,16 @@ def free_port() -> int:
     rng = random.SystemRandom()
     for _ in range(200):
         port = rng.randrange(max(1024, low - 20_000), max(1025, low))
-        if port in _ISSUED:
-            continue
-        try:
-            with socket.socket() as s:
-                s.bind(("0.0.0.0", port))
-        except OSError:
-            continue
-        _ISSUED.add(port)
-        return port
+        with _ISSUED_LOCK:
+            if port in _ISSUED:
+                continue
+            try:
+                with socket.socket() as s:
+                    s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            _ISSUED.add(port)
+            return port
     with socket.socket() as s:  # everything below the range is taken: fall back
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])

@@ -97,9 +97,16 @@ def _feed(model: Any, ids: Sequence[int], start: int, all_logits: bool) -> np.nd
     return np.concatenate([r for r in rows if len(r)])
 
 
+def _cut(model: Any, start: int) -> None:
+    """Drop sequence 0's positions ``>= start``; a model whose memory cannot cut part-way
+    (recurrent) would keep rejected ids in its context, so it is an error, never ignored."""
+    if not model.seq_rm(0, start):
+        raise RuntimeError("this model's KV cache cannot be cut part-way: no speculative loop")
+
+
 def llamacpp_greedy(model: Any, prompt: Sequence[int], max_new: int, eos: set[int]) -> list[int]:
     """The target alone through llama.cpp: one decode per token, argmax."""
-    model.seq_rm(0, 0)
+    _cut(model, 0)
     out: list[int] = []
     logits = _feed(model, prompt, 0, all_logits=False)
     while True:
@@ -116,7 +123,7 @@ def llamacpp_speculative(target: Any, propose: Proposer, prompt: Sequence[int], 
     prompt, then rounds of (draft up to ``n_max`` ids, one target batch over the last token and
     the draft, keep the agreeing prefix and the target's next token, cut the target's KV back).
     The output is the target's own greedy output whatever the proposer returns."""
-    target.seq_rm(0, 0)
+    _cut(target, 0)
     out = [int(np.argmax(_feed(target, prompt, 0, all_logits=False)[-1]))]
     stats = {"rounds": 0, "drafted": 0, "accepted": 0}
     while len(out) < max_new and out[-1] not in eos:
@@ -127,7 +134,7 @@ def llamacpp_speculative(target: Any, propose: Proposer, prompt: Sequence[int], 
         n = 0
         while n < len(draft) and draft[n] == want[n]:
             n += 1
-        target.seq_rm(0, base + 1 + n)  # keep out[-1] and the accepted draft ids
+        _cut(target, base + 1 + n)  # keep out[-1] and the accepted draft ids
         stats["rounds"] += 1
         stats["drafted"] += len(draft)
         stats["accepted"] += n
@@ -138,10 +145,16 @@ def llamacpp_speculative(target: Any, propose: Proposer, prompt: Sequence[int], 
     return out, stats
 
 
+TOP_K = 10
+"""llama.cpp's draft sampler keeps the top 10 candidates and ``p_min`` is compared with the
+first one's probability among those (common/speculative.cpp), not over the whole vocabulary."""
+
+
 class LlamaCppProposer:
-    """llama.cpp's greedy draft: up to ``n`` ids, stopping after the first whose probability is
-    under ``p_min`` (it is kept, as llama.cpp keeps it). The draft model's KV keeps the longest
-    prefix it shares with the next context, so a round feeds only what is new."""
+    """llama.cpp's greedy draft: up to ``n`` ids, stopping after the first whose probability
+    (softmax over the top ``TOP_K`` logits) is under ``p_min``; that id is kept, as llama.cpp
+    keeps it. The draft model's KV keeps the longest prefix it shares with the next context, so
+    a round feeds only what is new."""
 
     def __init__(self, model: Any, p_min: float) -> None:
         self.model, self.p_min = model, p_min
@@ -153,7 +166,7 @@ class LlamaCppProposer:
         while keep < limit and self.cached[keep] == context[keep]:
             keep += 1
         if keep < len(self.cached):
-            self.model.seq_rm(0, keep)
+            _cut(self.model, keep)
             del self.cached[keep:]
         logits = _feed(self.model, context[keep:], keep, all_logits=False)[-1]
         self.cached.extend(int(t) for t in context[keep:])
@@ -161,8 +174,8 @@ class LlamaCppProposer:
         while len(draft) < n:
             tok = int(np.argmax(logits))
             draft.append(tok)
-            shifted = logits - logits[tok]
-            p_top = 1.0 / float(np.exp(shifted.astype(np.float64)).sum())
+            top = np.partition(logits, -TOP_K)[-TOP_K:].astype(np.float64)
+            p_top = 1.0 / float(np.exp(top - top.max()).sum())
             if len(draft) >= n or p_top < self.p_min:
                 break
             logits = _feed(self.model, [tok], len(self.cached), all_logits=False)[-1]
@@ -180,11 +193,17 @@ def _hf(settings: Any, prompt: list[int], max_new: int, assisted: bool) -> Run:
     draft = load_model(settings.draft_model, settings) if assisted else None
     load_s = time.perf_counter() - started
     ids = torch.tensor([prompt])
-    kwargs: dict[str, Any] = {"do_sample": False, "attention_mask": torch.ones_like(ids)}
+    # plain greedy whatever the model's generation config asks (a repetition penalty would make
+    # it another decoding rule than the one WISP is compared with)
+    kwargs: dict[str, Any] = {"do_sample": False, "attention_mask": torch.ones_like(ids),
+                              "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
     if draft is not None:
         kwargs["assistant_model"] = draft
     with torch.inference_mode():
+        schedule = getattr(draft.generation_config, "num_assistant_tokens", None) if draft else None
         target.generate(ids, max_new_tokens=2, **kwargs)  # warm-up
+        if draft is not None and schedule is not None:  # the heuristic schedule carries over
+            draft.generation_config.num_assistant_tokens = schedule
         started = time.perf_counter()
         out = target.generate(ids, max_new_tokens=max_new, **kwargs)
         seconds = time.perf_counter() - started
@@ -382,7 +401,8 @@ def peers(
                  "load s", "engine"],
                 [[r["peer"], str(r["tokens"]), fmt(r["seconds"], "{:.1f}"),
                   fmt(r["tokens_per_s"], "{:.2f}"), fmt(r["vs_hf_generate"], "{:.2f}x"),
-                  "n/a" if r["same_as_target_greedy"] is None else
+                  "n/a" if r["same_as_target_greedy"] is None else "reference"
+                  if r["peer"] == "hf-generate" else
                   ("yes" if r["same_as_target_greedy"] else f"first {r['matching_prefix']}"),
                   fmt(r["load_s"], "{:.1f}"), r["engine"]] for r in rows],
                 left=("peer", "engine"))

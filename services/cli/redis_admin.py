@@ -18,6 +18,10 @@ def load_functions(
     redis_url: RedisUrl = None,
     show: Annotated[bool, typer.Option("--show", help="Print the library instead of loading it "
                                        "(for FUNCTION LOAD by other means).")] = False,
+    password_stdin: Annotated[bool, typer.Option(
+        "--password-stdin", help="Read the password from the first line of stdin (over "
+        "WISP_REDIS_PASSWORD and the URL's): an admin password then appears in no command line, "
+        "shell history or `kubectl exec` audit record.")] = False,
 ) -> None:
     """Load WISP's session scripts as a Redis function library (FUNCTION LOAD; Redis >= 7).
     Needed once per Redis (functions persist in its AOF/RDB) where the drafter runs as its
@@ -29,6 +33,13 @@ def load_functions(
         print(function_library(), end="")
         return
     settings = make_settings()
+    if password_stdin:
+        import sys
+
+        password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            raise CliError("--password-stdin: stdin held no password (pipe it in, one line)")
+        settings = settings.model_copy(update={"redis_password": password})
 
     async def run() -> None:
         async with connected(settings, broker_url(settings, redis_url), timeout_s=5.0) as bus:

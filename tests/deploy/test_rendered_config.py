@@ -63,10 +63,10 @@ Substitutions, only for what cannot exist on a test machine:
   variables that carry them; a drafter's own API (pod-local ``127.0.0.1:8000``, no variable in
   the render) -> ``WISP_DEVICE_API_PORT`` = a free port;
 * one pod per workload (the scheduler's and gateway's second replicas, and the second simulated
-  device, add nothing to what is checked here), and with ``components/acl-users`` and in the
-  gpu render one drafter process for both drafter workloads, whose rendered containers are compared instead
-  (``SAME_DRAFTERS``); the preStop ``sleep 5`` is not slept: the drain bound is the grace period
-  less it.
+  device, add nothing to what is checked here), and with ``components/acl-users`` one drafter
+  process for both drafter workloads (the gpu render has only the edge one), whose rendered
+  containers are compared instead (``SAME_DRAFTERS``); the preStop ``sleep 5`` is not slept:
+  the drain bound is the grace period less it.
 
 ``WISP_TEST_RENDERED_DROP_ENV=WISP_REDIS_PASSWORD`` (comma-separated) removes variables from
 every WISP container's environment: run it so to see this test fail when the rendered
@@ -124,10 +124,10 @@ simulated devices), their rendered environments compared instead: a process less
 shared cores. The cpu render runs both."""
 DOCS_EXEC = re.compile(r"kubectl -n wisp exec deploy/(\S+) -- wisp-cli (.*)$")
 DOCS_ADMIN_EXEC = re.compile(
-    r"`kubectl -n wisp exec deploy/(\S+) -- env ((?:\w+=\S+ )+)wisp-cli ([^`]+)`")
-"""docs/deploy.md's admin lines (loading the Redis functions by hand, ACL users): variables set
-for the one command, ``wisp-redis:6379`` and ``PASSWORD`` standing for the Service and the
-admin password."""
+    r"\| kubectl -n wisp exec -i deploy/(\S+) -- env ((?:\w+=\S+ )+)wisp-cli (.+)$", re.M)
+"""docs/deploy.md's admin lines (loading the Redis functions by hand, ACL users): the admin
+password piped in from the Secret (stdin, never a command line), variables set for the one
+command, ``wisp-redis:6379`` standing for the Service."""
 
 pytestmark = pytest.mark.skipif(kc.kubectl() is None, reason=kc.KUBECTL_HINT)
 
@@ -438,10 +438,11 @@ def run_rendered(key: str, root: Path, tiny_pair: tuple[Path, Path]) -> list[Tim
                 for k, v in extra.items():
                     assert "wisp-redis:6379" not in v or host.split(".")[0] == "wisp-redis" \
                         and port == "6379", (host, port)
-                    env[k] = (v.replace("wisp-redis:6379", f"127.0.0.1:{redis_port}")
-                              .replace("PASSWORD", rc.env["REDIS_PASSWORD"]))
+                    env[k] = v.replace("wisp-redis:6379", f"127.0.0.1:{redis_port}")
+                assert "--password-stdin" in args, args  # never a password in a command line
+                assert rc.env["REDIS_PASSWORD"] not in json.dumps([extra, args])
                 done = subprocess.run([c.argv[0], *args], env=env, cwd=c.cwd, capture_output=True,
-                                      text=True, timeout=120)
+                                      text=True, timeout=120, input=rc.env["REDIS_PASSWORD"] + "\n")
                 what = f"kubectl exec deploy/{deploy} -- env ... wisp-cli {shlex.join(args)}"
                 assert done.returncode == 0, (what, done.stderr[-2000:])
 

@@ -28,7 +28,7 @@ def test_wisp_beside_hf_generate_is_the_same_greedy_answer(tiny_pair: tuple[Path
     rows = {r["peer"]: r for r in data["runs"]}
     assert list(rows) == ["hf-generate", "wisp-wisp"]
     hf = rows["hf-generate"]
-    assert hf["tokens"] == len(hf["token_ids"]) >= 1 and hf["vs_hf_generate"] == 1.0
+    assert hf["tokens"] == len(hf["token_ids"]) >= 1
     for peer in ("wisp-wisp",):
         r = rows[peer]
         assert r["same_prompt_ids"] and len(r["extra"]["prompt_token_ids"]) == data["prompt_tokens"]
