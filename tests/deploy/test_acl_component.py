@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -77,7 +78,14 @@ def test_the_redis_start_script_builds_working_users(tmp_path: Path) -> None:
     container = sts["spec"]["template"]["spec"]["containers"][0]
     script = container["args"][0]
     port = free_port()
-    (tmp_path / "redis.conf").write_text(f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\nappendonly no\n")
+    # the rendered redis.conf (what `CONFIG GET *` below reads), on a private port and folder
+    [conf] = [o["data"]["redis.conf"] for o in objs if o["kind"] == "ConfigMap"
+              and "redis.conf" in o.get("data", {})]
+    conf, n = re.subn(r"(?m)^(port \d+|bind .*|dir .*)$", lambda m: {
+        "port": f"port {port}", "bind": "bind 127.0.0.1", "dir": f"dir {tmp_path}"}[
+        m.group(1).split()[0]], conf)
+    assert n == 3, "redis.conf: expected one port, bind and dir line"
+    (tmp_path / "redis.conf").write_text(conf)
     script = (script.replace("/etc/redis/redis.conf", str(tmp_path / "redis.conf"))
               .replace("/etc/redis-acl/", f"{COMPONENT}/")
               .replace("exec redis-server -", f"exec {exe} -"))
