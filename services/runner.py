@@ -80,10 +80,10 @@ def free_port() -> int:
                 continue
             _ISSUED.add(port)
             return port
-    with socket.socket() as s:  # everything below the range is taken: fall back
+    with _ISSUED_LOCK, socket.socket() as s:  # everything below the range is taken: fall back
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
-    _ISSUED.add(port)
+        _ISSUED.add(port)
     return port
 
 

@@ -1240,31 +1240,25 @@ async def wait_for_redis(url: str, timeout_s: float = 10.0, *,
         elif not tls_check_hostname:
             tls["ssl_check_hostname"] = False
 
+    def causes(err: BaseException | None) -> list[BaseException]:
+        """``err`` and what lies under it (redis-py re-raises OSErrors as its own, with the
+        original as cause or context), at most 8 deep."""
+        chain: list[BaseException] = []
+        while err is not None and len(chain) < 8:
+            chain.append(err)
+            err = err.__cause__ or err.__context__
+        return chain
+
     def ssl_error(err: BaseException) -> ssl.SSLError | None:
-        """The TLS error under redis-py's ``ConnectionError``, if any (it re-raises OSErrors
-        as its own, with the original as context)."""
-        seen: BaseException | None = err
-        for _ in range(8):
-            if seen is None or isinstance(seen, ssl.SSLError):
-                return seen
-            seen = seen.__cause__ or seen.__context__
-        return None
+        """The TLS error under redis-py's ``ConnectionError``, if any."""
+        return next((e for e in causes(err) if isinstance(e, ssl.SSLError)), None)
 
     def was_reset(err: BaseException | None) -> bool:
         """The server closed or reset the connection: redis-py words it several ways ("reset by
         peer", "Error 104 connecting ... Connect call failed", "closed by server")."""
-        seen = err
-        for _ in range(8):
-            if seen is None:
-                return False
-            if isinstance(seen, ConnectionResetError) or getattr(seen, "errno", None) == errno.ECONNRESET:
-                return True
-            text = str(seen)
-            if ("reset by peer" in text or "closed by server" in text
-                    or f"Error {errno.ECONNRESET} " in text):
-                return True
-            seen = seen.__cause__ or seen.__context__
-        return False
+        return any(isinstance(e, ConnectionResetError) or getattr(e, "errno", None) == errno.ECONNRESET
+                   or "reset by peer" in str(e) or "closed by server" in str(e)
+                   or f"Error {errno.ECONNRESET} " in str(e) for e in causes(err))
 
     deadline = time.monotonic() + timeout_s
     delay = 0.05
@@ -1314,10 +1308,11 @@ async def wait_for_redis(url: str, timeout_s: float = 10.0, *,
                 raise ConnectionError(f"Redis at {redact(url)} refused the TLS handshake: "
                                       f"{bad.reason.lower()} ({hint})") from None
         if time.monotonic() >= deadline:
+            reset = was_reset(last)
             if is_tls and isinstance(last, TimeoutError | RedisTimeoutError):
                 # a plain-text server leaves the TLS handshake unanswered
                 hint = " (if that port does not speak TLS, use a redis:// URL)"
-            elif was_reset(last) and is_tls:
+            elif reset and is_tls:
                 # TLS 1.3: a server that wants a client certificate may close the connection
                 # after the handshake instead of sending its alert first (timing-dependent)
                 hint = (" (a TLS server that closes the connection wants a client certificate: "
@@ -1325,7 +1320,7 @@ async def wait_for_redis(url: str, timeout_s: float = 10.0, *,
                         if not tls_cert_file else
                         " (the server may refuse this client certificate: its tls-ca-cert-file "
                         "must have signed WISP_REDIS_TLS_CERT_FILE)")
-            elif was_reset(last):
+            elif reset:
                 hint = " (if that port speaks TLS, use a rediss:// URL)"
             else:
                 hint = ""

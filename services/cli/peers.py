@@ -41,6 +41,7 @@ from typing import Annotated, Any
 
 import numpy as np
 import typer
+from wisp.kv import common_prefix_len
 from wisp.services.cli.common import (
     DraftBackendOpt,
     IsolateOpt,
@@ -49,6 +50,7 @@ from wisp.services.cli.common import (
     isolate_cores,
     make_settings,
     output_path,
+    preflight_models,
     print_table,
     quiet_logging,
     run_async,
@@ -131,9 +133,7 @@ def llamacpp_speculative(target: Any, propose: Proposer, prompt: Sequence[int], 
         base = len(prompt) + len(out) - 1  # the position of out[-1], not yet in the target's KV
         logits = _feed(target, [out[-1], *draft], base, all_logits=True)
         want = [int(t) for t in np.argmax(logits, axis=1)]
-        n = 0
-        while n < len(draft) and draft[n] == want[n]:
-            n += 1
+        n = common_prefix_len(draft, want)  # want has one id more: the target's own next
         _cut(target, base + 1 + n)  # keep out[-1] and the accepted draft ids
         stats["rounds"] += 1
         stats["drafted"] += len(draft)
@@ -161,10 +161,8 @@ class LlamaCppProposer:
         self.cached: list[int] = []
 
     def __call__(self, context: Sequence[int], n: int) -> list[int]:
-        keep = 0
-        limit = min(len(self.cached), len(context) - 1)  # the last id is always fed: its logits
-        while keep < limit and self.cached[keep] == context[keep]:
-            keep += 1
+        # the last id is always fed: its logits are the first draft's
+        keep = min(common_prefix_len(self.cached, context), len(context) - 1)
         if keep < len(self.cached):
             _cut(self.model, keep)
             del self.cached[keep:]
@@ -234,7 +232,7 @@ def _llamacpp(settings: Any, prompt: list[int], max_new: int, eos: set[int], spe
         else:
             warm = LlamaCppProposer(draft, p_min)
             llamacpp_speculative(target, warm, prompt, 2, eos, n_max)  # warm-up
-            draft.seq_rm(0, 0)
+            _cut(draft, 0)
             propose = LlamaCppProposer(draft, p_min)
             started = time.perf_counter()
             out, stats = llamacpp_speculative(target, propose, prompt, max_new, eos, n_max)
@@ -282,10 +280,13 @@ def _preflight(chosen: list[str], settings: Any) -> None:
     missing: the torch weights of both models (HF peers; WISP's verifier and, with the torch
     backend, its drafter), the draft GGUF and the target's weight packages (llama.cpp peers)."""
     from wisp import models
-    from wisp.services.cli.common import preflight_models
     from wisp.services.runner import ALL_ROLES
     from wisp.settings import Mode
 
+    needs_gguf = {"llamacpp", "llamacpp-spec"} & set(chosen)
+    if needs_gguf and settings.target_model not in models.REGISTRY:
+        fail(f"{', '.join(sorted(needs_gguf))} need the target's GGUF: {settings.target_model!r} is "
+             "not a packaged alias (drop them with --only)")
     hf = {"hf-generate": [settings.target_model],
           "hf-assisted": [settings.target_model, settings.draft_model]}
     for name in dict.fromkeys(n for p in chosen for n in hf.get(p, [])):
@@ -302,7 +303,7 @@ def _preflight(chosen: list[str], settings: Any) -> None:
             models.draft_gguf(settings.draft_model, settings.model_cache)
         except (FileNotFoundError, ValueError) as err:
             fail(str(err))
-    if {"llamacpp", "llamacpp-spec"} & set(chosen):
+    if needs_gguf:
         try:
             models.gguf_sources(settings.target_model)
         except (FileNotFoundError, ValueError) as err:
@@ -314,14 +315,6 @@ def _version(dist: str) -> str:
     from importlib.metadata import version
 
     return version(dist)
-
-
-def agreement(ids: Sequence[int], reference: Sequence[int]) -> int:
-    """How many leading ids equal the reference's."""
-    n = 0
-    while n < min(len(ids), len(reference)) and ids[n] == reference[n]:
-        n += 1
-    return n
 
 
 @app.command()
@@ -345,7 +338,7 @@ def peers(
     """One request on this machine: WISP in each mode against HF generate, HF assisted
     generation and llama.cpp (alone and speculative); prints tokens/s side by side and writes
     JSON. Models load before each peer's clock starts; each peer gets one untimed warm-up."""
-    from wisp.models import REGISTRY, load_tokenizer
+    from wisp.models import load_tokenizer
     from wisp.tokens import encode_prompt, eos_token_ids
 
     quiet_logging()
@@ -356,10 +349,6 @@ def peers(
     if not prompt.strip():
         fail("--prompt is empty")
     settings = isolate_cores(make_settings(draft_backend=draft_backend), isolate)
-    needs_gguf = {"llamacpp", "llamacpp-spec"} & set(chosen)
-    if needs_gguf and settings.target_model not in REGISTRY:
-        fail(f"{', '.join(sorted(needs_gguf))} need the target's GGUF: {settings.target_model!r} is "
-             "not a packaged alias (drop them with --only)")
     _preflight(chosen, settings)
     output_path(out)
     tokenizer = load_tokenizer(settings.target_model, settings)
@@ -387,7 +376,7 @@ def peers(
         rows.append({**asdict(r), "tokens": len(r.token_ids), "tokens_per_s": r.tokens_per_s,
                      "vs_hf_generate": r.tokens_per_s / base if base else None,
                      "same_prompt_ids": same_prompt,
-                     "matching_prefix": agreement(r.token_ids, reference) if reference else None,
+                     "matching_prefix": common_prefix_len(r.token_ids, reference) if reference else None,
                      "same_as_target_greedy": (r.token_ids == reference) if reference else None})
     result = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "prompt": prompt,
               "prompt_tokens": len(ids), "max_new_tokens": max_new_tokens,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
@@ -34,8 +35,6 @@ def load_functions(
         return
     settings = make_settings()
     if password_stdin:
-        import sys
-
         password = sys.stdin.readline().rstrip("\r\n")
         if not password:
             raise CliError("--password-stdin: stdin held no password (pipe it in, one line)")

@@ -13,12 +13,7 @@ from pathlib import Path
 
 import pytest
 from wisp import models
-from wisp.services.cli.peers import (
-    LlamaCppProposer,
-    agreement,
-    llamacpp_greedy,
-    llamacpp_speculative,
-)
+from wisp.services.cli.peers import LlamaCppProposer, llamacpp_greedy, llamacpp_speculative
 from wisp.services.drafter.llamacpp_binding import LlamaModel
 from wisp.settings import Settings
 
@@ -126,8 +121,3 @@ def test_the_proposer_stops_after_an_unsure_token(gguf: Path, prompt: list[int])
     finally:
         draft.close()
 
-
-def test_agreement_counts_the_leading_equal_ids() -> None:
-    assert agreement([1, 2, 3], [1, 2, 4]) == 2
-    assert agreement([], [1]) == 0
-    assert agreement([1, 2], [1, 2]) == 2
