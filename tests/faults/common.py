@@ -337,8 +337,13 @@ def all_logs(c: Cluster, name: str) -> str:
 def wait_restarted(r: redis.Redis, ns: str, name: str, since: float, timeout: float = 120.0) -> None:
     """Until ``name`` heartbeats ready with a timestamp after ``since`` (``Cluster.wait_ready``
     would accept the heartbeat the killed process left behind, alive until its TTL)."""
-    wait_until(lambda: heartbeats(r, ns).get(name, {}).get("ready") is True
-               and heartbeats(r, ns)[name].get("ts", 0) > since, timeout)
+    def restarted() -> bool:
+        # one read: between two reads the killed process's heartbeat can expire (its TTL) before
+        # the new one's first lands, so a second lookup could find the name gone
+        hb = heartbeats(r, ns).get(name, {})
+        return hb.get("ready") is True and hb.get("ts", 0) > since
+
+    wait_until(restarted, timeout)
 
 
 def sessions_by_device(r: redis.Redis, ns: str) -> dict[str, str]:
