@@ -36,30 +36,16 @@ from typing import NamedTuple
 import torch
 from transformers import DynamicCache, PreTrainedConfig
 
+from wisp.prefix import reusable
+
 __all__ = [
     "KVSession",
     "PaddedBatch",
     "SessionCache",
-    "common_prefix_len",
     "crop_to",
     "new_cache",
     "padded_batch",
 ]
-
-
-def reusable(cached: Sequence[int], committed: Sequence[int]) -> int:
-    """How many cached positions a round on ``committed`` can keep: the common prefix, capped so
-    that the last committed id is always fed again (its logits predict the next token)."""
-    return min(common_prefix_len(cached, committed), len(committed) - 1)
-
-
-def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two id sequences (how much of a cache is reusable)."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def crop_to(cache: DynamicCache, length: int) -> None:

@@ -41,7 +41,7 @@ from typing import Annotated, Any
 
 import numpy as np
 import typer
-from wisp.kv import common_prefix_len
+from wisp.prefix import common_prefix_len
 from wisp.services.cli.common import (
     DraftBackendOpt,
     IsolateOpt,

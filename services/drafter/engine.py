@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
-from wisp.kv import KVSession, SessionCache, common_prefix_len, padded_batch
+from wisp.kv import KVSession, SessionCache, padded_batch
+from wisp.prefix import common_prefix_len
 from wisp.specdec import SparseDist, TokenFeatures, batch_token_features, sample_draft, token_features
 
 __all__ = ["DraftCall", "DraftEngine", "DraftOutput", "StopFn"]

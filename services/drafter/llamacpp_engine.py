@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 from wisp.cpus import parse_cpus
-from wisp.kv import common_prefix_len
+from wisp.prefix import common_prefix_len
 from wisp.services.drafter.engine import DraftCall, DraftOutput, StopFn, _check, _empty, _ms, _next_token
 from wisp.services.drafter.llamacpp_binding import KVFullError, LlamaCppError, LlamaModel
 from wisp.settings import Settings

@@ -15,7 +15,8 @@ from collections.abc import Iterator, Sequence
 import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
-from wisp.kv import common_prefix_len, crop_to
+from wisp.kv import crop_to
+from wisp.prefix import common_prefix_len
 from wisp.services.drafter.engine import DraftCall, DraftEngine
 from wisp.services.verifier.engine import VerifierEngine, VerifyItem, VerifyResult
 from wisp.specdec import SparseDist, TokenFeatures, round_generator

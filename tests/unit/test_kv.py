@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import DynamicCache, Qwen2Config, Qwen3NextConfig
-from wisp.kv import KVSession, PaddedBatch, SessionCache, common_prefix_len, crop_to, new_cache, padded_batch
+from wisp.kv import KVSession, PaddedBatch, SessionCache, crop_to, new_cache, padded_batch
+from wisp.prefix import common_prefix_len
 
 LAYERS, HEADS, DIM = 2, 2, 4
 CPU = torch.device("cpu")
