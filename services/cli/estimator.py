@@ -118,6 +118,7 @@ def profile_verifier(
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
+    from torch.utils.mkldnn import MkldnnLinear
     from wisp import models
     from wisp.services.verifier.engine import VerifierEngine
 
@@ -134,6 +135,8 @@ def profile_verifier(
     console.print(f"model loaded in {time.monotonic() - t0:.1f} s")
     hw = hardware_info(settings.device, str(next(model.parameters()).dtype).removeprefix("torch."),
                        torch.get_num_threads())
+    # the linear kernels change a CPU profile about 2x (``WISP_CPU_LINEAR``): say which ran
+    hw["linear"] = "onednn" if isinstance(model.get_output_embeddings(), MkldnnLinear) else "default"
     with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
                   MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                   TextColumn("{task.fields[last]}"), console=console) as bar:
