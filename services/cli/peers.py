@@ -206,7 +206,8 @@ def _hf(settings: Any, prompt: list[int], max_new: int, assisted: bool) -> Run:
         out = target.generate(ids, max_new_tokens=max_new, **kwargs)
         seconds = time.perf_counter() - started
     name = "hf-assisted" if assisted else "hf-generate"
-    engine = f"transformers {_version('transformers')}, torch fp32, {torch.get_num_threads()} threads"
+    engine = (f"transformers {_version('transformers')}, torch fp32, {torch.get_num_threads()} threads, "
+              f"{_linear(settings)} linear")
     return Run(name, engine, [int(t) for t in out[0, len(prompt):]], seconds, load_s)
 
 
@@ -266,13 +267,20 @@ def _wisp(settings: Any, mode: str, prompt_text: str, max_new: int) -> Run:
 
     done, seconds, load_s = run_async(main())
     backend = draft_backend(s) if mode != "centralized" else "none"
-    engine = (f"WISP {mode}, one device, 4 services in one process, draft backend {backend}"
+    engine = (f"WISP {mode}, one device, 4 services in one process, draft backend {backend}, "
+              f"verifier {_linear(s)} linear"
               + (f", cores verifier {s.verifier_cpus} / drafter {s.drafter_cpus}"
                  if s.verifier_cpus else ""))
     extra = {"rounds": done.rounds, "drafted": done.drafted_tokens,
              "accepted": done.accepted_tokens, "ttft_ms": done.ttft_ms, "tpot_ms": done.tpot_ms,
              "prompt_token_ids": done.prompt_token_ids}
     return Run(f"wisp-{mode}", engine, list(done.token_ids), seconds, load_s, extra)
+
+
+def _linear(settings: Any) -> str:
+    """The CPU linear kernels a torch model of these settings runs (``WISP_CPU_LINEAR``): the HF
+    peers and WISP's verifier load through the same ``load_model``, so they always match."""
+    return "oneDNN" if settings.cpu_linear == "onednn" and settings.device == "cpu" else "default"
 
 
 def _preflight(chosen: list[str], settings: Any) -> None:
