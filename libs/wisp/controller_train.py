@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from wisp.features import TokenFeatures
 from wisp.policy.controller import (
     FEATURE_FUNCS,
     AffineVerifyCost,
@@ -36,7 +37,6 @@ from wisp.policy.controller import (
     drafting_rule,
 )
 from wisp.policy.session import REPLAY_EOS, SpecSession, replay_tokens
-from wisp.specdec import TokenFeatures
 
 DEFAULT_FEATURES: tuple[str, ...] = (
     "top1_prob", "entropy", "margin", "logit_spread", "position", "recent_acceptance",

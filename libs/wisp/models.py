@@ -593,17 +593,20 @@ def load_model(name: str, settings: Settings) -> PreTrainedModel:
     model.to(settings.device)
     model.eval()
     model.requires_grad_(False)
-    return onednn_linear(model) if uses_onednn(model, settings) else model
+    if not uses_onednn(settings):
+        return model
+    with _LOAD_LOCK:  # each oneDNN linear is a TorchScript module: compiled one load at a time
+        return onednn_linear(model)
 
 
-def uses_onednn(model: PreTrainedModel, settings: Settings) -> bool:
-    """Whether ``model``'s linear layers run on oneDNN (``settings.cpu_linear``): a float32 model
-    on the CPU, where torch has oneDNN."""
+def uses_onednn(settings: Settings) -> bool:
+    """Whether a model loaded with ``settings`` runs its linear layers on oneDNN
+    (``settings.cpu_linear``): a float32 model on the CPU, where torch has oneDNN. Also what
+    reports (``wisp-cli peers``) name as the kernels that ran."""
     import torch
 
-    param = next(model.parameters())
-    return (settings.cpu_linear == "onednn" and param.device.type == "cpu"
-            and param.dtype == torch.float32 and torch.backends.mkldnn.is_available())
+    return (settings.cpu_linear == "onednn" and torch.device(settings.device).type == "cpu"
+            and torch_dtype(settings) == torch.float32 and torch.backends.mkldnn.is_available())
 
 
 def onednn_linear(model: PreTrainedModel) -> PreTrainedModel:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from wisp.features import TokenFeatures
 from wisp.protocol.draft import PROB_SUM_TOLERANCE
 
 __all__ = [
@@ -85,25 +86,6 @@ class SparseDist:
         out = torch.zeros(vocab_size, dtype=dtype)
         out[torch.tensor(self.token_ids, dtype=torch.long)] = torch.tensor(self.probs, dtype=dtype)
         return out
-
-
-@dataclass(frozen=True)
-class TokenFeatures:
-    """Cheap statistics of the draft's next-token distribution at temperature 1.
-
-    They are what the speculation controller reads to predict a rejection; they are computed at
-    T=1 (not the sampling temperature) so the controller sees the model's own confidence, which
-    does not change with the request's sampling settings.
-    """
-
-    top1_prob: float
-    entropy: float  # nats
-    margin: float  # top1_prob - top2_prob
-    logit_spread: float  # max logit - mean logit
-
-    def as_tuple(self) -> tuple[float, float, float, float]:
-        """Field values in declaration order (a stable feature-vector layout)."""
-        return (self.top1_prob, self.entropy, self.margin, self.logit_spread)
 
 
 def _check_vector(logits: torch.Tensor) -> None:

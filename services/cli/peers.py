@@ -278,9 +278,11 @@ def _wisp(settings: Any, mode: str, prompt_text: str, max_new: int) -> Run:
 
 
 def _linear(settings: Any) -> str:
-    """The CPU linear kernels a torch model of these settings runs (``WISP_CPU_LINEAR``): the HF
+    """The linear kernels a torch model of these settings runs (``WISP_CPU_LINEAR``): the HF
     peers and WISP's verifier load through the same ``load_model``, so they always match."""
-    return "oneDNN" if settings.cpu_linear == "onednn" and settings.device == "cpu" else "default"
+    from wisp.models import uses_onednn
+
+    return "oneDNN" if uses_onednn(settings) else "default"
 
 
 def _preflight(chosen: list[str], settings: Any) -> None:

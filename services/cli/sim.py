@@ -745,10 +745,12 @@ def _hardware(settings: Any) -> dict[str, Any]:
     import platform
 
     import torch
+    from wisp import models
 
     hw: dict[str, Any] = {"device": settings.device, "cpu": platform.processor() or platform.machine(),
                           "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                          "torch": torch.__version__}
+                          "torch": torch.__version__,
+                          "linear": "onednn" if models.uses_onednn(settings) else "default"}
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):

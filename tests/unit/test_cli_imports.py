@@ -4,7 +4,8 @@ Every ``wisp-cli`` invocation (``submit``, ``status``, each ``serve ROLE``) impo
 line's module tree; when one command module imported torch at its top (``peers`` through
 ``wisp.kv``), every invocation paid about 4 s of CPU for it, and so did every test that starts a
 service: the suite took 40 minutes instead of under 30. A scheduler, an estimator or a gateway
-pod has no model, and a client has none either."""
+pod has no model, and a client has none either; the simulator and the controller's policy are
+plain arithmetic (``TokenFeatures`` lives in the torch-free ``wisp.features`` for them)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,11 @@ HEAVY = ("torch", "transformers", "sklearn", "llama_cpp")
     ["wisp.services.cli.main", "wisp.services.scheduler.service"],
     ["wisp.services.cli.main", "wisp.services.estimator.service"],
     ["wisp.services.cli.main", "wisp.services.gateway.service"],
+    ["wisp.services.cli.main", "wisp.services.gateway.app"],  # loaded when the API starts
+    ["wisp.services.cli.sim", "wisp.sim.simulator", "wisp.sim.grid"],  # `wisp-cli sim ...`
+    ["wisp.services.cli.controller", "wisp.policy.controller"],  # `wisp-cli controller ...`
     ["wisp.client"],
-], ids=["cli", "scheduler", "estimator", "gateway", "client"])
+], ids=["cli", "scheduler", "estimator", "gateway", "gateway-app", "sim", "controller", "client"])
 def test_no_model_library_is_imported(modules: list[str]) -> None:
     code = ("import importlib, json, sys\n"
             f"for m in {modules!r}: importlib.import_module(m)\n"

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from wisp.specdec import TokenFeatures
+from wisp.features import TokenFeatures
 
 if TYPE_CHECKING:
     from wisp.policy.estimator import VerifyTimeEstimator

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wisp.features import TokenFeatures
 from wisp.sim.scenario import AcceptanceCfg, ScenarioError, WorkloadCfg
-from wisp.specdec import TokenFeatures
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 """Packaged simulator data (the acceptance bank derived from the real pair's traces)."""
