@@ -99,7 +99,12 @@ def test_slow_verifier_is_benched(redis_url: str, tiny_pair: tuple[Path, Path], 
     try:
         with c:
             c.start("estimator", "e")
-            c.start("scheduler", "s", slow_verifier_cooldown_s=600)
+            # one round per batch: the estimator refits its shared cost model on every
+            # verifier's timings, and when the slow verifier's rounds piled up into bigger
+            # batches the refit could blame batch size for its slowness (measured/predicted
+            # then looked alike and the bench never came: CI of 2026-12-01, twice). Same-shape
+            # batches leave the refit nothing to blame but the verifier.
+            c.start("scheduler", "s", slow_verifier_cooldown_s=600, max_batch_size=1)
             c.start("verifier", "fast", fault_delay_ms=20)
             # slow by a wide margin: benching needs measured/predicted 3x the fast one's, and on
             # a loaded 2-core CI box the fast one's own batches took long enough that 400 ms
@@ -110,7 +115,11 @@ def test_slow_verifier_is_benched(redis_url: str, tiny_pair: tuple[Path, Path], 
             seen: dict[str, int] = {}
 
             def watch() -> None:
-                wait_until(lambda: "benched" in c.log("s"), timeout=90)
+                try:
+                    wait_until(lambda: "benched" in c.log("s"), timeout=90)
+                except AssertionError as err:
+                    raise AssertionError(f"no bench in 90 s; scheduler log:\n{c.log('s')[-3000:]}\n"
+                                         f"heartbeats: {heartbeats(r, ns)}") from err
                 seen.update({n: heartbeats(r, ns)[n]["batches"] for n in ("fast", "slow")})
                 sec, usec = r.time()  # the broker's clock, the one stream entry ids carry
                 seen["t_ms"] = sec * 1000 + usec // 1000
