@@ -609,6 +609,12 @@ def uses_onednn(settings: Settings) -> bool:
             and torch_dtype(settings) == torch.float32 and torch.backends.mkldnn.is_available())
 
 
+def linear_kernels(settings: Settings) -> str:
+    """The name the reports' JSON gives the linear kernels a model loaded with ``settings`` runs:
+    ``onednn`` or ``default`` (``uses_onednn``)."""
+    return "onednn" if uses_onednn(settings) else "default"
+
+
 def onednn_linear(model: PreTrainedModel) -> PreTrainedModel:
     """``model`` with every ``nn.Linear`` replaced by torch's oneDNN linear, weights packed once.
 

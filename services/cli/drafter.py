@@ -84,7 +84,7 @@ def speed(
 ) -> None:
     """Draft speed of the draft model, llama.cpp (GGUF as shipped) vs torch fp32, for several
     sessions drafting together; prints a table and writes JSON."""
-    from wisp.models import REGISTRY, ModelLoadError, uses_onednn
+    from wisp.models import REGISTRY, ModelLoadError, linear_kernels
 
     quiet_logging()
     chosen = [b.strip() for b in backends.split(",") if b.strip()]
@@ -115,7 +115,7 @@ def speed(
     result = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "draft_model": settings.draft_model,
               "threads": n_threads, "tokens": tokens, "reps": reps, "cpu": platform.processor() or
               platform.machine(), "cores": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
-              "torch_linear": "onednn" if uses_onednn(settings) else "default", "rows": rows}
+              "torch_linear": linear_kernels(settings), "rows": rows}
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'backend':10s} {'sessions':>8s} {'ms/step':>9s} {'ms/token':>9s} {'tokens/s':>9s}")
     for r in rows:

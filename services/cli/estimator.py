@@ -118,7 +118,6 @@ def profile_verifier(
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
-    from torch.utils.mkldnn import MkldnnLinear
     from wisp import models
     from wisp.services.verifier.engine import VerifierEngine
 
@@ -136,7 +135,7 @@ def profile_verifier(
     hw = hardware_info(settings.device, str(next(model.parameters()).dtype).removeprefix("torch."),
                        torch.get_num_threads())
     # the linear kernels change a CPU profile about 2x (``WISP_CPU_LINEAR``): say which ran
-    hw["linear"] = "onednn" if isinstance(model.get_output_embeddings(), MkldnnLinear) else "default"
+    hw["linear"] = models.linear_kernels(settings)
     with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
                   MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                   TextColumn("{task.fields[last]}"), console=console) as bar:

@@ -750,7 +750,7 @@ def _hardware(settings: Any) -> dict[str, Any]:
     hw: dict[str, Any] = {"device": settings.device, "cpu": platform.processor() or platform.machine(),
                           "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                           "torch": torch.__version__,
-                          "linear": "onednn" if models.uses_onednn(settings) else "default"}
+                          "linear": models.linear_kernels(settings)}
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
