@@ -1,10 +1,12 @@
 """The learned verification-time estimator: a physical base model times a boosted correction.
 
-Why not a plain linear model: on a CPU the cost of a batched forward is *not* monotone in its
-tokens. One query row runs matrix-vector kernels; two to six rows switch to GEMM kernels that
-pack the weights on every call (on the 2-core dev box verifying 2-3 tokens cost as much as 4-6,
-and 1 token a third of that); bigger batches turn compute bound. A linear model averages these
-regimes away. The model here is
+Why not a plain linear model: on a CPU with torch's default (BLAS) linear kernels the cost of a
+batched forward is *not* monotone in its tokens. One query row runs matrix-vector kernels; two to
+six rows switch to GEMM kernels that pack the weights on every call (on the 2-core dev box
+verifying 2-3 tokens cost as much as 4-6, and 1 token a third of that); bigger batches turn
+compute bound. A linear model averages these regimes away. (With the oneDNN kernels the CPU
+verifier now runs by default the shipped profile is nearly linear and the two models tie; this
+one still fits a machine with such regimes.) The model here is
 
     predict(shape) = level x base(shape) x exp(residual(shape))
 

@@ -219,7 +219,7 @@ class ServerCfg:
     uses its own residual spread when this is negative."""
     truth_fit: str = "learned"
     """Profile timing: the estimator class fitted on the profile as the *true* verify time
-    (learned: ``LearnedEstimator``, which captures the CPU's non-monotone kernel regimes;
+    (learned: ``LearnedEstimator``, which also captures non-monotone kernel regimes such as BLAS's;
     linear: ``LinearEstimator``)."""
     prefill_ms_per_token: float = -1.0
     """Profile timing only: extra ms per uncached prompt token beyond what the profile's model
