@@ -39,8 +39,8 @@ import os
 
 _right = specdec.round_generator
 
-def _wrong(seed, request_id, round_, role):
-    return _right(seed, request_id, round_, role + (str(os.getpid()) if role == "draft" else ""))
+def _wrong(seed, prefix, role):
+    return _right(seed, prefix, role + (str(os.getpid()) if role == "draft" else ""))
 
 specdec.round_generator = _wrong
 ''',

@@ -1,4 +1,4 @@
-"""Common prefixes of token-id sequences: how much of a cache a round can keep.
+"""Prefixes of token-id sequences: how much of a cache a round can keep, and their digests.
 
 Pure Python and free of torch on purpose: the command line (``wisp-cli``, every service's
 entry point) uses these, and importing torch and transformers there cost every invocation
@@ -6,9 +6,10 @@ about 4 s of CPU (``wisp-cli submit`` included) and every test that starts a ser
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
-__all__ = ["common_prefix_len", "reusable"]
+__all__ = ["PrefixDigest", "common_prefix_len", "reusable"]
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
@@ -24,3 +25,24 @@ def reusable(cached: Sequence[int], committed: Sequence[int]) -> int:
     """How many cached positions a round on ``committed`` can keep: the common prefix, capped so
     that the last committed id is always fed again (its logits predict the next token)."""
     return min(common_prefix_len(cached, committed), len(committed) - 1)
+
+
+class PrefixDigest:
+    """``digest_ids`` of a prefix that grows: each appended id costs O(1), where digesting the
+    whole prefix again costs O(length) (a server run samples every step under its prefix's
+    digest)."""
+
+    def __init__(self, ids: Sequence[int] = ()) -> None:
+        self._h = hashlib.blake2b(digest_size=8)
+        self._empty = True
+        self.extend(ids)
+
+    def extend(self, ids: Sequence[int]) -> None:
+        if not ids:
+            return
+        text = ",".join(map(str, ids))
+        self._h.update((text if self._empty else "," + text).encode())
+        self._empty = False
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()

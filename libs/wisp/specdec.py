@@ -258,21 +258,30 @@ def accept(
     return accept_sampling(target_logits, draft, dists, temperature, generator)
 
 
-def round_generator(
-    seed: int | None, request_id: str, round_: int, role: str
-) -> torch.Generator:
-    """A CPU generator seeded from ``(seed, request_id, round_, role)``.
+def round_generator(seed: int | None, prefix: str, role: str) -> torch.Generator:
+    """A CPU generator seeded from ``(seed, prefix, role)``, where ``prefix`` is the digest of
+    the committed ids the round builds on (``wisp.protocol.digest_ids``) and ``role`` the draws'
+    use: ``draft`` (the drafter's proposals), ``verify`` (the acceptance test and correction of
+    a drafted round), ``decode`` (the next token of an undrafted round or a server run's step).
 
-    Deriving the seed from the round's identity (instead of carrying generator state across
+    Deriving the seed from the round's content (instead of carrying generator state across
     rounds) makes a re-run of a round — after a crash, a redelivery or a stale cache — reproduce
     exactly the same draws, and keeps the drafter's and the verifier's streams (``role``)
-    independent.  ``seed is None`` means "not reproducible": the seed comes from ``os.urandom``.
+    independent. It is keyed by what was generated, not by the request or a round number (a
+    server run's verdicts, and so the rounds after it, are numbered by timing): two requests
+    with the same seed and prompt draw alike, so the same seed gives the same output (as an API
+    user expects of ``seed``), up to a draw on an inverse-CDF boundary that float rounding in
+    another batch moves; a server run and a round trip per token decode alike. Within a request
+    every round's prefix is longer than the last, so no two rounds share draws. Lossless: the
+    ``verify`` draws do not depend on the drafted tokens, and a verdict is never chosen by its
+    content (only one per round is applied, the first). ``seed is None`` means "not
+    reproducible": the seed comes from ``os.urandom``.
     """
     gen = torch.Generator(device="cpu")
     if seed is None:
         gen.manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
         return gen
-    key = f"{int(seed)}\x1f{request_id}\x1f{int(round_)}\x1f{role}".encode()
+    key = f"{int(seed)}\x1f{prefix}\x1f{role}".encode()
     digest = hashlib.sha256(key).digest()
     gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
     return gen

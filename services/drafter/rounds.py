@@ -72,7 +72,7 @@ class RoundDrafter:
             from wisp.services.drafter.engine import DraftCall  # torch: only where drafting happens
 
             req = sess.req
-            gen = (round_generator(req.seed, req.request_id, plan.round, "draft")
+            gen = (round_generator(req.seed, digest_ids(committed), "draft")
                    if req.temperature > 0 else None)
             call = DraftCall(req.request_id, committed, plan.max_k, req.temperature,
                              self.settings.draft_top_k, gen, plan.stop)

@@ -197,7 +197,10 @@ class VerifierService(Service):
                 self.count("stale_rounds")
                 continue
             gen = (
-                round_generator(terms.seed, b.request_id, b.round, "verify")
+                # an undrafted round decodes as a server run's step does: runs on or off, the
+                # same seed gives the same tokens
+                round_generator(terms.seed, b.committed_digest,
+                                "verify" if b.draft_tokens else "decode")
                 if terms.temperature > 0 else None
             )
             dists = (
@@ -249,8 +252,9 @@ class VerifierService(Service):
 
         return [
             VerifyItem(r.request_id, r.committed, [], None, r.temperature,
-                       # keyed by position: a run re-started after a failover draws alike
-                       round_generator(r.seed, r.request_id, len(r.committed), "decode")
+                       # keyed by the prefix: a run re-started after a failover (an undrafted
+                       # round again) draws alike
+                       round_generator(r.seed, r.digest.hexdigest(), "decode")
                        if r.temperature > 0 else None)
             for r in runs
         ]

@@ -1,12 +1,13 @@
-"""Same seed, same output across a drafter failover, when sampling (temperature > 0).
+"""Same seed, same output: for another request, and across a drafter failover, when sampling.
 
 A seeded, sampled request (temperature 0.5, 32 new tokens, the tiny pair: acceptance is well
-inside (0, 1) there, so rounds accept some drafted tokens and reject others) runs twice through
-the same services with the same request id and seed: once normally on drafter d1, and once with
-d1 killed (SIGKILL) mid-request so that d2 adopts the session and re-drafts the round in flight.
-Randomness is derived from (seed, request, round, role) (``specdec.round_generator``), so both
-runs must produce the same tokens, token for token, and the client must receive each exactly
-once.
+inside (0, 1) there, so rounds accept some drafted tokens and reject others) runs once normally
+on drafter d1; then a second request with another request id and the same prompt and seed runs
+with d1 killed (SIGKILL) mid-request, so that d2 adopts the session and re-drafts the round in
+flight. Randomness is derived from (seed, the committed prefix, round, role)
+(``specdec.round_generator``), not from the request, so both must produce the same tokens, token
+for token, and the client must receive each exactly once. (Keyed by the request id, as it was
+before, the second request sampled other tokens from its first draw on.)
 
 It can fail: ``WISP_TEST_SABOTAGE=seed-by-process`` makes the drafter's randomness depend on its
 process (``tests/sabotage.py``), and the resumed run then differs from the normal one.
@@ -104,18 +105,10 @@ def test_sampled_request_survives_drafter_failover_with_the_same_output(
             c.wait_ready(["e", "s", "v", "d1", "d2"])
             # 1. normally, on d1
             normal_delivered, normal = _submit(redis_url, ns, rid, SEED)
-            # the scheduler forgets a finished request once its session record is gone (its
-            # housekeeping runs every 0.5 s); only then may the same request id come again
-            deadline = time.monotonic() + 30
-            while _session(r, ns, rid) is not None:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-            time.sleep(2.0)
-            # a finished request leaves its terms until they expire, so that the same request
-            # delivered again is not served twice (a new request reusing the id is refused);
-            # this test reuses the id on purpose (the seeds derive from it): drop them
-            r.delete(f"{ns}:terms:{rid}")
-            # 2. the same request (id and seed), with d1 killed mid-way: d2 adopts it
+            # 2. another request (a new id) with the same prompt and seed
+            _, again = _submit(redis_url, ns, new_request_id(), SEED)
+            # 3. and another, with d1 killed mid-way: d2 adopts it
+            rid = new_request_id()
             with ThreadPoolExecutor(1) as pool:
                 running = pool.submit(_submit, redis_url, ns, rid, SEED)
                 kill_d1_mid_request()
@@ -141,16 +134,25 @@ def test_sampled_request_survives_drafter_failover_with_the_same_output(
     # every token reached the client exactly once, in order
     assert normal_delivered == normal.token_ids
     assert failover_delivered == failover.token_ids
-    # same seed, same output, token for token, up to a draw that fell on an inverse-CDF
+    # same seed and prompt, same output, token for token, in another request and across the
+    # failover, up to a draw that fell on an inverse-CDF
     # boundary: the survivor recomputes the prefix in one forward where the first drafter's
     # verifier used its cache, and float rounding can move such a draw to a neighbouring id (a
     # CI run: 18880 -> 18878 at index 27). A wrong sampler lands anywhere in a near-uniform
     # vocabulary, with real mass between the two ids.
-    a, b = failover.token_ids, normal.token_ids
+    for other, what in ((again, "another request with the same prompt and seed"),
+                        (failover, "the same prompt and seed in another request, with a "
+                                   "drafter failover,")):
+        _same_draws(target, normal, other, what)
+
+
+def _same_draws(target: Path, normal: Any, other: Any, what: str) -> None:
+    """``other`` sampled ``normal``'s tokens, up to a draw on an inverse-CDF boundary."""
+    a, b = other.token_ids, normal.token_ids
     if a != b:
         first = next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
         between = mass_between(load_target(target), list(normal.prompt_token_ids) + b[:first],
                                a[first], b[first], TEMPERATURE)
         assert between < 1e-3, (
-            f"a drafter failover changed the sampled output of a seeded request at index "
+            f"{what} sampled another output at index "
             f"{first} ({b[first]} -> {a[first]}, {between:.3g} of mass between)")

@@ -165,21 +165,40 @@ def test_sampling_no_draft_samples_target() -> None:
     assert chisquare(counts, p * counts.sum()).pvalue > 1e-3
 
 
-def test_round_generator_is_deterministic_per_round_and_role() -> None:
+def test_round_generator_is_keyed_by_seed_prefix_and_role() -> None:
+    """The same (seed, committed prefix, role) draws alike whatever the request; any of the
+    three changed draws otherwise; no seed draws fresh."""
+    from wisp.protocol import digest_ids
+
     def draw(gen: torch.Generator | None) -> list[float]:
         return torch.rand(4, generator=gen).tolist()
 
-    assert draw(round_generator(7, "req", 3, "verifier")) == draw(
-        round_generator(7, "req", 3, "verifier")
+    prefix = digest_ids([1, 2, 3])
+    base = draw(round_generator(7, prefix, "verify"))
+    assert base == draw(round_generator(7, digest_ids([1, 2, 3]), "verify"))
+    assert base != draw(round_generator(7, digest_ids([1, 2, 3, 4]), "verify"))
+    assert base != draw(round_generator(7, prefix, "draft"))
+    assert base != draw(round_generator(7, prefix, "decode"))
+    assert base != draw(round_generator(8, prefix, "verify"))
+    assert draw(round_generator(None, prefix, "verify")) != draw(
+        round_generator(None, prefix, "verify")
     )
-    base = draw(round_generator(7, "req", 3, "verifier"))
-    assert base != draw(round_generator(7, "req", 4, "verifier"))
-    assert base != draw(round_generator(7, "req", 3, "drafter"))
-    assert base != draw(round_generator(7, "other", 3, "verifier"))
-    assert base != draw(round_generator(8, "req", 3, "verifier"))
-    assert draw(round_generator(None, "req", 3, "verifier")) != draw(
-        round_generator(None, "req", 3, "verifier")
-    )
+
+
+def test_prefix_digest_grows_as_digest_ids() -> None:
+    from wisp.prefix import PrefixDigest
+    from wisp.protocol import digest_ids
+
+    ids = [151644, 8948, 198, 0, 42, 7]
+    d = PrefixDigest()
+    assert d.hexdigest() == digest_ids([])
+    for i, t in enumerate(ids):
+        d.extend((t,))
+        assert d.hexdigest() == digest_ids(ids[: i + 1])
+    d2 = PrefixDigest(ids[:2])
+    d2.extend(ids[2:])
+    assert d2.hexdigest() == digest_ids(ids)
+    assert digest_ids([1, 23]) != digest_ids([12, 3])
 
 
 # -- sampling losslessness ------------------------------------------------------------------

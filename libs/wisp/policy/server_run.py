@@ -14,9 +14,9 @@ of tokens the server will still make. The drafter waits for those instead of pub
 tokens faster than one drafter process could save and stream them one by one.)
 
 Each step samples the target's own distribution at its position (greedy: the argmax) with a
-sampler seeded by the request's seed and the position (``round_generator(..., "decode")``), so a
-run re-started from any point after a failover draws the same tokens: greedy output is
-unchanged, sampled output is distributed as the target's.
+sampler seeded by the request's seed and the committed prefix (``round_generator(..., "decode")``,
+the key an undrafted round uses too), so a run re-started from any point after a failover draws
+the same tokens: greedy output is unchanged, sampled output is distributed as the target's.
 
 A run ends at its last round, at an end-of-sequence token, when its session is cancelled, when
 a new round for the session arrives (a drafter that re-sent or re-planned it after a failover: the
@@ -29,6 +29,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from wisp.prefix import PrefixDigest
 
 MAX_CHUNK = 256
 """Most tokens one verdict carries (the protocol's bound)."""
@@ -71,6 +73,8 @@ class ServerRun:
     pending: list[int] = field(default_factory=list)
     """Made, not sent yet."""
     emitted_at: float = 0.0
+    digest: PrefixDigest = field(default_factory=PrefixDigest)
+    """``digest_ids(committed)``, kept up to date a token at a time (it keys the step's sampler)."""
 
 
 @dataclass(frozen=True)
@@ -122,7 +126,8 @@ class ServerRuns:
             return 0
         ids = [*committed, token]
         self._runs[request_id] = ServerRun(request_id, device, ids, round + 1, server_rounds,
-                                           temperature, seed, base=len(ids), emitted_at=now)
+                                           temperature, seed, base=len(ids), emitted_at=now,
+                                           digest=PrefixDigest(ids))
         return server_rounds
 
     def advance(self, run: ServerRun, token: int, now: float, *, last: bool = False) -> Emission | None:
@@ -134,6 +139,7 @@ class ServerRuns:
         if self._runs.get(run.request_id) is not run:
             return None
         run.committed = [*run.committed, token]
+        run.digest.extend((token,))
         run.pending.append(token)
         run.left -= 1
         done = last or run.left <= 0 or token in self.eos

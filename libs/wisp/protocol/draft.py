@@ -6,22 +6,21 @@ a block whose base no longer matches the session is stale and is never verified 
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
+from wisp.prefix import PrefixDigest
 from wisp.protocol.base import WireModel
 
 
 def digest_ids(ids: Sequence[int]) -> str:
     """Short content hash of a token prefix: lets a verifier check that the prefix it holds is
-    the one a round builds on (equal lengths are not enough once sampling is involved)."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update(",".join(map(str, ids)).encode())
-    return h.hexdigest()
+    the one a round builds on (equal lengths are not enough once sampling is involved), and
+    keys the seeded samplers (``wisp.specdec.round_generator``)."""
+    return PrefixDigest(ids).hexdigest()
 
 
 MAX_SERVER_ROUNDS = 1_000_000
