@@ -123,3 +123,34 @@ def test_overdue_batches_are_requeued_once() -> None:
     assert c.requeue_overdue(now=80.0, grace_s=30.0) == []
     again = c.tick(80.0).batches
     assert [b.keys for b in again] == [("a:0",)] and again[0].batch_id != plan.batch_id
+
+
+def _padded_cost() -> LinearEstimator:
+    """A verify time that pads every row to the longest: 200 ms + 10 ms per padded token."""
+    est = LinearEstimator()
+    shapes = [BatchShape.of([n] * b, [c] * b) for n in (1, 5, 50, 150) for b in (1, 2, 4)
+              for c in (0, 100)]
+    for sh in shapes:
+        est.observe(sh, 200.0 + 10.0 * sh.rounds * max(sh.new_tokens))
+    est.refit()
+    return est
+
+
+def test_fcfs_does_not_pad_decode_rounds_to_a_prefill() -> None:
+    """Padding-aware FCFS: a prefill (150 new ids) that arrived between two decode rounds is
+    left for the next batch rather than padding both to 150; plain FCFS takes all three."""
+    est = _padded_cost()
+    decode_a = rnd("a", 1.0, round_=3, k=4)
+    prefill = RoundInfo(key="p:0", request_id="p", round=0, draft_len=0, context_len=0,
+                        arrival=2.0, deadline=3.0, prefill_len=149)
+    decode_b = rnd("b", 3.0, round_=5, k=4)
+    assert prefill.new_tokens >= 150 and decode_a.new_tokens == 5
+    sel, _ = FcfsPolicy(16, 0.0).select([decode_a, prefill, decode_b], "v1", 10.0, est)
+    assert sel is not None and [r.key for r in sel.rounds] == ["a:3", "b:5"]
+    assert "fcfs:padding" in sel.reasons
+    sel, _ = FcfsPolicy(16, 0.0, padding_aware=False).select(
+        [decode_a, prefill, decode_b], "v1", 10.0, est)
+    assert sel is not None and [r.key for r in sel.rounds] == ["a:3", "p:0", "b:5"]
+    # the prefill, oldest now, goes next on its own
+    sel, _ = FcfsPolicy(16, 0.0).select([prefill], "v1", 10.0, est)
+    assert sel is not None and [r.key for r in sel.rounds] == ["p:0"]
