@@ -154,3 +154,18 @@ def test_fcfs_does_not_pad_decode_rounds_to_a_prefill() -> None:
     # the prefill, oldest now, goes next on its own
     sel, _ = FcfsPolicy(16, 0.0).select([prefill], "v1", 10.0, est)
     assert sel is not None and [r.key for r in sel.rounds] == ["p:0"]
+
+
+def test_a_left_out_prefill_goes_at_once_where_the_verifier_takes_two_batches() -> None:
+    """With room for a second batch in flight, the rounds padding left out are dispatched in
+    the next tick at the same time (the policy asks to be looked at again now)."""
+    c = SchedulerCore(FcfsPolicy(16, 0.0), _padded_cost(), max_inflight=2)
+    c.set_verifiers(["v1"])
+    c.add(rnd("a", 1.0, round_=3, k=4))
+    c.add(RoundInfo(key="p:0", request_id="p", round=0, draft_len=0, context_len=0,
+                    arrival=2.0, deadline=3.0, prefill_len=149))
+    c.add(rnd("b", 3.0, round_=5, k=4))
+    out = c.tick(now=10.0)
+    assert [b.keys for b in out.batches] == [("a:3", "b:5")] and out.wake_at == 10.0
+    out = c.tick(now=10.0)
+    assert [b.keys for b in out.batches] == [("p:0",)] and out.wake_at is None

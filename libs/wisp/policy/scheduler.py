@@ -160,18 +160,17 @@ class FcfsPolicy:
             else:
                 left_out = True
         shape = BatchShape.of([r.new_tokens for r in chosen], [r.context_len for r in chosen])
-        why = "full" if len(chosen) >= self.max_batch_size else "max-wait"
+        why = "full" if len(ordered) >= self.max_batch_size else "max-wait"
         reasons = [f"fcfs:{why}"] + (["fcfs:padding"] if left_out else [])
-        return Selection(chosen, estimator.predict(shape), reasons), None
+        # rounds left out may go at once in a batch of their own where the verifier takes more
+        # than one batch at a time (``max_inflight``): look again now
+        return Selection(chosen, estimator.predict(shape), reasons), (now if left_out else None)
 
 
 def joins(estimator: VerifyTimeEstimator, batch: Sequence[RoundInfo], r: RoundInfo) -> bool:
-    """Whether ``r`` may join ``batch`` on an engine that pads every row to the longest: it
-    joins when that costs no more than verifying it alone (a row as long as the batch's longest,
-    on a context no longer than its longest, pads nothing and joins without a prediction)."""
-    if r.new_tokens == max(x.new_tokens for x in batch) and r.context_len <= max(
-            x.context_len for x in batch):
-        return True
+    """Whether ``r`` may join ``batch`` on an engine that pads every row to the longest new
+    input and the longest context: it joins when that costs no more than verifying it alone,
+    as ``estimator`` predicts (always predicted: a row shorter in either dimension is padded)."""
     new = [x.new_tokens for x in batch]
     ctx = [x.context_len for x in batch]
     cost = estimator.predict(BatchShape.of(new, ctx))

@@ -540,7 +540,8 @@ def snapshot(
 def batch_policy(settings: Settings) -> BatchPolicy:
     """The scheduler's batch policy for its mode (the scheduler service and the simulator both
     take it from here): wisp -> SLO-aware batching; sled and centralized -> first come first
-    served up to ``max_batch_size``."""
+    served up to ``max_batch_size``, a round joining only while that costs no more than
+    verifying it alone (``FcfsPolicy.padding_aware``)."""
     if settings.mode == Mode.wisp:
         return SloAwarePolicy(max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms)
     return FcfsPolicy(settings.max_batch_size, settings.max_wait_ms)
