@@ -125,7 +125,7 @@ class FcfsPolicy:
     verifier waits at most ``max_wait_ms`` for a batch to fill.
 
     ``padding_aware`` (default): in arrival order, a round joins the batch only while that
-    costs no more than verifying it alone (``joins``, the rule ``pack_batches`` packs by); the
+    costs no more than verifying it alone (``joined_cost``, the rule ``pack_batches`` packs by); the
     rest wait, in order, for the next batch. Why: this project's verifier pads every row of a
     forward to the longest row and the longest context, so a prefill batched with decode rounds
     makes each of them cost a prefill, and prefills of different lengths pad to the longest.
@@ -150,32 +150,40 @@ class FcfsPolicy:
         due = oldest + self.max_wait_ms / 1000.0
         if len(ordered) < self.max_batch_size and now < due:
             return None, due
+        why = "full" if len(ordered) >= self.max_batch_size else "max-wait"
+        if not self.padding_aware:
+            chosen = ordered[: self.max_batch_size]
+            shape = BatchShape.of([r.new_tokens for r in chosen], [r.context_len for r in chosen])
+            return Selection(chosen, estimator.predict(shape), [f"fcfs:{why}"]), None
         chosen = [ordered[0]]
+        new, ctx = [ordered[0].new_tokens], [ordered[0].context_len]
+        cost = estimator.predict(BatchShape.of(new, ctx))
         left_out = False
         for r in ordered[1:]:
             if len(chosen) >= self.max_batch_size:
                 break
-            if not self.padding_aware or joins(estimator, chosen, r):
-                chosen.append(r)
-            else:
+            joined = joined_cost(estimator, new, ctx, cost, r.new_tokens, r.context_len)
+            if joined is None:
                 left_out = True
-        shape = BatchShape.of([r.new_tokens for r in chosen], [r.context_len for r in chosen])
-        why = "full" if len(ordered) >= self.max_batch_size else "max-wait"
+                continue
+            chosen.append(r)
+            new.append(r.new_tokens)
+            ctx.append(r.context_len)
+            cost = joined
         reasons = [f"fcfs:{why}"] + (["fcfs:padding"] if left_out else [])
         # rounds left out may go at once in a batch of their own where the verifier takes more
         # than one batch at a time (``max_inflight``): look again now
-        return Selection(chosen, estimator.predict(shape), reasons), (now if left_out else None)
+        return Selection(chosen, cost, reasons), (now if left_out else None)
 
 
-def joins(estimator: VerifyTimeEstimator, batch: Sequence[RoundInfo], r: RoundInfo) -> bool:
-    """Whether ``r`` may join ``batch`` on an engine that pads every row to the longest new
-    input and the longest context: it joins when that costs no more than verifying it alone,
-    as ``estimator`` predicts (always predicted: a row shorter in either dimension is padded)."""
-    new = [x.new_tokens for x in batch]
-    ctx = [x.context_len for x in batch]
-    cost = estimator.predict(BatchShape.of(new, ctx))
-    joined = estimator.predict(BatchShape.of([*new, r.new_tokens], [*ctx, r.context_len]))
-    return joined - cost <= estimator.predict(BatchShape.of([r.new_tokens], [r.context_len]))
+def joined_cost(estimator: VerifyTimeEstimator, new: Sequence[int], ctx: Sequence[int],
+                cost: float, n: int, c: int) -> float | None:
+    """The predicted ms of the batch of rows ``new`` / ``ctx`` (predicted ``cost``) with a row of
+    ``n`` new ids on ``c`` cached ones added, or None when adding it costs more than verifying
+    it alone: on an engine that pads every row to the longest new input and the longest
+    context, a decode round beside a prefill costs a prefill of its own."""
+    joined = estimator.predict(BatchShape.of([*new, n], [*ctx, c]))
+    return joined if joined - cost <= estimator.predict(BatchShape.of([n], [c])) else None
 
 
 class ScaledEstimator:
@@ -246,8 +254,7 @@ def pack_batches(estimator: VerifyTimeEstimator, shapes: Sequence[tuple[int, int
                 ctx.append(c)
                 continue
             cost = estimator.predict(BatchShape.of(new, ctx))
-            joined = estimator.predict(BatchShape.of([*new, n], [*ctx, c]))
-            if joined - cost <= estimator.predict(BatchShape.of([n], [c])):
+            if joined_cost(estimator, new, ctx, cost, n, c) is not None:
                 new.append(n)
                 ctx.append(c)
                 continue
