@@ -34,6 +34,8 @@ class RoundPlan:
 
     sess: ServedSession
     committed: list[int]
+    digest: str
+    """``digest_ids(committed)``: the block's ``committed_digest`` and the sampler's key."""
     call: Any
     """The engine's ``DraftCall`` (None: nothing to draft; the round goes out at once)."""
     prefill: bool
@@ -63,6 +65,7 @@ class RoundDrafter:
         """This round's drafting call, as ``sess.spec`` plans it with ``policy`` (``own``: the
         drafter's policy, not one the request asked for, which the site choice may override)."""
         committed = sess.committed
+        digest = digest_ids(committed)
         can_draft = self.engine is not None
         plan = sess.spec.plan(policy, can_draft=can_draft, server_run=self.server_run(sess))
         if own and can_draft and self.site is not None and plan.max_k > 0 and sess.spec.round > 0:
@@ -72,11 +75,11 @@ class RoundDrafter:
             from wisp.services.drafter.engine import DraftCall  # torch: only where drafting happens
 
             req = sess.req
-            gen = (round_generator(req.seed, digest_ids(committed), "draft")
+            gen = (round_generator(req.seed, digest, "draft")
                    if req.temperature > 0 else None)
             call = DraftCall(req.request_id, committed, plan.max_k, req.temperature,
                              self.settings.draft_top_k, gen, plan.stop)
-        return RoundPlan(sess, committed, call, plan.prefill, plan.server_rounds)
+        return RoundPlan(sess, committed, digest, call, plan.prefill, plan.server_rounds)
 
     def _site(self, sess: ServedSession, plan: SessionRoundPlan) -> SessionRoundPlan:
         """The adaptive site choice (``SiteChooser.next_round``, as the simulator's
@@ -190,7 +193,7 @@ class RoundDrafter:
             device=self.service.name,
             round=sp.round,
             base_committed_len=len(p.committed),
-            committed_digest=digest_ids(p.committed),
+            committed_digest=p.digest,
             draft_tokens=tokens,
             draft_dists=dists,
             features=feats,
