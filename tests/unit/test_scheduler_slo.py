@@ -533,3 +533,50 @@ def test_a_level_refit_since_the_annotation_rescales_it() -> None:
     other = LearnedEstimator([1.0] * len(BASE_TERMS))  # another shape model (its own id)
     assert other.model_key != est.model_key
     assert alone_ms(r, other) == pytest.approx(other.predict(BatchShape.of([5], [100])))
+
+
+def _padded_cost() -> LinearEstimator:
+    """A verify time that pads every row to the longest: 200 ms + 10 ms per padded token."""
+    e = LinearEstimator()
+    for n in (1, 5, 50, 150):
+        for b in (1, 2, 4):
+            for c in (0, 100):
+                sh = BatchShape.of([n] * b, [c] * b)
+                e.observe(sh, 200.0 + 10.0 * sh.rounds * max(sh.new_tokens))
+    e.refit()
+    return e
+
+
+def test_an_urgent_prefill_is_not_padded_with_decode_rounds() -> None:
+    """A prefill (150 new ids) due first and two decode rounds with loose deadlines: the deadline
+    check alone lets the decode rounds join (each then costs a prefill: 3.3 s for the three); the
+    padding-aware policy verifies the prefill alone and asks to be looked at again at once, and
+    the decode rounds then go together."""
+    e = _padded_cost()
+    prefill = RoundInfo(key="p", request_id="p", round=0, draft_len=0, context_len=0,
+                        arrival=NOW, deadline=NOW + 4.5, prefill_len=149)
+    a = rnd("a", 9000, k=4, ctx=100, round_=3)
+    b = rnd("b", 9000, k=4, ctx=100, round_=5)
+    assert prefill.new_tokens >= 150
+    loose = SloAwarePolicy(max_batch_size=16, padding_aware=False)
+    sel, wake = loose.select([a, prefill, b], "v1", NOW, e)
+    assert sel is not None and set(keys(sel)) == {"p", "a:3", "b:5"} and wake is None
+    pol = SloAwarePolicy(max_batch_size=16)
+    sel, wake = pol.select([a, prefill, b], "v1", NOW, e)
+    assert sel is not None and keys(sel) == ["p"] and wake == NOW
+    assert sel.predicted_ms == pytest.approx(e.predict(BatchShape.of([prefill.new_tokens], [0])))
+    sel, wake = pol.select([a, b], "v1", NOW, e)
+    assert sel is not None and keys(sel) == ["a:3", "b:5"] and wake is None
+
+
+def test_a_padded_out_prefill_goes_at_once_where_the_verifier_takes_two_batches() -> None:
+    c = SchedulerCore(SloAwarePolicy(max_batch_size=16), _padded_cost(), max_inflight=2)
+    c.set_verifiers(["v1"])
+    c.add(rnd("a", 9000, k=4, ctx=100, round_=3))
+    c.add(RoundInfo(key="p", request_id="p", round=0, draft_len=0, context_len=0,
+                    arrival=NOW, deadline=NOW + 4.5, prefill_len=149))
+    c.add(rnd("b", 9000, k=4, ctx=100, round_=5))
+    out = c.tick(now=NOW)
+    assert [bp.keys for bp in out.batches] == [("p",)] and out.wake_at == NOW
+    out = c.tick(now=NOW)
+    assert sorted(out.batches[0].keys) == ["a:3", "b:5"] and out.wake_at is None

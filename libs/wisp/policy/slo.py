@@ -14,7 +14,10 @@ default ``late_first``, phase 3 runs first: see below). With
   verifier would run next (the earliest-deadline rounds up to the size caps): an urgent round
   cannot afford to sit out one more batch;
 * a batch is **feasible** if ``now + predict(batch) <= deadline`` for every on-time member
-  (late members are already lost and do not constrain it). Every admission must keep it feasible.
+  (late members are already lost and do not constrain it). Every admission must keep it feasible;
+* with ``padding_aware`` (the default) a round joins a non-empty batch only if that costs no
+  more than verifying it alone (``joined_cost``'s rule): on an engine that pads every row to the
+  longest, a decode round beside a prefill would cost a prefill of its own.
 
 0. ``aged``: rounds queued for ``starvation_ms`` or longer, oldest first (the starvation guard);
 1. ``urgent``: urgent rounds by earliest deadline (EDF);
@@ -200,6 +203,14 @@ class SloAwarePolicy:
     generate would have to come more than ``1 / (1 - catchup)`` times faster than the TPOT SLO
     to make the mean (lateness > ``catchup x tpot_slo x tokens left``). Lost rounds are served
     after everything that can still attain, best effort (None: no round is ever lost)."""
+    padding_aware: bool = True
+    """A round joins a non-empty batch only while that costs no more than verifying it alone (the
+    rule ``FcfsPolicy`` and ``pack_batches`` use, ``joined_cost``). The deadline check alone let a
+    prefill and the decode rounds around it share a forward on an engine that pads every row to
+    the longest: each decode round then cost a prefill of its own and the batch took a multiple of
+    the prefill, which the deadline check allowed whenever the budgets were loose. Rounds refused
+    this way wait for the next batch, and the verifier is asked to look again at once (``wake_at
+    = now``) in case it takes more than one batch at a time. False: deadlines alone decide."""
     name: str = "slo"
 
     def __post_init__(self) -> None:
@@ -229,7 +240,7 @@ class SloAwarePolicy:
             self.urgency_batches * estimator.predict(_shape(self._take(edf))) if self.urgency_batches else 0.0
         )
 
-        b = _Batch(self, estimator, budget, late)
+        b = _Batch(self, estimator, budget, late, alone)
         lost = {r.key for r in edf if r.key in late and self.is_lost(r, alone[r.key] - budget[r.key])}
         late_rounds = [r for r in edf if r.key in late and r.key not in lost]  # most overdue first
         if self.late_first:
@@ -260,7 +271,9 @@ class SloAwarePolicy:
             reasons=list(b.reasons),
             late=[r.key for r in b.rounds if r.key in late],
         )
-        return sel, None
+        # rounds refused as too dear to pad may go at once in a batch of their own where the
+        # verifier takes more than one batch at a time (``max_inflight``): look again now
+        return sel, (now if b.padded_out - b.keys else None)
 
     def is_lost(self, r: RoundInfo, lateness_ms: float) -> bool:
         """Whether late round ``r`` (predicted ``lateness_ms`` past its deadline even alone) belongs
@@ -325,8 +338,12 @@ class _Batch:
         estimator: VerifyTimeEstimator,
         budget: Mapping[str, float],
         late: set[str],
+        alone: Mapping[str, float],
     ) -> None:
         self.policy = policy
+        self.alone = alone
+        self.padded_out: set[str] = set()
+        """Rounds refused because joining would cost more than verifying them alone."""
         self.estimator = estimator
         self.budget = budget
         self.late = late
@@ -353,6 +370,9 @@ class _Batch:
         if cap is not None and self.rounds and self.tokens + r.new_tokens > cap:
             return None
         ms = self.estimator.predict(self.shape.plus(r.new_tokens, r.context_len))
+        if self.policy.padding_aware and self.rounds and ms - self.ms > self.alone[r.key]:
+            self.padded_out.add(r.key)
+            return None
         limit = self.limit_ms if r.key in self.late else min(self.limit_ms, self.budget[r.key])
         return ms if ms <= limit else None
 
@@ -540,8 +560,8 @@ def snapshot(
 def batch_policy(settings: Settings) -> BatchPolicy:
     """The scheduler's batch policy for its mode (the scheduler service and the simulator both
     take it from here): wisp -> SLO-aware batching; sled and centralized -> first come first
-    served up to ``max_batch_size``, a round joining only while that costs no more than
-    verifying it alone (``FcfsPolicy.padding_aware``)."""
+    served up to ``max_batch_size``. In every mode a round joins a batch only while that costs
+    no more than verifying it alone (``padding_aware``)."""
     if settings.mode == Mode.wisp:
         return SloAwarePolicy(max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms)
     return FcfsPolicy(settings.max_batch_size, settings.max_wait_ms)
