@@ -580,3 +580,25 @@ def test_a_padded_out_prefill_goes_at_once_where_the_verifier_takes_two_batches(
     assert [bp.keys for bp in out.batches] == [("p",)] and out.wake_at == NOW
     out = c.tick(now=NOW)
     assert sorted(out.batches[0].keys) == ["a:3", "b:5"] and out.wake_at is None
+
+
+def test_an_aged_prefill_is_not_kept_out_for_good_by_late_decode_rounds() -> None:
+    """The starvation guard under the padding rule: a prefill queued for a minute, lost, while a
+    late decode round arrives before every batch. Were late rounds admitted before aged ones,
+    the prefill would be refused beside each of them, batch after batch."""
+    c = SchedulerCore(SloAwarePolicy(max_batch_size=16), _padded_cost(), max_inflight=1)
+    c.set_verifiers(["v1"])
+    c.add(RoundInfo(key="p", request_id="p", round=0, draft_len=0, context_len=0,
+                    arrival=NOW - 60, deadline=NOW - 55, prefill_len=149, generated_len=0,
+                    max_new_tokens=100, tpot_slo_ms=100))
+    served_at, t = None, NOW
+    for i in range(10):
+        c.add(rnd(f"d{i}", -200, k=4, ctx=100, round_=1))  # late, not lost
+        out = c.tick(t)
+        for bp in out.batches:
+            if "p" in bp.keys and served_at is None:
+                served_at = i
+                assert bp.keys == ("p",) and bp.reasons[0] == "aged"
+            c.complete(bp.batch_id)
+        t += 0.3
+    assert served_at == 0

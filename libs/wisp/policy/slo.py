@@ -5,7 +5,7 @@ from a ``VerifyTimeEstimator``. The scheduler service and the discrete-event sim
 same objects, so a plan is a function of (queue, now, estimator) alone.
 
 Batch formation (``SloAwarePolicy.select``), for one idle verifier, in four phases (with the
-default ``late_first``, phase 3 runs first: see below). With
+default ``late_first``, phase 3 runs right after phase 0: see below). With
 ``alone(r)`` the predicted time of ``r`` verified by itself and ``budget(r) = deadline - now``:
 
 * a round is **late** if ``budget(r) < alone(r)``: not even an empty batch can make its deadline;
@@ -33,9 +33,9 @@ default ``late_first``, phase 3 runs first: see below). With
    along when there is room, fill an otherwise idle verifier, and the starvation guard bounds
    their wait. Also reported in ``Selection.late``.
 
-With ``late_first`` (the default) the late rounds that are not lost are admitted first, most
-overdue first, and the on-time phases then add only what keeps the batch within each on-time
-member's deadline. The
+With ``late_first`` (the default) the late rounds that are not lost are admitted right after the
+aged ones, most overdue first, and the on-time phases then add only what keeps the batch within
+each on-time member's deadline. The
 TPOT SLO is a per-request *mean*, so a late round is not a lost cause: it is its request falling
 behind, and serving it at once lets the request catch up (under overload, deferring late rounds
 behind on-time ones kept them waiting batch after batch). ``late_first=False`` restores
@@ -170,7 +170,8 @@ def alone_ms(r: RoundInfo, estimator: VerifyTimeEstimator) -> float:
 @dataclass
 class SloAwarePolicy:
     """WISP's batching: aged, then urgent by EDF, then dense, then late rounds best-effort, each
-    kept only if the predicted batch still meets every on-time member's deadline (module doc).
+    kept only if the predicted batch still meets every on-time member's deadline and (with
+    ``padding_aware``) joining costs no more than verifying the round alone (module doc).
 
     ``max_new_tokens`` caps the tokens fed per batch (sum of ``draft_len + 1``); a single round
     above the cap is still served, alone, so it cannot starve."""
@@ -243,13 +244,15 @@ class SloAwarePolicy:
         b = _Batch(self, estimator, budget, late, alone)
         lost = {r.key for r in edf if r.key in late and self.is_lost(r, alone[r.key] - budget[r.key])}
         late_rounds = [r for r in edf if r.key in late and r.key not in lost]  # most overdue first
-        if self.late_first:
-            for r in late_rounds:
-                b.try_add(r, REASON_LATE)
+        # the starvation guard first: the oldest aged round always gets in (a late round admitted
+        # before it could otherwise keep an aged prefill out for good under the padding rule)
         if self.starvation_ms is not None:
             aged = [r for r in edf if (now - r.arrival) * 1000.0 >= self.starvation_ms]
             for r in sorted(aged, key=lambda r: (r.arrival, r.deadline, r.key)):
                 b.try_add(r, REASON_AGED)
+        if self.late_first:
+            for r in late_rounds:
+                b.try_add(r, REASON_LATE)
         for r in edf:
             if r.key not in late and budget[r.key] - alone[r.key] < horizon:
                 b.try_add(r, REASON_URGENT)
@@ -297,7 +300,10 @@ class SloAwarePolicy:
     def _fill_by_density(self, candidates: list[RoundInfo], b: _Batch) -> None:
         """Greedy fill: admit the feasible candidate with the most expected tokens per marginal
         ms, then re-evaluate. A candidate that is infeasible or over the token cap now stays so
-        as the batch grows (for a monotone estimator), so it is dropped for this batch."""
+        as the batch grows (for a monotone estimator), so it is dropped for this batch. One
+        refused by the padding rule might fit later (a wider row that joined meanwhile has
+        paid its padding); it is dropped all the same and waits for the next look, which the
+        policy asks for at once."""
         pool = [r for r in candidates if r.key not in b.keys]
         if self.density_window is not None and len(pool) > self.density_window:
             ranked = self._rank(pool, b)
