@@ -183,7 +183,13 @@ def joined_cost(estimator: VerifyTimeEstimator, new: Sequence[int], ctx: Sequenc
     it alone: on an engine that pads every row to the longest new input and the longest
     context, a decode round beside a prefill costs a prefill of its own."""
     joined = estimator.predict(BatchShape.of([*new, n], [*ctx, c]))
-    return joined if joined - cost <= estimator.predict(BatchShape.of([n], [c])) else None
+    return joined if join_pays(joined, cost, estimator.predict(BatchShape.of([n], [c]))) else None
+
+
+def join_pays(joined_ms: float, batch_ms: float, alone_ms: float) -> bool:
+    """The padding rule every batch policy shares: a row joins a batch of ``batch_ms`` (becoming
+    ``joined_ms``) only when that adds no more than verifying the row alone (``alone_ms``)."""
+    return joined_ms - batch_ms <= alone_ms
 
 
 class ScaledEstimator:

@@ -60,7 +60,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from wisp.policy.estimator import BatchShape, VerifyTimeEstimator, round_shape
-from wisp.policy.scheduler import BatchPolicy, FcfsPolicy, RoundInfo, SchedulerCore, Selection
+from wisp.policy.scheduler import (
+    BatchPolicy,
+    FcfsPolicy,
+    RoundInfo,
+    SchedulerCore,
+    Selection,
+    join_pays,
+)
 from wisp.settings import Mode, Settings
 
 DEFAULT_ACCEPTANCE = 0.62
@@ -376,7 +383,7 @@ class _Batch:
         if cap is not None and self.rounds and self.tokens + r.new_tokens > cap:
             return None
         ms = self.estimator.predict(self.shape.plus(r.new_tokens, r.context_len))
-        if self.policy.padding_aware and self.rounds and ms - self.ms > self.alone[r.key]:
+        if self.policy.padding_aware and self.rounds and not join_pays(ms, self.ms, self.alone[r.key]):
             self.padded_out.add(r.key)
             return None
         limit = self.limit_ms if r.key in self.late else min(self.limit_ms, self.budget[r.key])
