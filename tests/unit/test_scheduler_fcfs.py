@@ -5,6 +5,8 @@ from __future__ import annotations
 from wisp.policy.estimator import BatchShape, LinearEstimator
 from wisp.policy.scheduler import FcfsPolicy, RoundInfo, SchedulerCore
 
+from tests.unit.padded_cost import padded_cost
+
 
 def rnd(req: str, arrival: float, round_: int = 0, k: int = 4, ctx: int = 100) -> RoundInfo:
     return RoundInfo(key=f"{req}:{round_}", request_id=req, round=round_, draft_len=k,
@@ -125,21 +127,10 @@ def test_overdue_batches_are_requeued_once() -> None:
     assert [b.keys for b in again] == [("a:0",)] and again[0].batch_id != plan.batch_id
 
 
-def _padded_cost() -> LinearEstimator:
-    """A verify time that pads every row to the longest: 200 ms + 10 ms per padded token."""
-    est = LinearEstimator()
-    shapes = [BatchShape.of([n] * b, [c] * b) for n in (1, 5, 50, 150) for b in (1, 2, 4)
-              for c in (0, 100)]
-    for sh in shapes:
-        est.observe(sh, 200.0 + 10.0 * sh.rounds * max(sh.new_tokens))
-    est.refit()
-    return est
-
-
 def test_fcfs_does_not_pad_decode_rounds_to_a_prefill() -> None:
     """Padding-aware FCFS: a prefill (150 new ids) that arrived between two decode rounds is
     left for the next batch rather than padding both to 150; plain FCFS takes all three."""
-    est = _padded_cost()
+    est = padded_cost()
     decode_a = rnd("a", 1.0, round_=3, k=4)
     prefill = RoundInfo(key="p:0", request_id="p", round=0, draft_len=0, context_len=0,
                         arrival=2.0, deadline=3.0, prefill_len=149)
@@ -159,7 +150,7 @@ def test_fcfs_does_not_pad_decode_rounds_to_a_prefill() -> None:
 def test_a_left_out_prefill_goes_at_once_where_the_verifier_takes_two_batches() -> None:
     """With room for a second batch in flight, the rounds padding left out are dispatched in
     the next tick at the same time (the policy asks to be looked at again now)."""
-    c = SchedulerCore(FcfsPolicy(16, 0.0), _padded_cost(), max_inflight=2)
+    c = SchedulerCore(FcfsPolicy(16, 0.0), padded_cost(), max_inflight=2)
     c.set_verifiers(["v1"])
     c.add(rnd("a", 1.0, round_=3, k=4))
     c.add(RoundInfo(key="p:0", request_id="p", round=0, draft_len=0, context_len=0,

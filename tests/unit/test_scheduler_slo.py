@@ -17,6 +17,8 @@ from wisp.policy.slo import (
     snapshot,
 )
 
+from tests.unit.padded_cost import padded_cost
+
 NOW = 100.0
 
 
@@ -535,24 +537,12 @@ def test_a_level_refit_since_the_annotation_rescales_it() -> None:
     assert alone_ms(r, other) == pytest.approx(other.predict(BatchShape.of([5], [100])))
 
 
-def _padded_cost() -> LinearEstimator:
-    """A verify time that pads every row to the longest: 200 ms + 10 ms per padded token."""
-    e = LinearEstimator()
-    for n in (1, 5, 50, 150):
-        for b in (1, 2, 4):
-            for c in (0, 100):
-                sh = BatchShape.of([n] * b, [c] * b)
-                e.observe(sh, 200.0 + 10.0 * sh.rounds * max(sh.new_tokens))
-    e.refit()
-    return e
-
-
 def test_an_urgent_prefill_is_not_padded_with_decode_rounds() -> None:
     """A prefill (150 new ids) due first and two decode rounds with loose deadlines: the deadline
     check alone lets the decode rounds join (each then costs a prefill: 3.3 s for the three); the
     padding-aware policy verifies the prefill alone and asks to be looked at again at once, and
     the decode rounds then go together."""
-    e = _padded_cost()
+    e = padded_cost()
     prefill = RoundInfo(key="p", request_id="p", round=0, draft_len=0, context_len=0,
                         arrival=NOW, deadline=NOW + 4.5, prefill_len=149)
     a = rnd("a", 9000, k=4, ctx=100, round_=3)
@@ -570,7 +560,7 @@ def test_an_urgent_prefill_is_not_padded_with_decode_rounds() -> None:
 
 
 def test_a_padded_out_prefill_goes_at_once_where_the_verifier_takes_two_batches() -> None:
-    c = SchedulerCore(SloAwarePolicy(max_batch_size=16), _padded_cost(), max_inflight=2)
+    c = SchedulerCore(SloAwarePolicy(max_batch_size=16), padded_cost(), max_inflight=2)
     c.set_verifiers(["v1"])
     c.add(rnd("a", 9000, k=4, ctx=100, round_=3))
     c.add(RoundInfo(key="p", request_id="p", round=0, draft_len=0, context_len=0,
@@ -586,7 +576,7 @@ def test_an_aged_prefill_is_not_kept_out_for_good_by_late_decode_rounds() -> Non
     """The starvation guard under the padding rule: a prefill queued for a minute, lost, while a
     late decode round arrives before every batch. Were late rounds admitted before aged ones,
     the prefill would be refused beside each of them, batch after batch."""
-    c = SchedulerCore(SloAwarePolicy(max_batch_size=16), _padded_cost(), max_inflight=1)
+    c = SchedulerCore(SloAwarePolicy(max_batch_size=16), padded_cost(), max_inflight=1)
     c.set_verifiers(["v1"])
     c.add(RoundInfo(key="p", request_id="p", round=0, draft_len=0, context_len=0,
                     arrival=NOW - 60, deadline=NOW - 55, prefill_len=149, generated_len=0,
