@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -28,12 +28,16 @@ import numpy as np
 
 from wisp.features import TokenFeatures
 from wisp.policy.controller import (
+    DRAFT_MS,
     FEATURE_FUNCS,
+    ROUND_TRIP_MS,
+    VERIFY_COST,
     AffineVerifyCost,
     DraftLengthPolicy,
     FixedLength,
     LearnedController,
     RiskModel,
+    VerifyCost,
     drafting_rule,
 )
 from wisp.policy.session import REPLAY_EOS, SpecSession, replay_tokens
@@ -42,6 +46,15 @@ DEFAULT_FEATURES: tuple[str, ...] = (
     "top1_prob", "entropy", "margin", "logit_spread", "position", "recent_acceptance",
     "log1m_top1", "log_entropy", "log_margin",
 )
+
+OBJECTIVES = {
+    "balanced": "balanced: largest slack over both targets vs replayed k={k} "
+                "(slack = min(waste cut - 40%, committed/round change + 10%))",
+    "max_round": "max_round: most committed/round with slack >= 5 points vs k={k}",
+    "goodput": "goodput: most committed tokens per modeled second (round trip + verify + draft "
+               "forwards) with slack >= 5 points vs k={k}",
+}
+"""How ``tune_stop_rule`` picks a grid point, as the metadata states it."""
 
 
 # ====================================================================== data
@@ -235,6 +248,8 @@ class LoopTotals:
     stops: int = 0
     judged_stops: int = 0  # stops right after an all-accepted prefix (their token has a label)
     false_stops: int = 0  # ... of those, the draft's token would have been accepted
+    modeled_ms: float = 0.0
+    """The rounds' time under a cost model (``simulate``'s ``round_ms``; 0 without one)."""
     per_request: list[dict[str, Any]] = field(default_factory=list)
 
     def add_round(self, drafted: int, accepted: int, committed: int, passes: int) -> None:
@@ -256,13 +271,32 @@ class LoopTotals:
             "acceptance": self.accepted / max(self.drafted, 1),
             "stops": self.stops, "judged_stops": self.judged_stops, "false_stops": self.false_stops,
             "false_stop_share": self.false_stops / self.judged_stops if self.judged_stops else float("nan"),
+            "committed_per_s": (self.committed * 1000.0 / self.modeled_ms if self.modeled_ms > 0
+                                else float("nan")),
         }
 
 
-def simulate(policy: DraftLengthPolicy, seqs: Sequence[OracleSequence]) -> LoopTotals:
+RoundCost = Callable[[int, int, int], float]
+"""``(drafted, draft_passes, context_len) -> ms``: what a replayed round takes end to end."""
+
+
+def round_cost(verify: VerifyCost, draft_ms: float, round_trip_ms: float) -> RoundCost:
+    """The goodput rule's own cost model, for a whole round: the round trip, verifying the
+    drafted tokens plus the target's own, and every draft forward (a stop rule's look at one
+    more token costs a forward too)."""
+
+    def cost(drafted: int, passes: int, context_len: int) -> float:
+        return round_trip_ms + verify(drafted + 1, context_len) + passes * draft_ms
+
+    return cost
+
+
+def simulate(policy: DraftLengthPolicy, seqs: Sequence[OracleSequence],
+             round_ms: RoundCost | None = None) -> LoopTotals:
     """Replay ``policy`` on oracle sequences through the drafter's own ``SpecSession`` (same
     plan/stop calls, budget, EOS and length cut, statistics), with the verdicts read off the
-    sequence instead of a target forward. A round cannot draft past the end of the output."""
+    sequence instead of a target forward. A round cannot draft past the end of the output.
+    With ``round_ms`` each round's time is modeled too (``LoopTotals.modeled_ms``)."""
     policy = drafting_rule(policy)
     tot = LoopTotals()
     for s in seqs:
@@ -282,6 +316,8 @@ def simulate(policy: DraftLengthPolicy, seqs: Sequence[OracleSequence]) -> LoopT
             applied = sess.apply(replay_tokens(a + 1, n_total - g), n, a, 0.0)
             passes = (n + int(stopped)) if plan.max_k > 0 else 0
             tot.add_round(n, a, len(applied.tokens), passes)
+            if round_ms is not None:
+                tot.modeled_ms += round_ms(n, passes, plan.context_len)
             if stopped:
                 tot.stops += 1
                 if a == n and g + n < n_total:
@@ -301,11 +337,11 @@ class StopParams:
 
 
 def _controller(
-    model: RiskModel, p: StopParams, cost: AffineVerifyCost, draft_ms: float
+    model: RiskModel, p: StopParams, cost: AffineVerifyCost, draft_ms: float, round_trip_ms: float
 ) -> LearnedController:
     return LearnedController(model, p.threshold, max_k=p.max_k, min_k=p.min_k,
                              cum_threshold=p.cum_threshold, goodput=p.goodput, verify_ms=cost,
-                             draft_ms_per_token=draft_ms)
+                             draft_ms_per_token=draft_ms, round_trip_ms=round_trip_ms)
 
 
 def tune_stop_rule(
@@ -317,7 +353,8 @@ def tune_stop_rule(
     max_round_drop: float = 0.10,
     margin: float = 0.05,
     cost: AffineVerifyCost | None = None,
-    draft_ms: float = 141.0,
+    draft_ms: float = DRAFT_MS,
+    round_trip_ms: float = ROUND_TRIP_MS,
     objective: str = "balanced",
 ) -> tuple[StopParams, list[dict[str, Any]], dict[str, float]]:
     """Replay every grid point (each fold's sequences with that fold's out-of-fold model) and
@@ -327,17 +364,23 @@ def tune_stop_rule(
     ``change in committed tokens per round + max_round_drop``. ``balanced`` (default) picks the
     largest slack, i.e. the point that stays above both targets by the widest margin (the most
     robust choice for unseen prompts); ``max_round`` picks the most committed tokens per round
-    among points with ``slack >= margin``. Returns (best, every point's summary, baseline)."""
-    cost = cost or AffineVerifyCost()
+    among points with ``slack >= margin``; ``goodput`` the most committed tokens per modeled
+    second (``round_cost``: the round trip, the verify cost and every draft forward) among points
+    with ``slack >= margin``, so what a round costs decides how long it drafts, within the waste
+    target. Returns (best, every point's summary, baseline)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r} ({', '.join(OBJECTIVES)})")
+    cost = cost or AffineVerifyCost(*VERIFY_COST)
+    rms = round_cost(cost, draft_ms, round_trip_ms)
     seqs_all = [s for _, seqs in fold_models for s in seqs]
-    base = simulate(FixedLength(baseline_k), seqs_all).summary()
+    base = simulate(FixedLength(baseline_k), seqs_all, rms).summary()
     results: list[dict[str, Any]] = []
     for p in grid:
         tot = LoopTotals()
         for model, seqs in fold_models:
-            t = simulate(_controller(model, p, cost, draft_ms), seqs)
+            t = simulate(_controller(model, p, cost, draft_ms, round_trip_ms), seqs, rms)
             for k in ("rounds", "drafted", "accepted", "committed", "draft_passes", "stops",
-                      "judged_stops", "false_stops"):
+                      "judged_stops", "false_stops", "modeled_ms"):
                 setattr(tot, k, getattr(tot, k) + getattr(t, k))
         s = tot.summary()
         s["waste_cut"] = 1 - s["waste_per_committed"] / base["waste_per_committed"]
@@ -347,11 +390,10 @@ def tune_stop_rule(
         r["slack"] = min(r["waste_cut"] - waste_cut, r["round_change"] + max_round_drop)
     if objective == "balanced":
         best = max(results, key=lambda r: (round(r["slack"], 3), r["committed_per_round"]))
-    elif objective == "max_round":
-        ok = [r for r in results if r["slack"] >= margin] or results
-        best = max(ok, key=lambda r: (r["committed_per_round"], r["waste_cut"]))
     else:
-        raise ValueError(f"unknown objective {objective!r} (balanced, max_round)")
+        ok = [r for r in results if r["slack"] >= margin] or results
+        key = "committed_per_round" if objective == "max_round" else "committed_per_s"
+        best = max(ok, key=lambda r: (round(r[key], 6), r["waste_cut"]))
     return StopParams(**best["params"]), results, base
 
 
@@ -365,7 +407,8 @@ def pareto(results: Sequence[Mapping[str, Any]], keep: int = 20) -> list[dict[st
             best_round = r["committed_per_round"]
             front.append({k: r[k] for k in ("params", "waste_cut", "round_change",
                                             "committed_per_round", "waste_per_committed",
-                                            "draft_passes_per_committed")})
+                                            "draft_passes_per_committed", "drafted_per_round",
+                                            "committed_per_s")})
     if len(front) > keep:
         step = len(front) / keep
         front = [front[int(i * step)] for i in range(keep)]
@@ -395,8 +438,9 @@ class TrainConfig:
     folds: int = 5
     seed: int = 0
     baseline_k: int = 4
-    draft_ms_per_token: float = 141.0
-    verify_cost: AffineVerifyCost = field(default_factory=lambda: AffineVerifyCost(700.0, 10.0, 0.0))
+    draft_ms_per_token: float = DRAFT_MS
+    verify_cost: AffineVerifyCost = field(default_factory=lambda: AffineVerifyCost(*VERIFY_COST))
+    round_trip_ms: float = ROUND_TRIP_MS
     grid_false_stop: tuple[float, ...] = (0.02, 0.04, 0.06, 0.08, 0.10, 0.13, 0.16, 0.20)
     objective: str = "balanced"
 
@@ -455,28 +499,28 @@ def train_controller(
             if fseqs:
                 fold_models.append((m, fseqs))
         grid = default_grid(thresholds)
+        rms = round_cost(cfg.verify_cost, cfg.draft_ms_per_token, cfg.round_trip_ms)
         params, results, base = tune_stop_rule(
             fold_models, grid, baseline_k=cfg.baseline_k, cost=cfg.verify_cost,
-            draft_ms=cfg.draft_ms_per_token, objective=cfg.objective,
+            draft_ms=cfg.draft_ms_per_token, round_trip_ms=cfg.round_trip_ms, objective=cfg.objective,
         )
         best = next(r for r in results if r["params"] == asdict(params))
         tuning = {
             "method": f"replay of {len(seqs)} training prompts (teacher-forced oracle sequences), "
                       f"{len(fold_models)}-fold out-of-fold risk models, {len(results)} grid points",
-            "objective": (
-                f"{cfg.objective}: largest slack over both targets vs replayed k={cfg.baseline_k} "
-                "(slack = min(waste cut - 40%, committed/round change + 10%))"
-                if cfg.objective == "balanced" else
-                f"{cfg.objective}: most committed/round with slack >= 5 points vs k={cfg.baseline_k}"),
+            "objective": OBJECTIVES[cfg.objective].format(k=cfg.baseline_k),
+            "cost": {"draft_ms_per_token": cfg.draft_ms_per_token, "round_trip_ms": cfg.round_trip_ms,
+                     "verify": cfg.verify_cost.to_dict()},
             "threshold_grid": {"false_stop_rates": list(cfg.grid_false_stop), "thresholds": thresholds},
             "baseline": base, "best": best, "pareto": pareto(results),
-            "frontier_fixed_k": {k: simulate(FixedLength(k), seqs).summary() for k in range(1, 9)},
+            "frontier_fixed_k": {k: simulate(FixedLength(k), seqs, rms).summary() for k in range(1, 9)},
         }
         threshold = params.threshold
 
     ctl = LearnedController(
         model, threshold, max_k=params.max_k, min_k=params.min_k, cum_threshold=params.cum_threshold,
         goodput=params.goodput, verify_ms=cfg.verify_cost, draft_ms_per_token=cfg.draft_ms_per_token,
+        round_trip_ms=cfg.round_trip_ms,
     )
     heldout = classify_metrics(y[te], risk_te, threshold)
     report = {

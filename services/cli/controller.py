@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from wisp.policy import controller as cost_defaults
 from wisp.services.cli.common import (
     PromptSet,
     fail,
@@ -163,10 +164,16 @@ def greedy_loop(
     policy: Any,
     max_new: int,
     eos: set[int] | frozenset[int] = frozenset(),
+    draft_ms: float | None = None,
 ) -> tuple[list[int], list[dict[str, Any]]]:
     """One request through the greedy speculative loop with the real engines, exactly as the
     drafter service runs it (same plan/stop calls, budget, EOS/length cut, stats updates), but
     in-process: a ``DraftEngine`` drafts, a ``VerifierEngine`` verifies each round alone.
+
+    ``draft_ms``: the draft speed (ms per forward) the session records instead of the one this
+    engine measured; a cost-aware stop rule then decides as it would on a device of that speed
+    (the in-process torch drafter stands in for the device's llama.cpp drafter, several times
+    faster), and its rounds do not depend on how busy this machine was.
 
     Returns the generated ids and one record per round (drafted, accepted, committed, draft
     forward passes, stopped, the features of every drafted token, recent acceptance before it)."""
@@ -189,7 +196,7 @@ def greedy_loop(
                 feats = [f.as_tuple() for f in out.features[: len(tokens)]]
                 passes, stopped, ms = out.forward_passes, out.stopped, out.draft_ms
                 stop_feats = out.stop_features.as_tuple() if out.stop_features is not None else None
-            sess.drafted(ms, passes)
+            sess.drafted(ms if draft_ms is None else draft_ms * passes, passes)
             res = verifier.verify([VerifyItem(session_id, committed, tokens, None, 0.0, None)])[0]
             start = len(sess.generated)
             applied = sess.apply([int(t) for t in res.tokens], len(tokens), res.accepted, 0.0)
@@ -301,11 +308,20 @@ def controller_train(
     draft_model: Annotated[str | None, typer.Option(
         "--draft-model", help="For replay (default: the trace's).")] = None,
     draft_ms: Annotated[float, typer.Option(
-        "--draft-ms", min=0.0, help="Draft time per token for the goodput rule.")] = 141.0,
-    verify_base_ms: Annotated[float, typer.Option("--verify-base-ms", min=0.0)] = 700.0,
-    verify_token_ms: Annotated[float, typer.Option("--verify-token-ms", min=0.0)] = 10.0,
+        "--draft-ms", min=0.0, help="Draft time per token (ms) for the goodput rule and the "
+        "goodput objective, until a session has measured its own.")] = cost_defaults.DRAFT_MS,
+    verify_base_ms: Annotated[float, typer.Option(
+        "--verify-base-ms", min=0.0, help="Verify cost of a round: this plus --verify-token-ms per "
+        "fed token (ms).")] = cost_defaults.VERIFY_COST[0],
+    verify_token_ms: Annotated[float, typer.Option(
+        "--verify-token-ms", min=0.0)] = cost_defaults.VERIFY_COST[1],
+    round_trip_ms: Annotated[float, typer.Option(
+        "--round-trip-ms", min=0.0, help="Time per round outside drafting and verifying (ms: "
+        "network, queues), until a session has measured its own.")] = cost_defaults.ROUND_TRIP_MS,
     objective: Annotated[str, typer.Option(
-        "--objective", help="balanced (widest margin over both targets) | max_round")] = "balanced",
+        "--objective", help="balanced (widest margin over both targets) | max_round (most tokens "
+        "per round within the targets) | goodput (most tokens per modeled second within the "
+        "targets)")] = "balanced",
 ) -> None:
     """Fit the rejection predictor on a trace, evaluate it on held-out prompts of the trace,
     tune the stop rule, and write the controller JSON (weights + threshold + metadata)."""
@@ -330,10 +346,10 @@ def controller_train(
     if not ts.rows:
         fail(f"{traces} holds no trace rows; record some with `wisp-cli trace record`")
     meta = ts.meta
-    if objective not in ("balanced", "max_round"):
-        raise typer.BadParameter("use balanced or max_round", param_hint="--objective")
+    if objective not in ct.OBJECTIVES:
+        raise typer.BadParameter(f"use one of {', '.join(ct.OBJECTIVES)}", param_hint="--objective")
     cfg = TrainConfig(features=feats, kind=kind, c=c, max_false_stop=max_false_stop, objective=objective,
-                      draft_ms_per_token=draft_ms,
+                      draft_ms_per_token=draft_ms, round_trip_ms=round_trip_ms,
                       verify_cost=AffineVerifyCost(verify_base_ms, verify_token_ms, 0.0))
     seqs = None
     if tune:
@@ -437,6 +453,12 @@ def controller_eval(
     threads: Annotated[int, typer.Option("--threads", min=0, help="torch threads (0 = default).")] = 0,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Reuse prompts finished by an interrupted run (OUT.partial.jsonl).")] = False,
+    draft_ms: Annotated[float | None, typer.Option(
+        "--draft-ms", min=0.0, help="Draft speed (ms per forward) the controller's goodput rule "
+        "is given (default: the controller's own figure, the device drafter's; --measured-draft-ms "
+        "gives it this machine's torch drafter's measured speed instead).")] = None,
+    measured_draft_ms: Annotated[bool, typer.Option(
+        "--measured-draft-ms", help="Feed the rule the in-process torch drafter's measured speed.")] = False,
 ) -> None:
     """Fixed k vs the learned controller on held-out prompts, through the same greedy
     speculative loop (real DraftEngine + VerifierEngine): both outputs must equal each other and
@@ -444,7 +466,7 @@ def controller_eval(
     round, wasted drafted tokens per committed token and draft passes per committed token."""
     from dataclasses import asdict
 
-    from wisp.controller_train import classify_metrics, simulate
+    from wisp.controller_train import classify_metrics, round_cost, simulate
     from wisp.policy.controller import FixedLength, drafting_rule
 
     quiet_logging()
@@ -480,6 +502,7 @@ def controller_eval(
     tmodel = models.load_model(settings.target_model, settings)
     draft = DraftEngine(dmodel, max_sessions=4)
     verifier = VerifierEngine(tmodel, max_sessions=4)
+    fed_ms = None if measured_draft_ms else (ctl.draft_ms_per_token if draft_ms is None else draft_ms)
     # the drafting rule alone: the prefill round (TTFT) would add a draft-less round per prompt
     policies = [(f"fixed k={baseline_k}", FixedLength(baseline_k)), ("controller", drafting_rule(ctl))]
     names = [n for n, _ in policies]
@@ -488,7 +511,7 @@ def controller_eval(
     seqs: list[Any] = []
     # every finished prompt is appended to a checkpoint, so a killed run can --resume
     ckpt = out.with_name(out.stem + ".partial.jsonl")
-    ckpt_key = {"controller": hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16],
+    ckpt_key = {"controller": hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16], "draft_ms": fed_ms,
                 "max_new_tokens": max_new_tokens, "baseline_k": baseline_k, "source": source,
                 "draft_model": settings.draft_model, "target_model": settings.target_model}
     done: dict[int, dict[str, Any]] = {}
@@ -512,7 +535,7 @@ def controller_eval(
                 outs, rounds_of = {}, {}
                 for name, pol in policies:
                     gen, rounds = greedy_loop(draft, verifier, f"p{j}-{name}", ids, pol,
-                                              max_new_tokens, eos)
+                                              max_new_tokens, eos, draft_ms=fed_ms)
                     outs[name], rounds_of[name] = gen, rounds
                 same = all(outs[n] == outs[names[0]] for n in names)
                 check = target_greedy_check(tmodel, ids, outs[names[0]])
@@ -541,8 +564,13 @@ def controller_eval(
 
     # ---------------------------------------------------------------- metrics
     results: dict[str, Any] = {}
+    rcost = round_cost(ctl.verify_ms, ctl.draft_ms_per_token if fed_ms is None else fed_ms,
+                       ctl.round_trip_ms)
     for name, _ in policies:
-        results[name] = totals_of(runs[name], seqs).summary()
+        tot = totals_of(runs[name], seqs)
+        tot.modeled_ms = sum(rcost(r["drafted"], r["passes"], pp["prompt_len"] + r["start"])
+                             for rounds, pp in zip(runs[name], per_prompt, strict=True) for r in rounds)
+        results[name] = tot.summary()
     base = results[policies[0][0]]
     mine = results["controller"]
     waste_cut = 1 - mine["waste_per_committed"] / base["waste_per_committed"]
@@ -562,6 +590,11 @@ def controller_eval(
         "controller": str(path), "controller_metadata": ctl.metadata.get("trained_on"),
         "stop": {"threshold": ctl.threshold, "max_k": ctl.max_k, "min_k": ctl.min_k,
                  "cum_threshold": ctl.cum_threshold, "goodput": ctl.goodput},
+        "cost": {"draft_ms_fed": fed_ms, "draft_ms_per_token": ctl.draft_ms_per_token,
+                 "round_trip_ms": ctl.round_trip_ms,
+                 "note": "committed_per_s: committed tokens per second of modeled round time "
+                         "(round trip + verify cost + draft forwards at the fed speed), the "
+                         "controller's own cost model; not measured time"},
         "prompts": {"source": source, "offset": offset, "n": prompts},
         "max_new_tokens": max_new_tokens, "draft_model": settings.draft_model,
         "target_model": settings.target_model,
@@ -590,13 +623,14 @@ def _print_eval(rep: dict[str, Any], base_name: str) -> None:
     t = Table(title=f"held-out {p['source']} prompts {p['offset']}..{p['offset'] + p['n'] - 1}, "
                     f"{rep['max_new_tokens']} new tokens, greedy (lossless: {rep['lossless']})")
     for col in ("policy", "rounds", "committed/round", "waste/committed", "draft passes/committed",
-                "drafted/round", "acceptance", "stops (false/judged)"):
+                "drafted/round", "acceptance", "stops (false/judged)", "modeled tok/s"):
         t.add_column(col, justify="right")
     for name, r in rep["results"].items():
         t.add_row(name, str(r["rounds"]), f"{r['committed_per_round']:.2f}",
                   f"{r['waste_per_committed']:.3f}", f"{r['draft_passes_per_committed']:.3f}",
                   f"{r['drafted_per_round']:.2f}", f"{r['acceptance']:.2f}",
-                  f"{r['stops']} ({r['false_stops']}/{r['judged_stops']})")
+                  f"{r['stops']} ({r['false_stops']}/{r['judged_stops']})",
+                  fmt(r.get("committed_per_s"), "{:.2f}"))
     con.print(t)
     q = Table(title=f"predictor on the held-out rounds (threshold {rep['stop']['threshold']:.3f})")
     for col in ("rounds of", "tokens", "reject rate", "AUC", "precision(reject)", "recall(reject)",

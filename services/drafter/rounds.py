@@ -67,7 +67,8 @@ class RoundDrafter:
         committed = sess.committed
         digest = digest_ids(committed)
         can_draft = self.engine is not None
-        plan = sess.spec.plan(policy, can_draft=can_draft, server_run=self.server_run(sess))
+        plan = sess.spec.plan(policy, can_draft=can_draft, server_run=self.server_run(sess),
+                              round_trip_ms=sess.link.rtt_ms)
         if own and can_draft and self.site is not None and plan.max_k > 0 and sess.spec.round > 0:
             plan = self._site(sess, plan)
         call = None

@@ -40,12 +40,13 @@ async def test_one_drafter_many_sessions_batches_and_is_lossless(
 
         bus = await connect(settings, redis_url)
         try:
+            got["drafter"] = drafter = next(s for s in services if s.role == "drafter")
+            if mode == "wisp":  # the learned stop rule, not a fixed-k fallback
+                assert type(drafter.policy).__name__ == "LearnedController"
+                drafter.policy = got["spy"] = _SeesRoundTrip(drafter.policy)
             got["done"] = await asyncio.gather(*(
                 submit(bus, p, max_new_tokens=MAX_NEW, ttft_slo_ms=60_000, tpot_slo_ms=60_000)
                 for p in prompts))
-            got["drafter"] = next(s for s in services if s.role == "drafter")
-            if mode == "wisp":  # the learned stop rule, not a fixed-k fallback
-                assert type(got["drafter"].policy).__name__ == "LearnedController"
         finally:
             await bus.redis.aclose()
             stop.set()
@@ -60,3 +61,22 @@ async def test_one_drafter_many_sessions_batches_and_is_lossless(
     # the verifier batches rounds of several sessions, so their verdicts come back together
     # and the drafter drafts those sessions' next rounds in one batched call
     assert got["drafter"].counters.get("batched_drafts", 0) >= 3, got["drafter"].counters
+    if mode == "wisp":
+        # the controller's goodput rule weighs each session's measured round trip (the time a
+        # round spends outside drafting and verifying), not only the figure in its file
+        trips = got["spy"].trips
+        measured = [t for t in trips if t is not None]
+        assert len(measured) >= len(trips) // 2 and all(t >= 0 for t in measured), trips
+        assert max(measured) > 0, trips
+
+
+class _SeesRoundTrip:
+    """The drafter's policy, wrapped: records the round trip each plan is given."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.name = inner, inner.name
+        self.trips: list[float | None] = []
+
+    def plan(self, stats: Any, budget: int) -> Any:
+        self.trips.append(stats.round_trip_ms)
+        return self.inner.plan(stats, budget)

@@ -287,6 +287,12 @@ def test_controller_eval_writes_its_default_output_from_an_empty_directory(
     report = json.loads((empty_dir / "out" / "controller-eval.json").read_text())
     assert report["prompts"]["n"] == 1
     assert (empty_dir / "out" / "controller-eval.partial.jsonl").exists()
+    # the rule is given the device drafter's speed from the controller's file (not this machine's
+    # torch drafter's), and every policy's rounds are priced with the controller's cost model
+    from wisp.policy.controller import load_controller
+
+    assert report["cost"]["draft_ms_fed"] == load_controller(ctl).draft_ms_per_token
+    assert all(r["committed_per_s"] > 0 for r in report["results"].values())
 
 
 def test_python_dash_m_and_the_console_script_entry_point() -> None:

@@ -119,6 +119,9 @@ def _doc() -> dict:
     (lambda d: d.update(threshold=1.5), "threshold"),
     (lambda d: d["stop"].update(min_k=5, max_k=3), "min_k"),
     (lambda d: d["cost"].update(verify={"kind": "python", "code": "1"}), "cost kind"),
+    (lambda d: d["cost"].update(round_trip_ms=-1.0), "round_trip_ms"),
+    (lambda d: d["cost"].update(round_trip=50.0), "unknown cost field"),
+    (lambda d: d["stop"].update(goodput_rule=True), "unknown stop field"),
     (lambda d: d.pop("model"), "model must be an object"),
 ])
 def test_invalid_documents_are_refused(mutate, msg: str) -> None:
@@ -203,6 +206,34 @@ def test_goodput_rule_follows_the_costs() -> None:
         e_next = e_n + p ** (n + 1)
         want = (e_next / (200 + (n + 1) * 100)) / (e_n / (200 + n * 100)) - 1
         assert ctl.goodput_gain([p] * (n + 1), 0) == pytest.approx(want)
+
+
+def test_a_longer_round_trip_drafts_longer_rounds() -> None:
+    """What every round pays whatever its length (network, queues: the session's measured round
+    trip) makes one more drafted token pay more: the goodput rule drafts longer behind a slow
+    link or a busy server, and the session's measured figure overrides the file's default."""
+    ps = [0.6] * 16  # risk ~0.27 per token, under the 0.9 threshold: only the goodput rule stops
+    ctl = LearnedController(top1_model(), 0.9, max_k=16, min_k=1, goodput=True,
+                            verify_ms=AffineVerifyCost(210, 14, 0), draft_ms_per_token=45.0,
+                            round_trip_ms=0.0)
+
+    def drafted(trip: float | None) -> int:
+        return run_plan(ctl.plan(SessionSpecStats(round_trip_ms=trip), 100), ps)
+
+    near, far = drafted(0.0), drafted(2000.0)
+    assert 1 <= near < far
+    assert drafted(None) == near  # unmeasured: the controller's own default (0 here)
+    assert run_plan(ctl.replace(round_trip_ms=2000.0).plan(SessionSpecStats(), 100), ps) == far
+    # the rule is "stop when E(n+1)/cost(n+1) < E(n)/cost(n)" with the round trip in both costs
+    p = 1 - ctl.model.risk(feats(0.6), 0, 1.0)
+    for n in range(1, 6):
+        e_n = 1 + sum(p ** (j + 1) for j in range(n))
+        e_next = e_n + p ** (n + 1)
+        cost = (lambda m: 500 + 210 + 14 * (m + 1) + 45 * m)  # noqa: E731
+        want = (e_next / cost(n + 1)) / (e_n / cost(n)) - 1
+        assert ctl.goodput_gain([p] * (n + 1), 0, round_trip_ms=500.0) == pytest.approx(want)
+    back = LearnedController.from_json(ctl.replace(round_trip_ms=80.0).to_json())
+    assert back.round_trip_ms == 80.0
 
 
 def test_estimator_as_cost_and_determinism() -> None:
@@ -310,6 +341,39 @@ def test_simulate_counts_rounds_like_the_loop() -> None:
     t2 = simulate(ctl, [seq2]).summary()
     assert t2["drafted"] == t2["accepted"] and t2["committed"] == 10
     assert t2["judged_stops"] == t2["stops"] == 2 and t2["false_stops"] == 0
+
+
+def test_goodput_objective_picks_the_most_tokens_per_modeled_second() -> None:
+    """``tune_stop_rule(objective="goodput")`` models each replayed round's time (round trip,
+    verify, draft forwards) and picks, among points within the waste and tokens-per-round
+    targets, the one with the most committed tokens per modeled second; with drafting nearly free
+    against a round's fixed cost that is a longer-drafting point than the balanced pick."""
+    from wisp.controller_train import StopParams, round_cost, tune_stop_rule
+
+    rng = random.Random(3)
+    seqs = []
+    for i in range(12):
+        reject = [rng.random() < 0.2 for _ in range(60)]
+        # the draft knows when it is wrong, roughly: low top-1 where it will be rejected
+        raw4 = [((0.3 if r else 0.9) + rng.uniform(-0.25, 0.08), 0.5, 0.3, 4.0) for r in reject]
+        seqs.append(OracleSequence(i, 10, [*raw4, (0.9, 0.5, 0.3, 4.0)], reject, 60))
+    folds = [(top1_model(), seqs[:6]), (top1_model(), seqs[6:])]
+    grid = [StopParams(t, k, 1, None, False) for t in (0.05, 0.2, 0.5) for k in (4, 8, 16)]
+    cost = AffineVerifyCost(210, 14, 0)
+    common = dict(baseline_k=4, cost=cost, draft_ms=5.0, round_trip_ms=1000.0)
+    best, results, base = tune_stop_rule(folds, grid, objective="goodput", **common)
+    ok = [r for r in results if r["slack"] >= 0.05]
+    assert ok and StopParams(**max(ok, key=lambda r: r["committed_per_s"])["params"]) == best
+    # the modeled time is the round cost summed over the replayed rounds
+    k4 = simulate(FixedLength(4), seqs, round_cost(cost, 5.0, 1000.0))
+    assert base["committed_per_s"] == pytest.approx(k4.committed * 1000.0 / k4.modeled_ms)
+    assert k4.modeled_ms == pytest.approx(
+        sum(1000.0 + 210 + 14 * 5 + 4 * 5.0 for _ in range(k4.rounds)), rel=0.05)
+    balanced, _, _ = tune_stop_rule(folds, grid, objective="balanced", **common)
+    pick = {StopParams(**r["params"]): r for r in results}
+    assert pick[best]["committed_per_round"] > pick[balanced]["committed_per_round"]
+    with pytest.raises(ValueError, match="objective"):
+        tune_stop_rule(folds, grid, objective="fastest", **common)
 
 
 # ---------------------------------------------------------------------- trace rows

@@ -453,9 +453,11 @@ class _SeesDraftSpeed:
         self.inner = inner
         self.name = inner.name
         self.seen: list[float | None] = []
+        self.trips: list[float | None] = []
 
     def plan(self, stats: Any, budget: int) -> Any:
         self.seen.append(stats.draft_ms_per_token)
+        self.trips.append(stats.round_trip_ms)
         return self.inner.plan(stats, budget)
 
 
@@ -476,6 +478,11 @@ def test_a_learned_controller_drives_wisp_with_each_device_s_measured_speed(tiny
     assert len(speeds) > len(spy.seen) / 2
     lo, hi = min(d.draft_ms for d in sim.devs), max(d.draft_ms for d in sim.devs)
     assert lo / 3 < sorted(speeds)[len(speeds) // 2] < hi * 3
+    # ... and its round trip (network and queues, ``LinkEstimate``), which the goodput rule
+    # weighs, without the adaptive site choice: at least the devices' network round trip
+    trips = [x for x in spy.trips if x is not None]
+    assert len(trips) > len(spy.trips) / 2
+    assert sorted(trips)[len(trips) // 2] >= min(d.rtt_ms for d in sim.devs) * 0.5
     assert res.summary["requests"] > 0 and res.summary["acceptance_rate"] > 0
     k = ctl.max_k
     sc_fixed = load_scenario("tiny", [*SHORT, "modes.wisp.controller='fixed'", f"modes.wisp.draft_k={k}"])

@@ -20,8 +20,11 @@ stop callback ends the round when, after at least ``min_k`` tokens,
   rejected, SpecDec++'s rule), or
 * one more token lowers the expected goodput (optional): with ``p_j = 1 - r_j``, drafting ``n``
   tokens commits ``E(n) = 1 + sum_{m<n} prod_{j<=m} p_j`` tokens in expectation (the ``+1`` is the
-  target's own correction/bonus token) and costs ``verify_ms(n + 1, context) + n * draft_ms``;
-  the round ends when ``E(i+1) / cost(i+1) < E(i) / cost(i)``.
+  target's own correction/bonus token) and costs
+  ``round_trip_ms + verify_ms(n + 1, context) + n * draft_ms``; the round ends when
+  ``E(i+1) / cost(i+1) < E(i) / cost(i)``. ``round_trip_ms`` is what every round pays whatever its
+  length (network, queues, the services): the larger it is, the more one more drafted token pays,
+  so a device behind a slow link or a busy server drafts longer rounds.
 
 Everything is pure python (a handful of multiply-adds per drafted token) and deterministic.
 The model is stored as plain JSON (schema ``wisp.controller`` v1, never pickle) and validated on
@@ -59,6 +62,9 @@ class SessionSpecStats:
     ``context_len``: committed ids (prompt + generated) the next round builds on.
     ``draft_ms_per_token``: the device's measured time per draft forward (an EMA; None until a
     round has been measured, when a controller uses the speed it was trained with).
+    ``round_trip_ms``: the session's measured time per round outside drafting and verifying
+    (network, queues, the services: an EMA; None until measured, when a controller uses the
+    figure it was trained with).
     """
 
     rounds: int = 0
@@ -68,6 +74,7 @@ class SessionSpecStats:
     per_position_accepted: list[int] = field(default_factory=list)
     context_len: int = 0
     draft_ms_per_token: float | None = None
+    round_trip_ms: float | None = None
 
     def record(self, drafted: int, accepted: int, alpha: float = 0.3) -> None:
         self.rounds += 1
@@ -301,6 +308,20 @@ class AffineVerifyCost:
                 "per_ctx_ms": self.per_ctx_ms}
 
 
+DRAFT_MS = 45.0
+"""Default draft time per token (ms): the packaged 0.5B drafting one sequence through llama.cpp
+with 2 threads on the 2-core CPU this project is measured on (``docs/results/drafter-speed.json``).
+A session replaces it with its own measured EMA after its first drafted round."""
+VERIFY_COST = (210.0, 14.0, 0.0)
+"""Default verify cost ``base + per_token * fed tokens`` (ms) of the packaged 1.5B target with
+oneDNN kernels on that CPU (``docs/estimator.md``: 210 ms for 1 fed token, 323 ms for 9): a
+round's cost barely grows with its length."""
+ROUND_TRIP_MS = 50.0
+"""Default time per round outside drafting and verifying (ms): the services, the broker hops and
+the wait for a batch on a lightly loaded server. A session replaces it with its own measured
+EMA after its first verdict."""
+
+
 def estimator_cost(est: VerifyTimeEstimator) -> VerifyCost:
     """A verify-time estimator as the controller's cost function (a batch of this one round)."""
     from wisp.policy.estimator import BatchShape
@@ -341,9 +362,9 @@ class LearnedController:
     risk model says a rejection is likely or one more token no longer pays (module doc).
 
     ``verify_ms`` is a :data:`VerifyCost` callable or a ``LinearEstimator``; ``draft_ms_per_token``
-    is the time per draft forward it assumes until the session has measured its own
-    (``SessionSpecStats.draft_ms_per_token``, the drafter's EMA), so decisions stay a pure
-    function of their inputs.
+    and ``round_trip_ms`` are the time per draft forward and per round outside drafting and
+    verifying it assumes until the session has measured its own (``SessionSpecStats``: the
+    drafter's EMAs), so decisions stay a pure function of their inputs.
     """
 
     name = "learned"
@@ -359,6 +380,7 @@ class LearnedController:
         goodput: bool = True,
         verify_ms: VerifyCost | VerifyTimeEstimator | None = None,
         draft_ms_per_token: float = 141.0,
+        round_trip_ms: float = 0.0,
         prefill_round: bool = False,
         metadata: Mapping[str, Any] | None = None,
     ) -> None:
@@ -370,6 +392,8 @@ class LearnedController:
             raise ControllerFormatError(f"need 0 <= min_k <= max_k <= 256 (got {min_k}, {max_k})")
         if not (math.isfinite(draft_ms_per_token) and draft_ms_per_token >= 0):
             raise ControllerFormatError("draft_ms_per_token must be finite and >= 0")
+        if not (math.isfinite(round_trip_ms) and round_trip_ms >= 0):
+            raise ControllerFormatError("round_trip_ms must be finite and >= 0")
         self.model = model
         self.threshold = float(threshold)
         self.cum_threshold = None if cum_threshold is None else float(cum_threshold)
@@ -377,6 +401,7 @@ class LearnedController:
         self.min_k = int(min_k)
         self.goodput = bool(goodput)
         self.draft_ms_per_token = float(draft_ms_per_token)
+        self.round_trip_ms = float(round_trip_ms)
         self.prefill_round = bool(prefill_round)
         """Round 0 drafts nothing: the prompt goes to the server at once and the first token
         comes from the target's own prefill, while the device prefills its draft model in the
@@ -403,7 +428,8 @@ class LearnedController:
             "threshold": self.threshold, "max_k": self.max_k, "min_k": self.min_k,
             "cum_threshold": self.cum_threshold, "goodput": self.goodput,
             "verify_ms": self.verify_ms, "draft_ms_per_token": self.draft_ms_per_token,
-            "prefill_round": self.prefill_round, "metadata": self.metadata, "model": self.model,
+            "round_trip_ms": self.round_trip_ms, "prefill_round": self.prefill_round,
+            "metadata": self.metadata, "model": self.model,
         }
         kw.update(changes)
         model = kw.pop("model")
@@ -415,10 +441,11 @@ class LearnedController:
 
     # -- the rule -----------------------------------------------------------------------------
     def goodput_gain(self, accept_probs: Sequence[float], context_len: int,
-                     draft_ms: float | None = None) -> float:
+                     draft_ms: float | None = None, round_trip_ms: float | None = None) -> float:
         """Relative change of expected goodput from drafting the last of ``accept_probs``
         (positive = worth it): ``E(n+1)/cost(n+1) / (E(n)/cost(n)) - 1``, ``n = len - 1``;
-        ``draft_ms`` per draft forward (default: the controller's own)."""
+        ``draft_ms`` per draft forward and ``round_trip_ms`` per round (default: the
+        controller's own)."""
         n = len(accept_probs) - 1
         expected = 1.0
         prod = 1.0
@@ -427,8 +454,9 @@ class LearnedController:
             expected += prod
         gain = prod * accept_probs[n]
         t = self.draft_ms_per_token if draft_ms is None else draft_ms
-        cost_n = self.verify_ms(n + 1, context_len) + n * t
-        cost_next = self.verify_ms(n + 2, context_len) + (n + 1) * t
+        trip = self.round_trip_ms if round_trip_ms is None else round_trip_ms
+        cost_n = trip + self.verify_ms(n + 1, context_len) + n * t
+        cost_next = trip + self.verify_ms(n + 2, context_len) + (n + 1) * t
         if cost_n <= 0 or cost_next <= 0:
             return gain
         return ((expected + gain) / cost_next) / (expected / cost_n) - 1.0
@@ -443,6 +471,7 @@ class LearnedController:
         recent = float(stats.recent_acceptance)
         context = stats.context_len
         draft_ms = stats.draft_ms_per_token
+        trip = stats.round_trip_ms
         probs: list[float] = []
         risk_of = self.model.risk
         threshold, cum, goodput = self.threshold, self.cum_threshold, self.goodput
@@ -457,7 +486,7 @@ class LearnedController:
                 return True
             if cum is not None and 1.0 - math.prod(probs) > cum:
                 return True
-            return goodput and self.goodput_gain(probs, context, draft_ms) < 0.0
+            return goodput and self.goodput_gain(probs, context, draft_ms, trip) < 0.0
 
         return DraftPlan(max_k=max_k, stop=stop)
 
@@ -473,7 +502,8 @@ class LearnedController:
             "threshold": self.threshold,
             "stop": {"min_k": self.min_k, "max_k": self.max_k, "cum_threshold": self.cum_threshold,
                      "goodput": self.goodput, "prefill_round": self.prefill_round},
-            "cost": {"draft_ms_per_token": self.draft_ms_per_token, "verify": cost},
+            "cost": {"draft_ms_per_token": self.draft_ms_per_token,
+                     "round_trip_ms": self.round_trip_ms, "verify": cost},
             "metadata": self.metadata,
         }
 
@@ -507,6 +537,9 @@ class LearnedController:
         meta = obj.get("metadata", {})
         if not isinstance(stop, Mapping) or not isinstance(cost, Mapping) or not isinstance(meta, Mapping):
             raise ControllerFormatError("stop, cost and metadata must be objects")
+        for name, part, known in (("stop", stop, _STOP_FIELDS), ("cost", cost, _COST_FIELDS)):
+            if set(part) - known:
+                raise ControllerFormatError(f"unknown {name} field(s) {sorted(set(part) - known)}")
         verify, verify_dict = _cost_from_dict(cost.get("verify", AffineVerifyCost().to_dict()))
         try:
             cum = stop.get("cum_threshold")
@@ -520,6 +553,7 @@ class LearnedController:
                 prefill_round=bool(stop.get("prefill_round", False)),
                 verify_ms=verify,
                 draft_ms_per_token=float(cost.get("draft_ms_per_token", 141.0)),
+                round_trip_ms=float(cost.get("round_trip_ms", 0.0)),
                 metadata=meta,
             )._with_cost(verify_dict)
         except (KeyError, TypeError, ValueError) as err:
@@ -541,6 +575,10 @@ class LearnedController:
         except (UnicodeDecodeError, ValueError) as err:
             raise ControllerFormatError(f"not JSON: {err}") from None
         return cls.from_dict(obj)
+
+
+_STOP_FIELDS = frozenset({"min_k", "max_k", "cum_threshold", "goodput", "prefill_round"})
+_COST_FIELDS = frozenset({"draft_ms_per_token", "round_trip_ms", "verify"})
 
 
 def drafting_rule(policy: DraftLengthPolicy) -> DraftLengthPolicy:

@@ -139,16 +139,19 @@ class SpecSession:
         return self.finish is not None
 
     def plan(self, policy: DraftLengthPolicy, *, can_draft: bool = True,
-             server_run: int = 0) -> RoundPlan:
+             server_run: int = 0, round_trip_ms: float | None = None) -> RoundPlan:
         """The next round, as ``policy`` decides it from this session's statistics (which now
-        carry the context length and the measured draft speed). ``can_draft`` is False where
-        nothing can draft (centralized serving): the round is sent undrafted.
+        carry the context length, the measured draft speed and ``round_trip_ms``: the caller's
+        measured time per round outside drafting and verifying, ``LinkEstimate.rtt_ms``, None
+        while unmeasured). ``can_draft`` is False where nothing can draft (centralized serving):
+        the round is sent undrafted.
 
         ``server_run``: how many more rounds an undrafted round (that is not the prefill round,
         after which the device drafts) hands to the server, capped by the budget: the server
         decodes them in its continuous batch without a round trip each. 0: none (every round
         comes back here)."""
         self.stats.context_len = self.context_len
+        self.stats.round_trip_ms = round_trip_ms
         p = policy.plan(self.stats, self.budget)
         k = p.max_k if can_draft else 0
         prefill = can_draft and p.prefill and self.round == 0 and self.budget > 0

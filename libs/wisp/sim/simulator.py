@@ -560,7 +560,8 @@ class Simulation:
         # centralized serving's server-side loop is the scenario's ``loop``; elsewhere a round
         # the controller leaves undrafted hands a run to the server, as in the drafter service
         plan = s.spec.plan(self.policy, can_draft=not self.centralized,
-                           server_run=0 if self.centralized else self.settings.server_run_rounds)
+                           server_run=0 if self.centralized else self.settings.server_run_rounds,
+                           round_trip_ms=s.link.rtt_ms)
         k = plan.max_k
         if plan.server_rounds:
             s.srv = True
@@ -971,7 +972,7 @@ class Simulation:
 
     # ------------------------------------------------------------------ verdicts
     def _on_verdict(self, s: Session, now: float) -> None:
-        if self.site is not None and s.r_drafted > 0:
+        if s.r_drafted > 0:  # the round trip the controller and the site choice weigh
             s.link.observe_round(s.r_drafted, s.r_accepted,
                                  (now - s.r_sent) * 1000.0 - s.r_verify_ms)
         if self._commit(s, now):
