@@ -302,8 +302,8 @@ def grid(
         "--acceptance", help="Comma list of acceptance.target_rate values: 0 = the recorded verdicts, a "
         "rate in (0, 1) below the recorded one scales them down. Default 0,0.6.")] = None,
     engines: Annotated[str | None, typer.Option(
-        "--engines", help="Comma list of verifier engines (server.engine): ragged, padded. Default both "
-        "(padded is skipped, with a note, while the scenario has no server.engine).")] = None,
+        "--engines", help="Comma list of verifier engines (server.engine): ragged, padded. Default "
+        "both.")] = None,
     modes: Annotated[str | None, typer.Option(
         "--modes", help="Comma list of modes: wisp, sled, centralized, sled+prefill (sled with WISP's "
         "prefill round, an ablation), wisp+adaptive (WISP choosing per round between drafting and "
@@ -361,7 +361,7 @@ def grid(
     _quiet_logs()
     sc = _load(scenario, overrides)
     try:
-        check_axes(sc, params, explicit_engines=engines is not None)
+        check_axes(sc, params)
     except GridError as err:
         fail(str(err))
     for note in params.skipped:

@@ -233,14 +233,14 @@ def test_a_cell_is_the_base_scenario_with_its_axis_values() -> None:
 def test_axes_are_checked_with_what_to_fix() -> None:
     sc = load_scenario("paper")
     with pytest.raises(GridError, match="unknown device mix"):
-        check_axes(sc, GridParams(mixes=["medium"]), False)
+        check_axes(sc, GridParams(mixes=["medium"]))
     with pytest.raises(GridError, match="acceptance"):
-        check_axes(sc, GridParams(acceptance=[1.5]), False)
+        check_axes(sc, GridParams(acceptance=[1.5]))
     with pytest.raises(GridError, match="unknown mode"):
-        check_axes(sc, GridParams(modes=["wisp", "eagle"]), False)
+        check_axes(sc, GridParams(modes=["wisp", "eagle"]))
     with pytest.raises(GridError, match="jetson_agx_orin"):
-        check_axes(load_scenario("local"), GridParams(mixes=["fast"]), False)
-    p = check_axes(sc, GridParams(), False)
+        check_axes(load_scenario("local"), GridParams(mixes=["fast"]))
+    p = check_axes(sc, GridParams())
     assert len(p.cells()) == 3 * 3 * 2 * len(p.engines)
 
 

@@ -144,16 +144,11 @@ class Cell:
     def key(self) -> str:
         return f"kv={self.kv_tokens}|mix={self.device_mix}|acc={self.acceptance:g}|engine={self.engine}"
 
-    def overrides(self, engine_field: bool) -> list[str]:
-        """The ``--set`` edits that make this cell out of the base scenario. ``engine_field``:
-        whether the scenario has ``server.engine`` (without it, only the neutral engine runs and
-        needs no edit)."""
+    def overrides(self) -> list[str]:
+        """The ``--set`` edits that make this cell out of the base scenario."""
         mix = ", ".join(f"{k} = {v!r}" for k, v in MIXES[self.device_mix].items())
-        out = [f"server.kv_tokens={self.kv_tokens}", f"devices.mix={{{mix}}}",
-               f"acceptance.target_rate={self.acceptance!r}"]
-        if engine_field:
-            out.append(f'server.engine="{self.engine}"')
-        return out
+        return [f"server.kv_tokens={self.kv_tokens}", f"devices.mix={{{mix}}}",
+                f"acceptance.target_rate={self.acceptance!r}", f'server.engine="{self.engine}"']
 
 
 @dataclass
@@ -213,15 +208,8 @@ class GridParams:
                                   "attainment_target")}
 
 
-def engine_field(sc: Scenario) -> bool:
-    """Whether the scenario has ``server.engine`` (being added by the engine work)."""
-    return hasattr(sc.server, "engine")
-
-
-def check_axes(sc: Scenario, params: GridParams, explicit_engines: bool) -> GridParams:
-    """Refuse axis values the scenario cannot express, with what to fix. Default engine values
-    that need the missing ``server.engine`` are skipped (noted in ``params.skipped``); asked for
-    explicitly, they are an error."""
+def check_axes(sc: Scenario, params: GridParams) -> GridParams:
+    """Refuse axis values the scenario cannot express, with what to fix."""
     for m in params.mixes:
         if m not in MIXES:
             raise GridError(f"unknown device mix {m!r}: use {', '.join(MIXES)}")
@@ -232,20 +220,9 @@ def check_axes(sc: Scenario, params: GridParams, explicit_engines: bool) -> Grid
     for a in params.acceptance:
         if not (0.0 <= a < 1.0):
             raise GridError(f"acceptance {a}: use 0 (as recorded) or a rate in (0, 1)")
-        if a and not hasattr(sc.acceptance, "target_rate"):
-            raise GridError("acceptance.target_rate is not a scenario setting in this checkout; "
-                            "use --acceptance 0")
     for e in params.engines:
         if e not in ENGINES:
             raise GridError(f"unknown engine {e!r}: use {', '.join(ENGINES)}")
-    if not engine_field(sc):
-        other = [e for e in params.engines if e != NEUTRAL_ENGINE]
-        if other and explicit_engines:
-            raise GridError(f"server.engine is not a scenario setting in this checkout, so engine "
-                            f"{', '.join(other)} cannot run; use --engines {NEUTRAL_ENGINE}")
-        if other:
-            params.engines = [e for e in params.engines if e == NEUTRAL_ENGINE] or [NEUTRAL_ENGINE]
-            params.skipped += [f"engine={e} (server.engine is not a scenario setting yet)" for e in other]
     for m in params.modes:
         if m not in GRID_MODES:
             raise GridError(f"unknown mode {m!r}: use {', '.join(GRID_MODES)}")
@@ -264,7 +241,7 @@ def base_scenario(sc: Scenario, params: GridParams) -> Scenario:
 
 def cell_scenario(base: Scenario, cell: Cell) -> Scenario:
     """``base`` with the cell's axis values (``Cell.overrides``)."""
-    return _validated(with_overrides(base, cell.overrides(engine_field(base))), base.source_path)
+    return _validated(with_overrides(base, cell.overrides()), base.source_path)
 
 
 def preflight(base: Scenario, params: GridParams) -> None:
@@ -556,7 +533,8 @@ class CellModel:
     def of(cls, sc: Scenario, assets: Assets) -> CellModel:
         k = max(1, sc.modes.sled.draft_k)
         pol = default_policy(Settings(mode="wisp", draft_k=sc.modes.wisp.draft_k))
-        k_max = max(k, int(getattr(pol, "max_k", 0) or getattr(pol, "k", 0) or 0), sc.modes.wisp.draft_k)
+        # the longest round the policy drafts for a session past its (possibly undrafted) first
+        k_max = max(k, pol.plan(SessionSpecStats(rounds=1), 1 << 20).max_k, sc.modes.wisp.draft_k)
         shapes = assets.shapes
         cap = sc.workload.max_new_tokens
         pm = sum(s.prompt_len for s in shapes) / len(shapes)
@@ -573,9 +551,8 @@ def analytic_guess(sc: Scenario, mode: str, cm: CellModel, *, max_devices: int =
     rl = Roofline(sc.server.roofline)
     tpot = sc.slo.tpot_ms
     ctx = cm.prompt_mean + cm.out_mean / 2.0
-    # paged KV (server.kv_block_tokens): a session holds its context, on average prompt + half the
-    # output; a whole-life reservation (older simulators) holds prompt + output
-    foot = ctx if hasattr(sc.server, "kv_block_tokens") else cm.prompt_mean + cm.out_mean
+    # paged KV: a session holds its context, on average prompt + half the output
+    foot = ctx
     kv = sc.server.kv_tokens * sc.server.verifiers
     s_kv = KV_EFFICIENCY * kv / foot if kv > 0 else math.inf
     base = mode if mode in ("wisp", "sled", "centralized") else ("wisp" if mode == ADAPTIVE else "sled")
