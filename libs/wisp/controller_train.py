@@ -374,6 +374,9 @@ def tune_stop_rule(
     rms = round_cost(cost, draft_ms, round_trip_ms)
     seqs_all = [s for _, seqs in fold_models for s in seqs]
     base = simulate(FixedLength(baseline_k), seqs_all, rms).summary()
+    if objective == "goodput" and not math.isfinite(base["committed_per_s"]):
+        raise ValueError("the goodput objective needs a round cost above 0 (the draft, verify and "
+                         "round-trip costs are all 0)")
     results: list[dict[str, Any]] = []
     for p in grid:
         tot = LoopTotals()

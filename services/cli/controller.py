@@ -454,7 +454,7 @@ def controller_eval(
     resume: Annotated[bool, typer.Option(
         "--resume", help="Reuse prompts finished by an interrupted run (OUT.partial.jsonl).")] = False,
     draft_ms: Annotated[float | None, typer.Option(
-        "--draft-ms", min=0.0, help="Draft speed (ms per forward) the controller's goodput rule "
+        "--draft-ms", min=0.001, help="Draft speed (ms per forward) the controller's goodput rule "
         "is given (default: the controller's own figure, the device drafter's; --measured-draft-ms "
         "gives it this machine's torch drafter's measured speed instead).")] = None,
     measured_draft_ms: Annotated[bool, typer.Option(
@@ -502,7 +502,12 @@ def controller_eval(
     tmodel = models.load_model(settings.target_model, settings)
     draft = DraftEngine(dmodel, max_sessions=4)
     verifier = VerifierEngine(tmodel, max_sessions=4)
+    if measured_draft_ms and draft_ms is not None:
+        raise typer.BadParameter("give --draft-ms or --measured-draft-ms, not both",
+                                 param_hint="--draft-ms")
     fed_ms = None if measured_draft_ms else (ctl.draft_ms_per_token if draft_ms is None else draft_ms)
+    if fed_ms is not None:  # the first drafted round too (no measurement has replaced it yet)
+        ctl = ctl.replace(draft_ms_per_token=fed_ms)
     # the drafting rule alone: the prefill round (TTFT) would add a draft-less round per prompt
     policies = [(f"fixed k={baseline_k}", FixedLength(baseline_k)), ("controller", drafting_rule(ctl))]
     names = [n for n, _ in policies]
@@ -564,8 +569,7 @@ def controller_eval(
 
     # ---------------------------------------------------------------- metrics
     results: dict[str, Any] = {}
-    rcost = round_cost(ctl.verify_ms, ctl.draft_ms_per_token if fed_ms is None else fed_ms,
-                       ctl.round_trip_ms)
+    rcost = round_cost(ctl.verify_ms, ctl.draft_ms_per_token, ctl.round_trip_ms)
     for name, _ in policies:
         tot = totals_of(runs[name], seqs)
         tot.modeled_ms = sum(rcost(r["drafted"], r["passes"], pp["prompt_len"] + r["start"])
@@ -583,8 +587,8 @@ def controller_eval(
         f"{policies[0][0]} rounds": classify_metrics(y_b, predict_raw(ctl.model, raw_b), ctl.threshold),
         "controller rounds": classify_metrics(y_c, predict_raw(ctl.model, raw_c), ctl.threshold),
     }
-    replay = {f"fixed k={k}": simulate(FixedLength(k), seqs).summary() for k in range(1, 9)}
-    replay["controller"] = simulate(ctl, seqs).summary()
+    replay = {f"fixed k={k}": simulate(FixedLength(k), seqs, rcost).summary() for k in range(1, 9)}
+    replay["controller"] = simulate(ctl, seqs, rcost).summary()
     lossless = all(p["outputs_equal"] and p["target_greedy"]["ok"] for p in per_prompt)
     report = {
         "controller": str(path), "controller_metadata": ctl.metadata.get("trained_on"),
@@ -593,7 +597,7 @@ def controller_eval(
         "cost": {"draft_ms_fed": fed_ms, "draft_ms_per_token": ctl.draft_ms_per_token,
                  "round_trip_ms": ctl.round_trip_ms,
                  "note": "committed_per_s: committed tokens per second of modeled round time "
-                         "(round trip + verify cost + draft forwards at the fed speed), the "
+                         "(round trip + verify cost + draft forwards at draft_ms_per_token), the "
                          "controller's own cost model; not measured time"},
         "prompts": {"source": source, "offset": offset, "n": prompts},
         "max_new_tokens": max_new_tokens, "draft_model": settings.draft_model,

@@ -308,7 +308,7 @@ class DrafterService(Service):
             return
         if self.settings.trace and v.drafted:
             await self._publish_trace(sess, v)  # before apply(): rows carry the pre-round EMA
-        if v.drafted and sess.published_block is not None:  # the site choice's measurements
+        if v.drafted and sess.published_block is not None:  # round trip: controller, site choice
             outside_ms = (now() - sess.published_block.sent_ts) * 1000.0 - v.verify_ms
             sess.link.observe_round(v.drafted, v.accepted, outside_ms)
         elif sess.site.on_server:

@@ -66,7 +66,9 @@ async def test_one_drafter_many_sessions_batches_and_is_lossless(
         # round spends outside drafting and verifying), not only the figure in its file
         trips = got["spy"].trips
         measured = [t for t in trips if t is not None]
-        assert len(measured) >= len(trips) // 2 and all(t >= 0 for t in measured), trips
+        # every session drafts at least three rounds (16 tokens, at most 9 a round after its
+        # undrafted first): the third is planned after a drafted verdict measured the trip
+        assert len(measured) >= SESSIONS and all(t >= 0 for t in measured), trips
         assert max(measured) > 0, trips
 
 

@@ -223,6 +223,8 @@ def test_a_longer_round_trip_drafts_longer_rounds() -> None:
     near, far = drafted(0.0), drafted(2000.0)
     assert 1 <= near < far
     assert drafted(None) == near  # unmeasured: the controller's own default (0 here)
+    for bad in (float("inf"), float("nan"), -5.0):  # not a measurement: the file's figure
+        assert drafted(bad) == near
     assert run_plan(ctl.replace(round_trip_ms=2000.0).plan(SessionSpecStats(), 100), ps) == far
     # the rule is "stop when E(n+1)/cost(n+1) < E(n)/cost(n)" with the round trip in both costs
     p = 1 - ctl.model.risk(feats(0.6), 0, 1.0)

@@ -49,6 +49,24 @@ def test_plan_gives_the_policy_the_context_budget_and_measured_speed() -> None:
     assert s.stats.draft_ms_per_token == pytest.approx(10.0 + DRAFT_MS_ALPHA * 10.0)
 
 
+def test_plan_gives_the_policy_the_caller_s_measured_round_trip() -> None:
+    """The round trip is the caller's measurement (``LinkEstimate.rtt_ms``), handed over at each
+    plan; what cannot be a measurement (not finite, negative) reaches the policy as None."""
+    s = SpecSession(prompt_len=10, max_new=8)
+    seen: list[float | None] = []
+
+    class Sees:
+        name = "sees"
+
+        def plan(self, stats: SessionSpecStats, budget: int) -> DraftPlan:
+            seen.append(stats.round_trip_ms)
+            return DraftPlan(max_k=1)
+
+    for trip in (None, 120.0, float("nan"), float("inf"), -1.0, 0.0):
+        s.plan(Sees(), round_trip_ms=trip)
+    assert seen == [None, 120.0, None, None, None, 0.0]
+
+
 def test_budget_never_drafts_past_max_new() -> None:
     s = SpecSession(prompt_len=3, max_new=3)
     assert s.plan(FixedLength(8)).max_k == 2

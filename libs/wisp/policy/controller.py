@@ -63,8 +63,9 @@ class SessionSpecStats:
     ``draft_ms_per_token``: the device's measured time per draft forward (an EMA; None until a
     round has been measured, when a controller uses the speed it was trained with).
     ``round_trip_ms``: the session's measured time per round outside drafting and verifying
-    (network, queues, the services: an EMA; None until measured, when a controller uses the
-    figure it was trained with).
+    (network, queues, the services), as its caller's EMA (``LinkEstimate.rtt_ms``) stood when
+    this round was planned (``SpecSession.plan`` sets it each time); None until measured, when a
+    controller uses the figure in its file.
     """
 
     rounds: int = 0
@@ -309,17 +310,19 @@ class AffineVerifyCost:
 
 
 DRAFT_MS = 45.0
-"""Default draft time per token (ms): the packaged 0.5B drafting one sequence through llama.cpp
+"""``controller train``'s draft time per token (ms), written into the controller file and used
+until a session has measured its own: the packaged 0.5B drafting one sequence through llama.cpp
 with 2 threads on the 2-core CPU this project is measured on (``docs/results/drafter-speed.json``).
-A session replaces it with its own measured EMA after its first drafted round."""
+(``LearnedController``'s own default stays 141 ms, the figure older files were trained with.)"""
 VERIFY_COST = (210.0, 14.0, 0.0)
-"""Default verify cost ``base + per_token * fed tokens`` (ms) of the packaged 1.5B target with
+"""``controller train``'s verify cost ``base + per_token * fed tokens`` (ms): the packaged 1.5B target with
 oneDNN kernels on that CPU (``docs/estimator.md``: 210 ms for 1 fed token, 323 ms for 9): a
 round's cost barely grows with its length."""
 ROUND_TRIP_MS = 50.0
-"""Default time per round outside drafting and verifying (ms): the services, the broker hops and
-the wait for a batch on a lightly loaded server. A session replaces it with its own measured
-EMA after its first verdict."""
+"""``controller train``'s time per round outside drafting and verifying (ms): the services, the
+broker hops and the wait for a batch on a lightly loaded server. A session replaces it with its
+own measured EMA after its first drafted verdict (a prefill round or a server run's verdicts
+measure nothing). A file without the field reads 0, the rule older files were tuned with."""
 
 
 def estimator_cost(est: VerifyTimeEstimator) -> VerifyCost:
@@ -472,6 +475,8 @@ class LearnedController:
         context = stats.context_len
         draft_ms = stats.draft_ms_per_token
         trip = stats.round_trip_ms
+        if trip is not None and not (math.isfinite(trip) and trip >= 0):
+            trip = None  # a measurement that cannot be one: the file's figure stands in
         probs: list[float] = []
         risk_of = self.model.risk
         threshold, cum, goodput = self.threshold, self.cum_threshold, self.goodput

@@ -21,6 +21,7 @@ wall clock drive the same code. No Redis, no torch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -151,7 +152,8 @@ class SpecSession:
         decodes them in its continuous batch without a round trip each. 0: none (every round
         comes back here)."""
         self.stats.context_len = self.context_len
-        self.stats.round_trip_ms = round_trip_ms
+        ok = round_trip_ms is not None and math.isfinite(round_trip_ms) and round_trip_ms >= 0
+        self.stats.round_trip_ms = round_trip_ms if ok else None
         p = policy.plan(self.stats, self.budget)
         k = p.max_k if can_draft else 0
         prefill = can_draft and p.prefill and self.round == 0 and self.budget > 0

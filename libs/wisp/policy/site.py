@@ -85,7 +85,9 @@ class ServerCosts:
 class LinkEstimate:
     """Per session: the measured round trip (an EMA) and per-token acceptance (decayed counts
     of accepted and judged drafts, shrunk toward a prior). The device's draft speed comes from
-    ``SpecSession`` (``stats.draft_ms_per_token``)."""
+    ``SpecSession`` (``stats.draft_ms_per_token``). The round trip also feeds the speculation
+    controller's goodput rule in every wisp round (``SpecSession.plan``), whatever the site
+    choice."""
 
     rtt_ms: float | None = None
     accepted: float = 0.0

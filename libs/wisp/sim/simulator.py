@@ -187,7 +187,8 @@ class Session:
         self.pf_seq = 0
         self.pf_cut = False
         self.link = LinkEstimate()
-        """Its measured round trip and per-token acceptance (adaptive site choice)."""
+        """Its measured round trip (the controller's goodput rule, the site choice) and per-token
+        acceptance (adaptive site choice)."""
         self.srv = False
         """The server decodes it in its continuous batch (adaptive site choice, or a run)."""
         self.run_left = 0
