@@ -39,6 +39,7 @@ from wisp.policy.controller import (
     RiskModel,
     VerifyCost,
     drafting_rule,
+    round_ms,
 )
 from wisp.policy.session import REPLAY_EOS, SpecSession, replay_tokens
 
@@ -281,12 +282,11 @@ RoundCost = Callable[[int, int, int], float]
 
 
 def round_cost(verify: VerifyCost, draft_ms: float, round_trip_ms: float) -> RoundCost:
-    """The goodput rule's own cost model, for a whole round: the round trip, verifying the
-    drafted tokens plus the target's own, and every draft forward (a stop rule's look at one
-    more token costs a forward too)."""
+    """The goodput rule's own cost model (``round_ms``) for a replayed round, with every draft
+    forward counted (a stop rule's look at one more token costs a forward too)."""
 
     def cost(drafted: int, passes: int, context_len: int) -> float:
-        return round_trip_ms + verify(drafted + 1, context_len) + passes * draft_ms
+        return round_ms(verify, draft_ms, round_trip_ms, drafted, passes, context_len)
 
     return cost
 

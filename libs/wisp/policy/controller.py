@@ -325,6 +325,20 @@ own measured EMA after its first drafted verdict (a prefill round or a server ru
 measure nothing). A file without the field reads 0, the rule older files were tuned with."""
 
 
+def round_ms(verify: VerifyCost, draft_ms: float, round_trip_ms: float, drafted: int, passes: int,
+             context_len: int) -> float:
+    """What one round costs in the goodput rule's model: the round trip, verifying the drafted
+    tokens plus the target's own, and ``passes`` draft forwards. The rule itself and the trainer's
+    replay (``controller_train.round_cost``) both price rounds with it."""
+    return round_trip_ms + verify(drafted + 1, context_len) + passes * draft_ms
+
+
+def measured(ms: float | None) -> float | None:
+    """``ms`` when it can be a measurement (finite, >= 0), else None: what a session hands the
+    controller as its measured round trip, so a broken clock never reaches the rule."""
+    return ms if ms is not None and math.isfinite(ms) and ms >= 0 else None
+
+
 def estimator_cost(est: VerifyTimeEstimator) -> VerifyCost:
     """A verify-time estimator as the controller's cost function (a batch of this one round)."""
     from wisp.policy.estimator import BatchShape
@@ -458,8 +472,8 @@ class LearnedController:
         gain = prod * accept_probs[n]
         t = self.draft_ms_per_token if draft_ms is None else draft_ms
         trip = self.round_trip_ms if round_trip_ms is None else round_trip_ms
-        cost_n = trip + self.verify_ms(n + 1, context_len) + n * t
-        cost_next = trip + self.verify_ms(n + 2, context_len) + (n + 1) * t
+        cost_n = round_ms(self.verify_ms, t, trip, n, n, context_len)
+        cost_next = round_ms(self.verify_ms, t, trip, n + 1, n + 1, context_len)
         if cost_n <= 0 or cost_next <= 0:
             return gain
         return ((expected + gain) / cost_next) / (expected / cost_n) - 1.0
@@ -474,9 +488,7 @@ class LearnedController:
         recent = float(stats.recent_acceptance)
         context = stats.context_len
         draft_ms = stats.draft_ms_per_token
-        trip = stats.round_trip_ms
-        if trip is not None and not (math.isfinite(trip) and trip >= 0):
-            trip = None  # a measurement that cannot be one: the file's figure stands in
+        trip = measured(stats.round_trip_ms)  # None: the file's figure stands in
         probs: list[float] = []
         risk_of = self.model.risk
         threshold, cum, goodput = self.threshold, self.cum_threshold, self.goodput

@@ -21,12 +21,11 @@ wall clock drive the same code. No Redis, no torch.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 from wisp.metrics import wasted_tokens
-from wisp.policy.controller import DraftLengthPolicy, SessionSpecStats, StopFn
+from wisp.policy.controller import DraftLengthPolicy, SessionSpecStats, StopFn, measured
 
 DRAFT_MS_ALPHA = 0.3
 """Weight of the newest round in the draft-speed EMA: a device that slows down (thermal
@@ -152,8 +151,7 @@ class SpecSession:
         decodes them in its continuous batch without a round trip each. 0: none (every round
         comes back here)."""
         self.stats.context_len = self.context_len
-        ok = round_trip_ms is not None and math.isfinite(round_trip_ms) and round_trip_ms >= 0
-        self.stats.round_trip_ms = round_trip_ms if ok else None
+        self.stats.round_trip_ms = measured(round_trip_ms)
         p = policy.plan(self.stats, self.budget)
         k = p.max_k if can_draft else 0
         prefill = can_draft and p.prefill and self.round == 0 and self.budget > 0
