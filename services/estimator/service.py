@@ -102,7 +102,7 @@ class EstimatorService(Service):
                 self.abs_pct_errors.append(err)
                 ESTIMATOR_ERROR.observe(err)
                 del self.abs_pct_errors[:-1000]
-            self.estimator.observe(shape, measured)
+            self.estimator.observe(shape, measured, now())
 
     @property
     def mape(self) -> float:

@@ -6,6 +6,7 @@ waiting, and the bare Redis hop chain the null-model bench compares against runs
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 
 import pytest
@@ -25,8 +26,11 @@ async def test_services_are_ready_inside_the_block_and_gone_after() -> None:
         assert system.settings.redis_url == system.url
         assert await system.bus.redis.ping()
         assert set(await system.bus.live("estimator"))
+        # start-up's heap is out of the collector's reach while they serve (no 200 ms pauses)
+        assert gc.get_freeze_count() > 10_000
         services = system.services
     assert all(s.stopping.is_set() for s in services)
+    assert gc.get_freeze_count() == 0  # and collectable again once they are gone
     client = aioredis.from_url(system.url, socket_connect_timeout=1)
     with pytest.raises(RedisConnectionError):  # the embedded server is gone
         await client.ping()

@@ -173,6 +173,45 @@ def test_full_refit_blends_profile_and_window(fitted) -> None:
     assert est.predict(BatchShape.of([1], [64])) > 0
 
 
+def test_shape_refit_waits_for_its_interval_given_the_time(fitted) -> None:
+    """With the time passed in, a shape refit is due every ``full_refit_every`` samples but not
+    within ``min_full_refit_s`` of the last one (the level still refits every few batches); the
+    interval and the sample count both survive the JSON round trip."""
+    est = le.LearnedEstimator.from_json(fitted[0].to_json())
+    est.full_refit_every, est.min_full_refit_s = 8, 30.0
+    est.background_refit = False
+    shape = BatchShape.of([3, 3], [128, 128])
+    shape_ids, levels = [], []
+    for i in range(64):  # 64 samples in 6.4 s: 8 refits are due by count, one by time
+        est.observe(shape, 1.3 * cpu_like_ms(shape), now=100.0 + i * 0.1)
+        shape_ids.append(est.shape_id)
+        levels.append(est.level)
+    assert len(set(shape_ids)) == 2  # the fitted model's, then the first refit's
+    assert len(set(levels)) > 2  # the level followed all along
+    est.observe(shape, 1.3 * cpu_like_ms(shape), now=131.1)  # 30 s after the first refit (at 100.7)
+    est.observe(shape, 1.3 * cpu_like_ms(shape), now=131.2)
+    est.observe(shape, 1.3 * cpu_like_ms(shape), now=131.3)
+    est.observe(shape, 1.3 * cpu_like_ms(shape), now=131.4)
+    assert len({*shape_ids, est.shape_id}) == 3
+    again = le.LearnedEstimator.from_json(est.to_json())
+    assert (again.min_full_refit_s, again.full_refit_every) == (30.0, 8)
+
+
+def test_level_refit_keeps_the_shape_predictions(fitted) -> None:
+    """A level refit rescales every prediction and walks no tree again: the per-shape cache holds
+    no level, so it survives the refit (and a copy following the level shares it)."""
+    est = le.LearnedEstimator.from_json(fitted[0].to_json())
+    shape = BatchShape.of([5], [256])
+    before, level = est.predict(shape), est.level
+    for _ in range(est.refit_every):
+        est.observe(shape, 2.0 * before)
+    assert est.level != level and shape in est._cache
+    assert est.predict(shape) == pytest.approx(before * est.level / level, rel=1e-9)
+    follower = est.with_level(est.level * 2, est.version + 1)
+    assert follower._cache is est._cache
+    assert follower.predict(shape) == pytest.approx(2 * est.predict(shape), rel=1e-9)
+
+
 def test_observe_ignores_garbage(fitted) -> None:
     est = le.LearnedEstimator.from_json(fitted[0].to_json())
     for ms in (float("nan"), -1.0, 0.0, float("inf")):

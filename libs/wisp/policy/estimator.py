@@ -140,7 +140,9 @@ class VerifyTimeEstimator(Protocol):
         predicts again)."""
         ...
 
-    def observe(self, shape: BatchShape, measured_ms: float) -> None: ...
+    def observe(self, shape: BatchShape, measured_ms: float, now: float | None = None) -> None:
+        """Learn from one measured batch; ``now`` (seconds) paces refits that go by time."""
+        ...
 
     def to_json(self) -> str: ...
 
@@ -201,7 +203,7 @@ class LinearEstimator:
     def annotated(self, model_key: str, model_scale: float, alone_ms: float) -> float | None:
         return alone_ms if model_key == self.model_key else None
 
-    def observe(self, shape: BatchShape, measured_ms: float) -> None:
+    def observe(self, shape: BatchShape, measured_ms: float, now: float | None = None) -> None:
         if shape.rounds == 0 or not np.isfinite(measured_ms) or measured_ms < 0:
             return
         self.samples.append((batch_features(shape), float(measured_ms)))

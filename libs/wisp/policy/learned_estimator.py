@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import multiprocessing
+import statistics
 import time
 import uuid
 from array import array
@@ -313,7 +314,8 @@ class LearnedEstimator:
     ``level`` becomes the median ratio measured/model over the last ``level_window`` samples
     (so after a uniform change of speed, predictions follow once half of that window saw it: at
     most ``level_window // 2 + refit_every`` samples); every ``full_refit_every`` samples (0 =
-    never) the shape model is refitted on the profile blended with the window. Each refit bumps
+    never, and given the time, not within ``min_full_refit_s`` of the last) the shape model is
+    refitted on the profile blended with the window. Each refit bumps
     ``version``. The shape refit (scikit-learn, up to seconds on a busy CPU) runs on a background
     process when ``background_refit`` (so the estimator service's event loop never stalls) and is
     swapped in at the next ``refit``; ``background_refit=False`` makes it synchronous.
@@ -332,6 +334,7 @@ class LearnedEstimator:
         refit_every: int = 4,
         level_window: int = 16,
         full_refit_every: int = 64,
+        min_full_refit_s: float = 30.0,
         window_weight: float = 2.0,
         fit_config: FitConfig | None = None,
         meta: dict[str, Any] | None = None,
@@ -347,6 +350,8 @@ class LearnedEstimator:
         self.refit_every = max(1, refit_every)
         self.level_window = max(1, level_window)
         self.full_refit_every = max(0, full_refit_every)
+        self.min_full_refit_s = max(0.0, float(min_full_refit_s))
+        self._last_full_at: float | None = None
         self.window_weight = window_weight
         self.fit_config = fit_config or FitConfig()
         self.meta: dict[str, Any] = dict(meta or {})
@@ -411,10 +416,16 @@ class LearnedEstimator:
     def predict(self, shape: BatchShape) -> float:
         if shape.rounds == 0:
             return 0.0
+        return max(0.1, self.level * self._shape_ms_cached(shape))
+
+    def _shape_ms_cached(self, shape: BatchShape) -> float:
+        """``_shape_ms_one``, remembered per shape until the shape model changes: it holds no
+        ``level``, so the level refit every few batches keeps it (clearing it there made most of
+        the scheduler's and the estimator's predictions walk 200 trees again)."""
         hit = self._cache.get(shape)
         if hit is not None:
             return hit
-        ms = max(0.1, self.level * self._shape_ms_one(shape))
+        ms = self._shape_ms_one(shape)
         if len(self._cache) >= 8192:
             self._cache.clear()
         self._cache[shape] = ms
@@ -428,32 +439,43 @@ class LearnedEstimator:
         return out
 
     # ---------------------------------------------------------------- online
-    def observe(self, shape: BatchShape, measured_ms: float) -> None:
+    def observe(self, shape: BatchShape, measured_ms: float, now: float | None = None) -> None:
+        """Take one measured batch. ``now`` (seconds, any clock; None: no clock) holds the shape
+        refit back until ``min_full_refit_s`` after the last one."""
         if shape.rounds == 0 or not np.isfinite(measured_ms) or measured_ms <= 0:
             return
         self.window.append((shape, float(measured_ms)))
         self._since_fit += 1
         self._since_full += 1
         if self._since_fit >= self.refit_every:
-            self.refit()
+            self.refit(now)
 
-    def refit(self) -> None:
+    def refit(self, now: float | None = None) -> None:
         """Re-estimate ``level`` from the recent window (and, when due, the shape model from the
-        profile blended with the window). No-op before 4 samples."""
+        profile blended with the window). No-op before 4 samples.
+
+        A shape refit is due every ``full_refit_every`` samples, but (given ``now``) not within
+        ``min_full_refit_s`` of the last one: on a fast verifier 64 batches take under a second,
+        and refitting 200 trees that often kept a core busy with scikit-learn and made every
+        reader parse a new ~100 kB model each second, for a shape that drifts over minutes (the
+        level, refitted every few batches, follows a change of speed)."""
         self._since_fit = 0
         if len(self.window) < 4:
             return
         self._collect_shape_refit()
         if (self.full_refit_every and self._since_full >= self.full_refit_every and self.train
-                and self._pending is None):
+                and self._pending is None and self._shape_refit_allowed(now)):
             self._since_full = 0
+            self._last_full_at = now
             self._refit_shape()
         recent = list(self.window)[-self.level_window:]
-        x = feature_matrix([s for s, _ in recent])
-        y = np.array([ms for _, ms in recent])
-        self.level = float(np.exp(np.median(np.log(y / self._shape_ms(x)))))
-        self._cache.clear()
+        ratios = [ms / self._shape_ms_cached(s) for s, ms in recent]
+        self.level = float(math.exp(statistics.median(math.log(r) for r in ratios)))
         self.version += 1
+
+    def _shape_refit_allowed(self, now: float | None) -> bool:
+        return (now is None or self._last_full_at is None
+                or now - self._last_full_at >= self.min_full_refit_s)
 
     def _refit_shape(self) -> None:
         """Refit base + residual on the profile plus the window brought to profile units
@@ -506,6 +528,7 @@ class LearnedEstimator:
             "base_coef": [float(c) for c in self.base_coef], "level": self.level,
             "online": {"window": self.window_size, "refit_every": self.refit_every,
                        "level_window": self.level_window, "full_refit_every": self.full_refit_every,
+                       "min_full_refit_s": self.min_full_refit_s,
                        "window_weight": self.window_weight},
             "fit": {"n_trees": self.fit_config.n_trees, "depth": self.fit_config.depth,
                     "learning_rate": self.fit_config.learning_rate,
@@ -537,8 +560,7 @@ class LearnedEstimator:
         if not math.isfinite(level) or level <= 0:
             raise ValueError(f"bad level {level!r}")
         est = copy.copy(self)
-        est.level, est.version = float(level), int(version)
-        est._cache = {}
+        est.level, est.version = float(level), int(version)  # the shape cache holds no level
         return est
 
     @classmethod
@@ -579,6 +601,7 @@ class LearnedEstimator:
             window=int(online.get("window", 256)), refit_every=int(online.get("refit_every", 4)),
             level_window=int(online.get("level_window", 16)),
             full_refit_every=int(online.get("full_refit_every", 64)),
+            min_full_refit_s=float(online.get("min_full_refit_s", 30.0)),
             window_weight=float(online.get("window_weight", 2.0)), fit_config=cfg,
             meta=dict(obj.get("meta", {}) or {}),
         )

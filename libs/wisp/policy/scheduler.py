@@ -223,8 +223,8 @@ class ScaledEstimator:
         ms = self.inner.annotated(model_key, model_scale, alone_ms)
         return None if ms is None else ms * self.factor
 
-    def observe(self, shape: BatchShape, measured_ms: float) -> None:
-        self.inner.observe(shape, measured_ms / self.factor)
+    def observe(self, shape: BatchShape, measured_ms: float, now: float | None = None) -> None:
+        self.inner.observe(shape, measured_ms / self.factor, now)
 
     def to_json(self) -> str:
         return self.inner.to_json()

@@ -126,8 +126,8 @@ class FastLinear:
              + c[6] * mc + c[7] * (n * mn * (mc + mn) / 1000.0) + c[8] * (snc / 1000.0))
         return v if v > 0.1 else 0.1
 
-    def observe(self, shape: BatchShape, measured_ms: float) -> None:
-        self.inner.observe(shape, measured_ms)
+    def observe(self, shape: BatchShape, measured_ms: float, now: float | None = None) -> None:
+        self.inner.observe(shape, measured_ms, now)
 
     def to_json(self) -> str:
         return self.inner.to_json()

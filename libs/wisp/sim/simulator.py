@@ -894,7 +894,7 @@ class Simulation:
         if hi > lo:
             self.busy_ms[vi] += (hi - lo) * 1000.0
         if self.sc.server.estimator.online_refit:
-            self.estimator.observe(BatchShape.of(new, ctx), ms)
+            self.estimator.observe(BatchShape.of(new, ctx), ms, now)
         if self.site is not None:  # what the scheduler observes of each forward (TimingSample)
             self.cost_tracker.observe(new, ctx, ms)
         if carried:
