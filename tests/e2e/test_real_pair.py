@@ -3,7 +3,7 @@ separate `wisp-cli serve` processes and a real Redis, in sled, wisp and centrali
 requests go through `wisp.client.submit` (what `wisp-cli submit` runs), all at the same instant.
 
 Four requests run at once, so the verifier verifies padded batches of several rounds (rows
-with different cached lengths, left-padded); one request runs 40 new tokens (many rounds, long
+with different cached lengths, left-padded); one request runs 128 new tokens (many rounds, long
 KV caches, rollbacks deep into the context); one ends on the target's EOS well within its budget
 (finish_reason "stop", EOS as its last token). The reference is the target's own
 `generate(do_sample=False)` on the prompt tokenized independently of WISP (the HF tokenizer and
@@ -46,7 +46,7 @@ pytestmark = pytest.mark.real
 # never refuses on a slow or busy machine
 LOOSE = {"ttft_slo_ms": 3_600_000.0, "tpot_slo_ms": 600_000.0}
 DRAFT, TARGET = "qwen-coder-0.5b", "qwen-coder-1.5b"
-LONG = 40
+LONG = 128
 EOS_PROMPT = "What does HTTP stand for? Answer in one short sentence."
 """The 1.5B target answers this in 9 tokens, the last one <|im_end|> (its EOS)."""
 
@@ -266,7 +266,7 @@ def test_the_openai_api_answers_with_the_targets_greedy_ids(served: Served, refe
 
 
 def test_long_request_and_eos_request(served: Served, reference: dict) -> None:
-    """The long request really ran its 40 tokens; the EOS one stopped on the target's EOS, well
+    """The long request really ran its 128 tokens; the EOS one stopped on the target's EOS, well
     before its budget, in every mode (the same tokens: checked above)."""
     eos_id = json.loads((_target_dir() / "generation_config.json").read_text())["eos_token_id"]
     eos_ids = set(eos_id if isinstance(eos_id, list) else [eos_id])
