@@ -299,15 +299,32 @@ async def _connect_until_up(settings: Settings, url: str, stop: asyncio.Event,
             log.warning("%s; still retrying (readiness stays 503 until Redis answers)", err)
 
 
+_heap_freezes = 0
+"""How many ``run_services`` of this process hold the start-up heap frozen (tests and the
+benchmarks run several in one process, one after another or at once)."""
+
+
 def freeze_startup_heap() -> None:
     """Move everything alive once the services are set up (torch, transformers, the models,
     the tokenizer: millions of objects) out of the garbage collector's reach (``gc.freeze``,
     as vLLM's and SGLang's servers do after start-up). A full collection otherwise walked all of
-    it: 200-280 ms with the event loop stopped, every few seconds under load, in the middle of
-    whatever rounds were in flight. Objects that die later are still collected; start-up's
-    own cyclic garbage is collected first."""
+    it: 200-280 ms with the event loop stopped, about once per ten seconds under load, in the
+    middle of whatever rounds were in flight. Start-up's own cyclic garbage is collected first;
+    objects created later are collected as before. A frozen object that later becomes part of a
+    garbage cycle waits for ``thaw_startup_heap`` (when the services stop)."""
+    global _heap_freezes
     gc.collect()
     gc.freeze()
+    _heap_freezes += 1
+
+
+def thaw_startup_heap() -> None:
+    """Undo one ``freeze_startup_heap``: the heap is given back to the collector when the last
+    ``run_services`` of the process that froze it stops, so what the services held can go."""
+    global _heap_freezes
+    _heap_freezes -= 1
+    if _heap_freezes == 0:
+        gc.unfreeze()
 
 
 async def run_services(
@@ -329,13 +346,16 @@ async def run_services(
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
+        # not on Windows (NotImplementedError), nor off the main thread (RuntimeError on
+        # asyncio's loop, ValueError on uvloop's)
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, stop.set)
     services: list[Service] = []
     state = {"redis": f"connecting to {redact(url)}"}
     http = None
     tasks: list[asyncio.Task[Any]] = []
     watcher: asyncio.Task[None] | None = None
+    frozen = threading.Event()  # this call froze the heap (set once its services were ready)
     try:
         if settings.http_port is not None:
             from wisp.httpd import serve_http
@@ -377,6 +397,7 @@ async def run_services(
                 await asyncio.sleep(0.05)
             log.info("services ready on %s: %s", redact(url), ", ".join(s.name for s in services))
             freeze_startup_heap()
+            frozen.set()
             if on_ready is not None:
                 await on_ready(services)
 
@@ -388,7 +409,8 @@ async def run_services(
                 raise t.exception()  # type: ignore[misc]
     finally:
         stop.set()  # /readyz says "draining" from here on
-        gc.unfreeze()  # what the services held can be collected once they are gone
+        if frozen.is_set():
+            thaw_startup_heap()
         if watcher is not None:
             watcher.cancel()
         for s in services:

@@ -28,6 +28,7 @@ from wisp.services.runner import BrokerUnavailable, ServicesStopped, resolve_url
 from wisp.settings import Mode, Settings
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 SAMPLE_PROMPT = ("Write a short Python function that checks whether a number is prime. "
                  "Reply with only the code.")
@@ -253,9 +254,9 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     loaded, an unreachable broker or services that stopped under the work are one line.
 
     Why uvloop: a round crosses four services and about thirty Redis commands, and with null
-    engines the event loop's own work is most of a round's time; uvloop cut a round's p50 from
-    5.7 to 4.8 ms and its p99 from 16.7 to 12.6 ms (``wisp-cli bench --null-models``, one
-    device, docs/results.md section 6)."""
+    engines the event loop's own work is most of a round's time (``wisp-cli bench
+    --null-models``; docs/results.md section 6 measures uvloop together with the frozen
+    start-up heap and the estimator's refit interval)."""
     try:
         return _event_loop_runner()(coro)
     except (ModelLoadError, BrokerUnavailable, ServicesStopped, ConnectionError) as err:
@@ -268,8 +269,11 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
 def _event_loop_runner() -> Callable[[Coroutine[Any, Any, T]], T]:
     if sys.platform == "win32":  # uvloop does not build there
         return asyncio.run
-    import uvloop
-
+    try:
+        import uvloop
+    except ImportError:  # installed without its dependencies: slower, not broken
+        log.warning("uvloop is not installed (a dependency of wisp); running on asyncio's loop")
+        return asyncio.run
     return uvloop.run
 
 

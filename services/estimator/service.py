@@ -5,6 +5,7 @@ model as versioned JSON under ``wisp:estimator:model`` for the scheduler to relo
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from wisp.bus import Bus, Entry
@@ -102,7 +103,7 @@ class EstimatorService(Service):
                 self.abs_pct_errors.append(err)
                 ESTIMATOR_ERROR.observe(err)
                 del self.abs_pct_errors[:-1000]
-            self.estimator.observe(shape, measured, now())
+            self.estimator.observe(shape, measured, time.monotonic())  # paces shape refits
 
     @property
     def mape(self) -> float:

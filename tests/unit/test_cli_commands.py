@@ -308,8 +308,8 @@ def test_python_dash_m_and_the_console_script_entry_point() -> None:
 
 
 def test_commands_run_their_event_loop_on_uvloop() -> None:
-    """Every command's loop (``run_async``) is uvloop's: the services' own cost per round (the
-    null-model bench) was ~20-40% higher on asyncio's."""
+    """Every command's loop (``run_async``) is uvloop's (the pipeline's own cost per round is
+    most of it event-loop work: docs/results.md section 6)."""
     import asyncio
 
     from wisp.services.cli.common import run_async

@@ -175,26 +175,37 @@ def test_full_refit_blends_profile_and_window(fitted) -> None:
 
 def test_shape_refit_waits_for_its_interval_given_the_time(fitted) -> None:
     """With the time passed in, a shape refit is due every ``full_refit_every`` samples but not
-    within ``min_full_refit_s`` of the last one (the level still refits every few batches); the
-    interval and the sample count both survive the JSON round trip."""
+    within ``min_full_refit_s`` of the last one, while the level keeps following every few
+    batches; the interval and the sample count both survive the JSON round trip."""
     est = le.LearnedEstimator.from_json(fitted[0].to_json())
-    est.full_refit_every, est.min_full_refit_s = 8, 30.0
+    est.full_refit_every, est.min_full_refit_s = 8, 12.5
     est.background_refit = False
     shape = BatchShape.of([3, 3], [128, 128])
-    shape_ids, levels = [], []
-    for i in range(64):  # 64 samples in 6.4 s: 8 refits are due by count, one by time
+    for i in range(32):  # 8 refits due by count within 3.2 s: one by time (at 100.7)
         est.observe(shape, 1.3 * cpu_like_ms(shape), now=100.0 + i * 0.1)
-        shape_ids.append(est.shape_id)
-        levels.append(est.level)
-    assert len(set(shape_ids)) == 2  # the fitted model's, then the first refit's
-    assert len(set(levels)) > 2  # the level followed all along
-    est.observe(shape, 1.3 * cpu_like_ms(shape), now=131.1)  # 30 s after the first refit (at 100.7)
-    est.observe(shape, 1.3 * cpu_like_ms(shape), now=131.2)
-    est.observe(shape, 1.3 * cpu_like_ms(shape), now=131.3)
-    est.observe(shape, 1.3 * cpu_like_ms(shape), now=131.4)
-    assert len({*shape_ids, est.shape_id}) == 3
+    refitted, level = est.shape_id, est.level
+    assert refitted != fitted[0].shape_id
+    for i in range(32, 64):  # twice as slow: the level follows, the shape model waits
+        est.observe(shape, 2.6 * cpu_like_ms(shape), now=100.0 + i * 0.1)
+    assert est.shape_id == refitted
+    assert est.level == pytest.approx(2 * level, rel=0.05)
+    for i in range(4):  # 12.5 s after the first shape refit
+        est.observe(shape, 2.6 * cpu_like_ms(shape), now=113.3 + i * 0.1)
+    assert est.shape_id != refitted
     again = le.LearnedEstimator.from_json(est.to_json())
-    assert (again.min_full_refit_s, again.full_refit_every) == (30.0, 8)
+    assert (again.min_full_refit_s, again.full_refit_every) == (12.5, 8)
+
+
+def test_shape_refit_is_not_stopped_by_a_clock_that_went_back(fitted) -> None:
+    est = le.LearnedEstimator.from_json(fitted[0].to_json())
+    est.full_refit_every, est.background_refit = 4, False
+    shape = BatchShape.of([2], [64])
+    for t in (1000.0, 1000.1, 1000.2, 1000.3):
+        est.observe(shape, cpu_like_ms(shape), now=t)
+    first = est.shape_id
+    for t in (10.0, 10.1, 10.2, 10.3):  # the wall clock stepped back by 990 s
+        est.observe(shape, cpu_like_ms(shape), now=t)
+    assert est.shape_id != first
 
 
 def test_level_refit_keeps_the_shape_predictions(fitted) -> None:

@@ -474,7 +474,8 @@ class LearnedEstimator:
         self.version += 1
 
     def _shape_refit_allowed(self, now: float | None) -> bool:
-        return (now is None or self._last_full_at is None
+        # a clock that went back (not a monotonic one) must not stop shape refits for good
+        return (now is None or self._last_full_at is None or now < self._last_full_at
                 or now - self._last_full_at >= self.min_full_refit_s)
 
     def _refit_shape(self) -> None:
