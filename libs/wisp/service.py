@@ -83,6 +83,12 @@ class Consumer:
     reclaim: bool = False
     """A group shared by several consumers: sweep entries idle in a dead consumer's pending
     list to this one (XAUTOCLAIM), through the same handler."""
+    pace_s: float = 0.0
+    """Seconds to wait after each read that returned entries: what arrives meanwhile is read
+    and handled together. For a stream no request waits on (the estimator learning from batch
+    timings), so it wakes a few times a second instead of once per verified batch, which, with
+    every service on one event loop, delayed the drafter's handling of the same batch's
+    verdict."""
 
     def __post_init__(self) -> None:
         if (self.handler is None) == (self.batch is None):
@@ -270,6 +276,8 @@ class Service:
                         return  # left pending, un-acked: the current life claims them
                     if entries:
                         await self.deliver(c, entries, acks)
+                        if c.pace_s > 0:
+                            await self._pause(c.pace_s)
             finally:
                 # stopping (or a failure): what was handled is acked now; if the broker is
                 # gone the entries stay pending and are handled again (handlers are idempotent)

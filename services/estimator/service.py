@@ -19,6 +19,9 @@ from wisp.telemetry import ESTIMATOR_ERROR
 log = logging.getLogger(__name__)
 
 GROUP = "estimator"
+LEARN_PACE_S = 0.05
+"""Batch timings are learned in reads at most 20 times a second (``Consumer.pace_s``): no
+request waits on them, and a level refit every 4 samples loses nothing by coming 50 ms later."""
 
 
 def block_shape(b: DraftBlock) -> BatchShape:
@@ -61,7 +64,7 @@ class EstimatorService(Service):
             Consumer(self.keys.draft, GROUP, DraftBlock, batch=self.annotate_all, reclaim=True),
             # timings of batches verified before this group existed are not replayed ("$")
             Consumer(self.keys.stats, GROUP, TimingSample, batch=self.learn_all, start="$",
-                     reclaim=True),
+                     reclaim=True, pace_s=LEARN_PACE_S),
         ]
 
     def annotated(self, e: Entry[DraftBlock]) -> AnnotatedBlock:
