@@ -302,6 +302,7 @@ async def _connect_until_up(settings: Settings, url: str, stop: asyncio.Event,
 _heap_freezes = 0
 """How many ``run_services`` of this process hold the start-up heap frozen (tests and the
 benchmarks run several in one process, one after another or at once)."""
+_heap_lock = threading.Lock()
 
 
 def freeze_startup_heap() -> None:
@@ -313,18 +314,22 @@ def freeze_startup_heap() -> None:
     objects created later are collected as before. A frozen object that later becomes part of a
     garbage cycle waits for ``thaw_startup_heap`` (when the services stop)."""
     global _heap_freezes
-    gc.collect()
-    gc.freeze()
-    _heap_freezes += 1
+    with _heap_lock:
+        gc.collect()
+        gc.freeze()
+        _heap_freezes += 1
 
 
 def thaw_startup_heap() -> None:
     """Undo one ``freeze_startup_heap``: the heap is given back to the collector when the last
     ``run_services`` of the process that froze it stops, so what the services held can go."""
     global _heap_freezes
-    _heap_freezes -= 1
-    if _heap_freezes == 0:
-        gc.unfreeze()
+    with _heap_lock:
+        if _heap_freezes <= 0:  # not frozen by a run_services: nothing of ours to give back
+            return
+        _heap_freezes -= 1
+        if _heap_freezes == 0:
+            gc.unfreeze()
 
 
 async def run_services(

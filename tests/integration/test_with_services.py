@@ -57,3 +57,21 @@ async def test_raw_hop_chain_measures_round_periods(redis_url: str, namespace: s
     assert len(periods) > 4 and all(p > 0 for p in periods)
     assert os.getloadavg()  # the bench reports it beside the figures
 
+
+
+def test_the_heap_is_given_back_when_the_last_freezer_stops() -> None:
+    """Two systems in one process (tests, benchmarks): the first to stop leaves the other's
+    heap frozen; the last gives it back; a thaw nobody froze for changes nothing."""
+    from wisp.services.runner import freeze_startup_heap, thaw_startup_heap
+
+    freeze_startup_heap()
+    freeze_startup_heap()
+    thaw_startup_heap()
+    assert gc.get_freeze_count() > 0
+    thaw_startup_heap()
+    assert gc.get_freeze_count() == 0
+    thaw_startup_heap()
+    freeze_startup_heap()
+    assert gc.get_freeze_count() > 0  # the stray thaw did not drive the count below zero
+    thaw_startup_heap()
+    assert gc.get_freeze_count() == 0
