@@ -186,7 +186,13 @@ class DrafterService(Service):
         rid = req.request_id
         try:
             if rid in self.sessions:  # re-delivered after a failure: finish what it started
-                await self._continue(self.sessions[rid])
+                sess = self.sessions[rid]
+                if not sess.opened:
+                    # its opening save failed (the broker dropped the connection): write the
+                    # record and its terms now, or the scheduler would drop its rounds as
+                    # belonging to no session until the round timeout re-sent one
+                    await self._save(sess, opening=True)
+                await self._continue(sess)
             elif not await self.store.known(rid):
                 # cancelled before it reached a drafter, or while it was tokenised: never
                 # opened, nothing drafted
@@ -395,6 +401,7 @@ class DrafterService(Service):
             self.sessions.pop(sess.request_id, None)
             raise SessionLost(f"session {sess.request_id} was adopted by another drafter")
         sess.state, sess.spec, sess.saved_at = st, sp, now()
+        sess.opened = True
 
     async def _continue(self, sess: ServedSession, pending: list[ServedSession] | None = None) -> None:
         """Bring the outside world up to the saved state: emit the committed tokens the client
@@ -531,6 +538,7 @@ class DrafterService(Service):
             log.warning("%s", SessionLost(f"session {sess.request_id} was adopted by another "
                                           "drafter"))
             return
+        sess.opened = True
         if sess.finished or sess.published_block is not block:  # its verdict came meanwhile
             return
         self.count("rounds_resent")

@@ -30,6 +30,10 @@ class ServedSession:
     last_features: list[WireFeatures] = field(default_factory=list)
     """Draft features of the round in flight (for trace rows)."""
     finished: bool = False
+    opened: bool = False
+    """Its record (and terms) have been written: False from the moment the drafter holds a new
+    session until its opening save goes through (a request read again after that save failed
+    in an outage writes it before anything else)."""
     emitted: int = 0
     """Generated tokens sent to the client's stream."""
     published_round: int = -1
