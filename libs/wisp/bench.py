@@ -55,6 +55,10 @@ class BenchResult:
     records: list[RequestRecord] = field(default_factory=list)
     done: list[DoneEvent] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    """Requests that failed (an error the system did not mean as a refusal, or no answer)."""
+    refusals: list[str] = field(default_factory=list)
+    """Requests the system declined (admission control, a full queue): counted apart from
+    failures, and as SLO misses."""
     duration_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
     stream_mismatches: int = 0
@@ -66,6 +70,7 @@ class BenchResult:
         return BenchResult(
             mode=self.mode, config=self.config, records=self.records + other.records,
             done=self.done + other.done, errors=self.errors + other.errors,
+            refusals=self.refusals + other.refusals,
             duration_s=self.duration_s + other.duration_s,
             stream_mismatches=self.stream_mismatches + other.stream_mismatches,
         )
@@ -89,6 +94,7 @@ class BenchResult:
                 sum(len(d.token_ids) for d in self.done) / len(self.done) if self.done else 0.0
             ),
             "failed_requests": len(self.errors),
+            "refused_requests": len(self.refusals),
             "stream_mismatches": self.stream_mismatches,
             "overhead_p50_ms": percentile([d.overhead_ms for d in self.done], 50),
             "overhead_p99_ms": percentile([d.overhead_ms for d in self.done], 99),
@@ -96,6 +102,7 @@ class BenchResult:
                 [d.overhead_ms / max(d.rounds, 1) for d in self.done], 99),
             **self.extra,
             "errors": self.errors[:20],
+            "refusals": self.refusals[:20],
         }
 
 
@@ -157,7 +164,7 @@ async def run_bench(
                     tpot_slo_ms=cfg.tpot_slo_ms,
                 )
             except RequestFailed as err:
-                result.errors.append(str(err))
+                (result.refusals if err.refused else result.errors).append(str(err))
                 result.records.append(RequestRecord(
                     ttft_ms=float("inf"), tpot_ms=float("inf"), e2e_ms=float("inf"), tokens=0,
                     ttft_slo_ms=cfg.ttft_slo_ms or 0.0, tpot_slo_ms=cfg.tpot_slo_ms or 0.0, ok=False,
@@ -232,6 +239,7 @@ COLUMNS = (
     ("acc/round", "mean_accepted_per_round", "{:.2f}"),
     ("waste ms/req", "wasted_draft_ms_per_request", "{:.0f}"),
     ("ovh p99 ms", "overhead_p99_ms", "{:.0f}"),
+    ("refused", "refused_requests", "{}"),
     ("failed", "failed_requests", "{}"),
 )
 

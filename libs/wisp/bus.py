@@ -1034,8 +1034,24 @@ class SessionStore:
                 yield st
 
 
+REFUSAL_CODES = frozenset({"overloaded", "queue_full"})
+"""Error codes that mean the system declined a request it could not serve in time (admission
+control, a full queue), as opposed to failing one it took."""
+
+
 class RequestFailed(RuntimeError):
-    """The system answered with an error event, or never answered."""
+    """The system answered with an error event, or never answered. ``code``: the error
+    event's code (``overloaded``: refused by admission control; ``queue_full``: never sent),
+    None when there was no answer."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+    @property
+    def refused(self) -> bool:
+        """The system declined the request (overload) rather than failing it."""
+        return self.code in REFUSAL_CODES
 
 
 class QueueFull(RequestFailed):
@@ -1043,7 +1059,7 @@ class QueueFull(RequestFailed):
     sent; retry after ``retry_after_s``."""
 
     def __init__(self, message: str, retry_after_s: float) -> None:
-        super().__init__(message)
+        super().__init__(message, code="queue_full")
         self.retry_after_s = retry_after_s
 
 
@@ -1136,7 +1152,7 @@ class OutputStream:
                         if r is not None:
                             await r
                     if isinstance(event, ErrorEvent):
-                        raise RequestFailed(event.error)
+                        raise RequestFailed(event.error, code=event.code)
                     if isinstance(event, DoneEvent):
                         return event
 

@@ -339,6 +339,7 @@ async def _overhead_row(bus: Bus, services: Sequence[Any], t0: float, res: Bench
     p99, raw99 = percentile(per_round, 99), percentile(raw, 99)
     return {
         "devices": res.config.devices, "requests": len(res.done), "failed_requests": len(res.errors),
+        "refused_requests": len(res.refusals),
         "rounds": len(per_round), "batches": len(batches),
         "mean_batch_size": sum(len(b.items) for b in batches) / len(batches) if batches else None,
         "pipeline_p50_ms": percentile(per_round, 50), "pipeline_p99_ms": p99,
