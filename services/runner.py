@@ -142,8 +142,11 @@ class EmbeddedRedis:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(5)
+                # a graceful shutdown flushes the AOF; a kill would lose its last second, so a
+                # busy machine gets time (tests rely on a restart keeping every write)
+                self.proc.wait(30)
             except subprocess.TimeoutExpired:
+                log.warning("embedded redis-server did not stop in 30 s after SIGTERM: killed")
                 self.proc.kill()
         self.proc = None
 

@@ -1036,7 +1036,8 @@ class SessionStore:
 
 REFUSAL_CODES = frozenset({"overloaded", "queue_full"})
 """Error codes that mean the system declined a request it could not serve in time (admission
-control, a full queue), as opposed to failing one it took."""
+control, a full queue), as opposed to failing one it took. Admission control also refuses,
+as ``overloaded``, while no verifier is live: a benchmark's refusals include those."""
 
 
 class RequestFailed(RuntimeError):

@@ -192,6 +192,9 @@ class DrafterService(Service):
                     # record and its terms now, or the scheduler would drop its rounds as
                     # belonging to no session until the round timeout re-sent one
                     await self._save(sess, opening=True)
+                    if sess.finished:  # cancelled while its record was written: it goes again
+                        await self.store.delete(rid)
+                        return
                 await self._continue(sess)
             elif not await self.store.known(rid):
                 # cancelled before it reached a drafter, or while it was tokenised: never
@@ -496,8 +499,29 @@ class DrafterService(Service):
                      if not x.finished and x.published_round != x.spec.round
                      and t - x.saved_at > s.round_timeout_s]
             for sess in stuck:
+                if not sess.opened:  # its opening save failed and its request never came back
+                    await self._open_late(sess)
+                    continue
                 await self._give_up(sess, f"its next round could not be started in "
                                     f"{s.round_timeout_s:.0f} s (see the drafter's log)")
+
+    async def _open_late(self, sess: ServedSession) -> None:
+        """A session held since its opening save failed in an outage, whose request was not
+        read here again (another drafter reclaimed it during a long outage): if the request was
+        opened elsewhere (a record naming another drafter, or terms left by a session that
+        ended), it is not ours, and is forgotten without touching its record or its client's
+        stream; otherwise it is opened now and served."""
+        rid = sess.request_id
+        if await self.store.known(rid) and not await self.store.exists(rid):
+            self.sessions.pop(rid, None)  # opened and ended by another drafter
+            self.count("sessions_opened_elsewhere")
+            return
+        if not await self.store.save_if_owner(sess.state, opening=True):
+            self.sessions.pop(rid, None)  # opened by another drafter, which serves it
+            self.count("sessions_opened_elsewhere")
+            return
+        sess.opened, sess.saved_at = True, now()
+        await self._continue(sess)
 
     async def _give_up(self, sess: ServedSession, why: str) -> None:
         """End a session with an error event. It is forgotten and its record deleted first,
@@ -613,7 +637,13 @@ class DrafterService(Service):
         st = read.model_copy(update={"epoch": read.epoch + 1})  # fences every earlier owner out
         sess = ServedSession(req=st.request, state=st, spec=spec_of(st, self.eos))
         self.sessions[rid] = sess
-        await self._save(sess, adopt_from=read)  # now ours: verdicts of the next round come to us
+        try:
+            await self._save(sess, adopt_from=read)  # now ours: verdicts of the next round come to us
+        except BaseException:
+            # not adopted (a broker error): forget it, so the adoption scan tries it again
+            if self.sessions.get(rid) is sess:
+                self.sessions.pop(rid, None)
+            raise
         if rid in self.cancelled:  # cancelled while its drafter was gone: end it, draft nothing
             await self._cancel(sess, self.cancelled[rid])
             return

@@ -17,8 +17,10 @@ from typing import Any
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
-from wisp.bus import SessionStore
+from wisp.bus import RequestFailed, SessionStore
+from wisp.client import new_request_id
 from wisp.client import submit as do_submit
+from wisp.services.drafter.service import REQUEST_GROUP
 from wisp.services.runner import with_services
 from wisp.settings import Settings
 
@@ -51,3 +53,63 @@ async def test_a_request_whose_opening_save_failed_is_served_when_read_again(
     assert drafter.counters.get("rounds_resent", 0) == 0
     assert scheduler.counters.get("rounds_without_session", 0) == 0
     assert took < 20, f"served after {took:.0f} s: it waited for the round timeout"
+
+
+def _taken_elsewhere(monkeypatch: pytest.MonkeyPatch, opened_by: str | None) -> list[str]:
+    """The first opening save fails as in an outage, and the request is gone from this
+    drafter's pending entries, as when another drafter reclaimed it during a long outage (it
+    is never read here again). ``opened_by``: that other drafter opened the session (its
+    record names it); None: nobody did."""
+    failed: list[str] = []
+    save = SessionStore.save_if_owner
+
+    async def flaky(self: SessionStore, state: Any, emit: Any = None, *,
+                    opening: bool = False) -> bool:
+        if opening and not failed:
+            failed.append(state.request.request_id)
+            bus, group = self.bus, REQUEST_GROUP
+            for p in await bus.redis.xpending_range(bus.keys.requests, group, "-", "+", 100):
+                await bus.redis.xack(bus.keys.requests, group, p["message_id"])
+            if opened_by is not None:
+                other = state.model_copy(update={"device": opened_by})
+                assert await save(self, other, opening=True)
+            raise RedisConnectionError("Connection closed by server.")
+        return await save(self, state, emit, opening=opening)
+
+    monkeypatch.setattr(SessionStore, "save_if_owner", flaky)
+    return failed
+
+
+async def test_a_session_whose_request_never_comes_back_is_opened_by_the_round_watch(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nobody else opened it: the round watch opens it after ``round_timeout_s`` and serves
+    it (before, it gave the request up with an error event)."""
+    failed = _taken_elsewhere(monkeypatch, opened_by=None)
+    async with with_services(Settings(null_models=True, max_wait_ms=0.0,
+                                      round_timeout_s=1.0)) as system:
+        done = await do_submit(system.bus, "x " * 30, max_new_tokens=16, idle_timeout_s=30)
+        drafter = next(s for s in system.services if s.role == "drafter")
+    assert failed == [done.request_id] and len(done.token_ids) == 16
+    assert drafter.counters.get("sessions_given_up", 0) == 0
+
+
+async def test_a_session_opened_by_another_drafter_is_left_to_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another drafter opened it: the round watch forgets it without deleting that drafter's
+    record or writing to its client's stream (before, it deleted the record and sent an
+    error event, killing the session the other drafter serves)."""
+    failed = _taken_elsewhere(monkeypatch, opened_by="drafter-elsewhere")
+    async with with_services(Settings(null_models=True, max_wait_ms=0.0,
+                                      round_timeout_s=1.0)) as system:
+        bus = system.bus
+        rid = new_request_id()
+        with pytest.raises(RequestFailed, match="no answer"):
+            await do_submit(bus, "x " * 30, request_id=rid, max_new_tokens=16, idle_timeout_s=4)
+        drafter = next(s for s in system.services if s.role == "drafter")
+        record = await SessionStore(bus, 600).get(rid)
+        events = await bus.redis.xlen(bus.keys.output(rid))
+    assert failed == [rid]
+    assert record is not None and record.device == "drafter-elsewhere"
+    assert events == 0
+    assert drafter.counters.get("sessions_opened_elsewhere", 0) == 1
+    assert drafter.counters.get("sessions_given_up", 0) == 0
