@@ -5,6 +5,7 @@ up as a mismatch instead of being fed to the reference too."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -39,25 +40,23 @@ def _tokenizer(model_dir: str) -> Any:
 
 
 def greedy_reference(model: Any, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    return list(_cached(id(model), model, tuple(prompt_ids), max_new_tokens))
+    """The target's own greedy ids for ``prompt_ids``, cached per model object for as long as
+    the model lives (a weak key: the cache neither keeps a model alive, which held the 6 GB
+    target in the test process for the rest of the suite, nor can it answer for another model
+    that later gets the same ``id``)."""
+    cache = _CACHE.setdefault(model, {})
+    key = (tuple(prompt_ids), max_new_tokens)
+    if key not in cache:
+        ids = torch.tensor([list(prompt_ids)])
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=0)
+        cache[key] = tuple(int(t) for t in out[0, len(prompt_ids):])
+    return list(cache[key])
 
 
-_MODELS: dict[int, Any] = {}
-
-
-@lru_cache(maxsize=512)
-def _key_generate(model_id: int, prompt: tuple[int, ...], max_new: int) -> tuple[int, ...]:
-    model = _MODELS[model_id]
-    ids = torch.tensor([list(prompt)])
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=max_new, pad_token_id=0)
-    return tuple(int(t) for t in out[0, len(prompt):])
-
-
-def _cached(model_id: int, model: Any, prompt: tuple[int, ...], max_new: int) -> tuple[int, ...]:
-    _MODELS[model_id] = model
-    return _key_generate(model_id, prompt, max_new)
+_CACHE: weakref.WeakKeyDictionary[Any, dict[tuple[tuple[int, ...], int], tuple[int, ...]]] = (
+    weakref.WeakKeyDictionary())
 
 
 def mass_between(model: Any, ctx: list[int], a: int, b: int, temperature: float) -> float:
