@@ -512,13 +512,18 @@ class DrafterService(Service):
         ended), it is not ours, and is forgotten without touching its record or its client's
         stream; otherwise it is opened now and served."""
         rid = sess.request_id
-        if await self.store.known(rid) and not await self.store.exists(rid):
+        answered = (await self.output.progress(rid))[1]  # refused or ended by another drafter
+        if (answered or rid in self.cancelled
+                or (await self.store.known(rid) and not await self.store.exists(rid))):
             self.sessions.pop(rid, None)  # opened and ended by another drafter
             self.count("sessions_opened_elsewhere")
             return
         if not await self.store.save_if_owner(sess.state, opening=True):
             self.sessions.pop(rid, None)  # opened by another drafter, which serves it
             self.count("sessions_opened_elsewhere")
+            return
+        if sess.finished or self.sessions.get(rid) is not sess:  # cancelled meanwhile
+            await self.store.delete(rid)
             return
         sess.opened, sess.saved_at = True, now()
         await self._continue(sess)

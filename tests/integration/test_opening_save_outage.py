@@ -70,7 +70,8 @@ def _taken_elsewhere(monkeypatch: pytest.MonkeyPatch, opened_by: str | None) -> 
             bus, group = self.bus, REQUEST_GROUP
             for p in await bus.redis.xpending_range(bus.keys.requests, group, "-", "+", 100):
                 await bus.redis.xack(bus.keys.requests, group, p["message_id"])
-            if opened_by is not None:
+            if opened_by is not None:  # a live drafter (its heartbeat), so nobody adopts it
+                await bus.heartbeat("drafter", opened_by, {"ready": True}, 120)
                 other = state.model_copy(update={"device": opened_by})
                 assert await save(self, other, opening=True)
             raise RedisConnectionError("Connection closed by server.")
