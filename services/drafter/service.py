@@ -187,15 +187,11 @@ class DrafterService(Service):
         try:
             if rid in self.sessions:  # re-delivered after a failure: finish what it started
                 sess = self.sessions[rid]
-                if not sess.opened:
-                    # its opening save failed (the broker dropped the connection): write the
-                    # record and its terms now, or the scheduler would drop its rounds as
-                    # belonging to no session until the round timeout re-sent one
-                    await self._save(sess, opening=True)
-                    if sess.finished:  # cancelled while its record was written: it goes again
-                        await self.store.delete(rid)
-                        return
-                await self._continue(sess)
+                # its opening save failed (the broker dropped the connection): write the record
+                # and its terms now, or the scheduler would drop its rounds as belonging to no
+                # session until the round timeout re-sent one
+                if sess.opened or await self._write_opening(sess):
+                    await self._continue(sess)
             elif not await self.store.known(rid):
                 # cancelled before it reached a drafter, or while it was tokenised: never
                 # opened, nothing drafted
@@ -206,11 +202,8 @@ class DrafterService(Service):
                                              code="cancelled")
                     return
                 self.sessions[rid] = sess
-                await self._save(sess, opening=True)
-                if sess.finished:  # cancelled while its record was written: it goes again
-                    await self.store.delete(rid)
-                    return
-                await self._continue(sess)
+                if await self._write_opening(sess):
+                    await self._continue(sess)
             elif not await self.store.exists(rid) and not (await self.output.progress(rid))[1]:
                 # its terms outlived it but it never finished: the id was used before
                 self.count("refused")
@@ -518,15 +511,23 @@ class DrafterService(Service):
             self.sessions.pop(rid, None)  # opened and ended by another drafter
             self.count("sessions_opened_elsewhere")
             return
-        if not await self.store.save_if_owner(sess.state, opening=True):
-            self.sessions.pop(rid, None)  # opened by another drafter, which serves it
+        try:
+            opened = await self._write_opening(sess)
+        except SessionLost:  # opened by another drafter, which serves it
             self.count("sessions_opened_elsewhere")
             return
-        if sess.finished or self.sessions.get(rid) is not sess:  # cancelled meanwhile
-            await self.store.delete(rid)
-            return
-        sess.opened, sess.saved_at = True, now()
-        await self._continue(sess)
+        if opened:
+            await self._continue(sess)
+
+    async def _write_opening(self, sess: ServedSession) -> bool:
+        """Write a new session's record and terms (``_save``, opening; ``SessionLost`` if
+        another drafter holds it). False: the session was cancelled while they were written,
+        so the record is deleted again and nothing is to be drafted."""
+        await self._save(sess, opening=True)
+        if sess.finished or self.sessions.get(sess.request_id) is not sess:
+            await self.store.delete(sess.request_id)
+            return False
+        return True
 
     async def _give_up(self, sess: ServedSession, why: str) -> None:
         """End a session with an error event. It is forgotten and its record deleted first,

@@ -13,6 +13,7 @@ save (it raises the error a dropped connection raises, without writing anything)
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -29,8 +30,12 @@ SETTINGS = Settings(null_models=True, max_wait_ms=0.0, round_timeout_s=30.0)
 re-delivery can finish it in time."""
 
 
-async def test_a_request_whose_opening_save_failed_is_served_when_read_again(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def _fail_first_opening(monkeypatch: pytest.MonkeyPatch,
+                        before: Callable[[SessionStore, Any], Awaitable[None]] | None = None,
+                        ) -> list[str]:
+    """Make the drafter's first opening save fail as in an outage (the error a dropped
+    connection raises, nothing written), after ``before`` ran; returns the request id it
+    failed for (in a list, once it has)."""
     failed: list[str] = []
     save = SessionStore.save_if_owner
 
@@ -38,10 +43,18 @@ async def test_a_request_whose_opening_save_failed_is_served_when_read_again(
                     opening: bool = False) -> bool:
         if opening and not failed:
             failed.append(state.request.request_id)
+            if before is not None:
+                await before(self, state)
             raise RedisConnectionError("Connection closed by server.")
         return await save(self, state, emit, opening=opening)
 
     monkeypatch.setattr(SessionStore, "save_if_owner", flaky)
+    return failed
+
+
+async def test_a_request_whose_opening_save_failed_is_served_when_read_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    failed = _fail_first_opening(monkeypatch)
     async with with_services(SETTINGS) as system:
         t0 = time.monotonic()
         done = await do_submit(system.bus, "x " * 30, max_new_tokens=16, idle_timeout_s=45)
@@ -60,25 +73,18 @@ def _taken_elsewhere(monkeypatch: pytest.MonkeyPatch, opened_by: str | None) -> 
     drafter's pending entries, as when another drafter reclaimed it during a long outage (it
     is never read here again). ``opened_by``: that other drafter opened the session (its
     record names it); None: nobody did."""
-    failed: list[str] = []
     save = SessionStore.save_if_owner
 
-    async def flaky(self: SessionStore, state: Any, emit: Any = None, *,
-                    opening: bool = False) -> bool:
-        if opening and not failed:
-            failed.append(state.request.request_id)
-            bus, group = self.bus, REQUEST_GROUP
-            for p in await bus.redis.xpending_range(bus.keys.requests, group, "-", "+", 100):
-                await bus.redis.xack(bus.keys.requests, group, p["message_id"])
-            if opened_by is not None:  # a live drafter (its heartbeat), so nobody adopts it
-                await bus.heartbeat("drafter", opened_by, {"ready": True}, 120)
-                other = state.model_copy(update={"device": opened_by})
-                assert await save(self, other, opening=True)
-            raise RedisConnectionError("Connection closed by server.")
-        return await save(self, state, emit, opening=opening)
+    async def reclaimed(store: SessionStore, state: Any) -> None:
+        bus, group = store.bus, REQUEST_GROUP
+        for p in await bus.redis.xpending_range(bus.keys.requests, group, "-", "+", 100):
+            await bus.redis.xack(bus.keys.requests, group, p["message_id"])
+        if opened_by is not None:  # a live drafter (its heartbeat), so nobody adopts it
+            await bus.heartbeat("drafter", opened_by, {"ready": True}, 120)
+            other = state.model_copy(update={"device": opened_by})
+            assert await save(store, other, opening=True)
 
-    monkeypatch.setattr(SessionStore, "save_if_owner", flaky)
-    return failed
+    return _fail_first_opening(monkeypatch, reclaimed)
 
 
 async def test_a_session_whose_request_never_comes_back_is_opened_by_the_round_watch(
